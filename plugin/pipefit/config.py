@@ -1,0 +1,202 @@
+"""Config schemas (registered in Hydra's ConfigStore) and validation with one-line errors.
+
+``conf/config.yaml`` lists ``pipefit_schema`` first in its defaults, so every YAML file and every
+command-line override is type-checked against these dataclasses at compose time (a misspelt key
+fails there). :func:`validate` then checks the values that depend on each other, before any
+process group exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+SCHEDULERS = ("cosine", "linear", "constant")
+OPTIMIZER_IMPLS = ("auto", "torch", "fused")
+DATA_SOURCES = ("pydoc", "text", "json", "hub")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot be used; the message names the field, the value and what is accepted."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "llama_tiny"
+    # Local Hugging Face folder (config.json + safetensors); each rank reads only its stage's tensors.
+    path: str | None = None
+    # Used when path is null: a HF config built from these keys (model_type required), random init.
+    # With a path, these keys override config.json values.
+    hf_config: dict[str, Any] = field(default_factory=dict)
+    # Tokenizer folder; default: model.path if it holds one, else the embedded offline tokenizer.
+    tokenizer: str | None = None
+    attn_implementation: str = "sdpa"
+
+
+@dataclass
+class DataConfig:
+    name: str = "pydoc"
+    # pydoc: CPython's bundled reference docs; text/json: local files via datasets; hub: datasets.load_dataset(path)
+    source: str = "pydoc"
+    path: str | None = None
+    data_files: list[str] = field(default_factory=list)
+    text_field: str = "text"
+    split: str = "train"
+    seq_len: int = 128
+    append_eos: bool = True
+
+
+@dataclass
+class PipelineConfig:
+    stages: int = 2
+    # uniform | parameters | type:REGEX | manual
+    partition: str = "parameters"
+    boundaries: list[int] | None = None
+    activation_checkpoint_interval: int = 0
+
+
+@dataclass
+class ZeroConfig:
+    stage: int = 1
+    reduce_bucket_size: int = 50_000_000
+    allgather_bucket_size: int = 50_000_000
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    scheduler: str = "cosine"
+    warmup_steps: int = 5
+    min_lr_ratio: float = 0.1
+    # auto: torch.optim.AdamW on CPU, DeepSpeed's fused Adam on GPUs
+    impl: str = "auto"
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 40
+    micro_batch_size: int = 4
+    grad_accum_steps: int = 4
+    # Optional: if set, must equal micro_batch_size * grad_accum_steps * data_parallel_size.
+    global_batch_size: int | None = None
+    seed: int = 1234
+    precision: str = "fp32"
+    log_every: int = 1
+    dist_timeout_s: int = 300
+    export: bool = True
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output_dir: str = "outputs/run"
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="pipefit_schema", node=RunConfig)
+
+
+register_configs()
+
+
+def _choice(field_name: str, value: Any, accepted: tuple[str, ...]) -> None:
+    if value not in accepted:
+        raise ConfigError(f"{field_name}={value!r} is not accepted; accepted: {', '.join(accepted)}")
+
+
+def _positive(field_name: str, value: int | float | None, allow_zero: bool = False) -> None:
+    if value is None or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{field_name}={value!r} is not accepted; expected a number {bound}")
+
+
+def to_run_config(cfg: DictConfig | RunConfig) -> RunConfig:
+    if isinstance(cfg, RunConfig):
+        return cfg
+    merged = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+
+def validate(cfg: DictConfig | RunConfig) -> RunConfig:
+    """Check values that the schema's types cannot; return the typed config."""
+    run = to_run_config(cfg)
+    p, t, o, z, d = run.pipeline, run.train, run.optim, run.zero, run.data
+    _positive("pipeline.stages", p.stages)
+    if z.stage not in (0, 1, 2, 3):
+        raise ConfigError(f"zero.stage={z.stage} is not accepted; accepted: 0, 1, 2, 3")
+    if p.stages > 1 and z.stage > 1:
+        raise ConfigError(
+            f"zero.stage={z.stage} cannot be combined with pipeline.stages={p.stages}: DeepSpeed pipelines "
+            "accept ZeRO stage 0 or 1 only; use zero.stage=1 (or pipeline.stages=1 for ZeRO-2/3)"
+        )
+    if not (p.partition in ("uniform", "parameters", "manual") or p.partition.lower().startswith("type:")):
+        raise ConfigError(
+            f"pipeline.partition={p.partition!r} is not accepted; accepted: uniform, parameters, type:REGEX, manual"
+        )
+    _positive("pipeline.activation_checkpoint_interval", p.activation_checkpoint_interval, allow_zero=True)
+    _positive("train.max_steps", t.max_steps)
+    _positive("train.micro_batch_size", t.micro_batch_size)
+    _positive("train.grad_accum_steps", t.grad_accum_steps)
+    _positive("train.log_every", t.log_every)
+    _positive("train.dist_timeout_s", t.dist_timeout_s)
+    _choice("train.precision", t.precision, PRECISIONS)
+    _positive("optim.lr", o.lr)
+    _positive("optim.weight_decay", o.weight_decay, allow_zero=True)
+    _positive("optim.grad_clip", o.grad_clip, allow_zero=True)
+    _positive("optim.warmup_steps", o.warmup_steps, allow_zero=True)
+    _choice("optim.scheduler", o.scheduler, SCHEDULERS)
+    _choice("optim.impl", o.impl, OPTIMIZER_IMPLS)
+    if o.name.lower() != "adamw":
+        raise ConfigError(f"optim.name={o.name!r} is not accepted; accepted: adamw")
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        raise ConfigError(f"optim.betas={list(o.betas)} is not accepted; expected two numbers in [0, 1)")
+    if not 0 <= o.min_lr_ratio <= 1:
+        raise ConfigError(f"optim.min_lr_ratio={o.min_lr_ratio} is not accepted; expected a number in [0, 1]")
+    _choice("data.source", d.source, DATA_SOURCES)
+    if d.seq_len < 2:
+        raise ConfigError(f"data.seq_len={d.seq_len} is not accepted; expected an integer >= 2")
+    if d.source in ("text", "json") and not d.data_files:
+        raise ConfigError(f"data.data_files is empty for data.source={d.source}; give one or more local files")
+    if d.source == "hub" and not d.path:
+        raise ConfigError("data.path is empty for data.source=hub; give a datasets name or a local dataset folder")
+    return run
+
+
+def check_world(run: RunConfig, world_size: int) -> int:
+    """Data-parallel degree for ``world_size`` ranks, or a clear error. Call before init_process_group."""
+    stages = run.pipeline.stages
+    if world_size < stages:
+        raise ConfigError(
+            f"pipeline.stages={stages} needs at least {stages} ranks but this launch has {world_size}; "
+            f"start {stages} (or a multiple) processes, e.g. accelerate launch --use_deepspeed --num_processes {stages} "
+            "(on a CPU-only machine plain --num_processes without --use_deepspeed or a launch/ config starts one)"
+        )
+    if world_size % stages:
+        raise ConfigError(
+            f"world size {world_size} is not divisible by pipeline.stages={stages}; "
+            f"use a multiple of {stages} processes"
+        )
+    dp = world_size // stages
+    t = run.train
+    expected = t.micro_batch_size * t.grad_accum_steps * dp
+    if t.global_batch_size is not None and t.global_batch_size != expected:
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} != train.micro_batch_size ({t.micro_batch_size}) x "
+            f"train.grad_accum_steps ({t.grad_accum_steps}) x data-parallel size ({dp}) = {expected}; "
+            "make them agree or leave train.global_batch_size unset"
+        )
+    return dp

@@ -1,0 +1,171 @@
+"""The DeepSpeed config, derived from the composed pipefit config (one source, never two copies).
+
+Settings given to ``accelerate launch`` (``--zero_stage``, ``--gradient_accumulation_steps``,
+``--gradient_clipping``, ``--mixed_precision``, ``--deepspeed_config_file``) reach the script as
+``ACCELERATE_*`` environment variables; ``ACCELERATE_CONFIG_DS_FIELDS`` lists the ones the user
+actually set. :func:`apply_accelerate_settings` honours each of those: it replaces the Hydra
+default, and it is an error when the same field was also set on the Hydra command line to a
+different value.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipefit.config import ConfigError, RunConfig
+
+# accelerate field name -> (environment variable, pipefit field, parser)
+_PRECISION_FROM_ACCELERATE = {"no": "fp32", "fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}
+
+
+def _int(v: str) -> int:
+    return int(float(v))
+
+
+ACCELERATE_FIELDS: dict[str, tuple[str, str, Any]] = {
+    "zero_stage": ("ACCELERATE_DEEPSPEED_ZERO_STAGE", "zero.stage", _int),
+    "gradient_accumulation_steps": ("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "train.grad_accum_steps", _int),
+    "gradient_clipping": ("ACCELERATE_GRADIENT_CLIPPING", "optim.grad_clip", float),
+    "mixed_precision": ("ACCELERATE_MIXED_PRECISION", "train.precision", lambda v: _PRECISION_FROM_ACCELERATE.get(v, v)),
+}
+
+# DeepSpeed JSON path -> pipefit field, for a user-supplied --deepspeed_config_file.
+DS_JSON_FIELDS: dict[tuple[str, ...], str] = {
+    ("train_micro_batch_size_per_gpu",): "train.micro_batch_size",
+    ("gradient_accumulation_steps",): "train.grad_accum_steps",
+    ("gradient_clipping",): "optim.grad_clip",
+    ("zero_optimization", "stage"): "zero.stage",
+}
+
+
+@dataclass
+class AccelerateSettings:
+    """What accelerate passed: field -> (value, where it came from)."""
+
+    values: dict[str, tuple[Any, str]]
+    config_file: str | None
+
+
+def read_accelerate_env(env: Mapping[str, str] | None = None) -> AccelerateSettings:
+    env = os.environ if env is None else env
+    values: dict[str, tuple[Any, str]] = {}
+    if env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return AccelerateSettings({}, None)
+    user_set = {f.strip() for f in env.get("ACCELERATE_CONFIG_DS_FIELDS", "").split(",") if f.strip()}
+    for name, (var, field_name, parse) in ACCELERATE_FIELDS.items():
+        if name in user_set and env.get(var) not in (None, "", "none", "auto"):
+            try:
+                values[field_name] = (parse(env[var]), f"accelerate --{name} {env[var]}")
+            except ValueError:
+                raise ConfigError(f"accelerate --{name}={env[var]!r} is not a valid value for {field_name}") from None
+    config_file = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or None
+    if config_file in ("none", "None"):
+        config_file = None
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"accelerate --deepspeed_config_file={config_file!r} does not exist")
+        try:
+            ds_json = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"accelerate --deepspeed_config_file={config_file!r} is not valid JSON ({exc})") from None
+        for keys, field_name in DS_JSON_FIELDS.items():
+            node: Any = ds_json
+            for k in keys:
+                node = node.get(k) if isinstance(node, dict) else None
+            if node is not None and node != "auto":
+                values.setdefault(field_name, (node, f"{config_file}:{'.'.join(keys)}={node}"))
+        for prec in ("bf16", "fp16"):
+            if isinstance(ds_json.get(prec), dict) and ds_json[prec].get("enabled") is True:
+                values.setdefault("train.precision", (prec, f"{config_file}:{prec}.enabled=true"))
+    return AccelerateSettings(values, config_file)
+
+
+def _get(run: RunConfig, dotted: str) -> Any:
+    section, name = dotted.split(".")
+    return getattr(getattr(run, section), name)
+
+
+def _set(run: RunConfig, dotted: str, value: Any) -> None:
+    section, name = dotted.split(".")
+    setattr(getattr(run, section), name, value)
+
+
+def apply_accelerate_settings(run: RunConfig, settings: AccelerateSettings, explicit: set[str]) -> RunConfig:
+    """Honour accelerate's DeepSpeed settings; a conflict with an explicit Hydra override is an error."""
+    for field_name, (value, source) in settings.values.items():
+        current = _get(run, field_name)
+        same = current == value or (isinstance(current, float) and float(value) == current)
+        if field_name in explicit and not same:
+            raise ConfigError(
+                f"{field_name}={current} (Hydra override) conflicts with {source}; set it in one place or make them agree"
+            )
+        _set(run, field_name, type(current)(value) if current is not None else value)
+    return run
+
+
+def _optimizer_block(run: RunConfig, device_kind: str) -> dict[str, Any]:
+    o = run.optim
+    use_torch = o.impl == "torch" or (o.impl == "auto" and device_kind == "cpu")
+    return {
+        "type": "AdamW",
+        "params": {
+            "lr": o.lr,
+            "betas": list(o.betas),
+            "eps": o.eps,
+            "weight_decay": o.weight_decay,
+            "torch_adam": use_torch,
+            "adam_w_mode": True,
+        },
+    }
+
+
+def build_ds_config(run: RunConfig, dp: int, device_kind: str, base: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The DeepSpeed JSON for this run. ``base`` (a user's DS file) supplies keys pipefit does not derive.
+
+    The learning-rate schedule is not a DeepSpeed "scheduler" block: it is built from the same
+    config by :mod:`pipefit.schedule` and passed to ``deepspeed.initialize`` (see there why).
+    """
+    t = run.train
+    cfg: dict[str, Any] = json.loads(json.dumps(dict(base or {})))
+    for key, instead in (("scheduler", "optim.scheduler/optim.warmup_steps"), ("optimizer", "optim.*")):
+        if key in cfg:
+            raise ConfigError(
+                f"the DeepSpeed config file sets {key!r}; pipefit derives it from the Hydra config: "
+                f"remove it from the file and set {instead}"
+            )
+    cfg.update(
+        {
+            "train_batch_size": t.micro_batch_size * t.grad_accum_steps * dp,
+            "train_micro_batch_size_per_gpu": t.micro_batch_size,
+            "gradient_accumulation_steps": t.grad_accum_steps,
+            "gradient_clipping": run.optim.grad_clip,
+            "optimizer": _optimizer_block(run, device_kind),
+            "bf16": {"enabled": t.precision == "bf16"},
+            "fp16": {"enabled": t.precision == "fp16"},
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+            "seed": t.seed,
+        }
+    )
+    zero = dict(cfg.get("zero_optimization") or {})
+    zero.update(
+        {
+            "stage": run.zero.stage,
+            "reduce_bucket_size": run.zero.reduce_bucket_size,
+            "allgather_bucket_size": run.zero.allgather_bucket_size,
+        }
+    )
+    cfg["zero_optimization"] = zero
+    return cfg
+
+
+def load_base_config(settings: AccelerateSettings) -> dict[str, Any] | None:
+    if not settings.config_file:
+        return None
+    return json.loads(Path(settings.config_file).read_text())

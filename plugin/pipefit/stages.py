@@ -1,0 +1,182 @@
+"""Generic pipeline layers that wrap Hugging Face submodules.
+
+Every layer owns real HF submodules (the very classes ``from_pretrained`` builds), taken from
+a meta-device skeleton of the HF model and materialised one layer at a time, so a rank never
+allocates layers outside its stage. What crosses a stage boundary is ``(hidden, position_ids)``:
+the float hidden states and the integer position ids. Attention masks and rotary embeddings
+are rebuilt inside each block from the integer tensors; a float mask never travels.
+
+Each layer records ``hf_prefixes``: its local submodule name -> HF parameter prefix. Loading
+and export both read that one map (see :mod:`pipefit.weights`).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipefit.adapters import Adapter
+
+IGNORE_INDEX = -100
+
+
+class ModelSkeleton:
+    """The HF model built on the meta device: structure and config, no storage.
+
+    Layers deep-copy their submodules out of it and materialise them on the target device.
+    The skeleton's ``_init_weights`` gives each materialised submodule HF's own random init.
+    """
+
+    def __init__(self, hf_config: Any, adapter: Adapter, seed: int = 0) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.adapter = adapter
+        self.seed = seed
+        with torch.device("meta"):
+            self.model = AutoModelForCausalLM.from_config(hf_config)
+        self.config = self.model.config
+
+    def materialize(self, prefix: str, device: torch.device | str, seed_offset: int) -> nn.Module:
+        """A real copy of submodule ``prefix``, randomly initialised as HF initialises it.
+
+        The seed depends only on ``seed_offset`` (the layer index), so a stage's weights do not
+        depend on which other layers share its rank.
+        """
+        module = copy.deepcopy(self.model.get_submodule(prefix)).to_empty(device=device)
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(self.seed * 100_003 + seed_offset)
+        try:
+            with torch.no_grad():
+                for sub in module.modules():
+                    self.model._init_weights(sub)
+        finally:
+            torch.random.set_rng_state(generator_state)
+        return module
+
+
+class StageLayer(nn.Module):
+    """Base class: a pipeline layer made of named HF submodules."""
+
+    hf_prefixes: dict[str, str]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hf_prefixes = {}
+
+    def adopt(self, local_name: str, module: nn.Module, hf_prefix: str) -> None:
+        setattr(self, local_name, module)
+        self.hf_prefixes[local_name] = hf_prefix
+
+
+class EmbedLayer(StageLayer):
+    """Token embedding (+ learned positions, + dropout): ``(input_ids, position_ids)`` -> ``(hidden, position_ids)``.
+
+    With tied embeddings this module is shared through ``TiedLayerSpec`` with the LM head; a rank
+    that only holds the head builds it with ``role="head"`` and so allocates only the tied weight.
+    """
+
+    def __init__(self, skeleton: ModelSkeleton, layer_index: int, device: str = "cpu", role: str = "embed") -> None:
+        super().__init__()
+        adapter = skeleton.adapter
+        self.adopt("embed_tokens", skeleton.materialize(adapter.embed, device, layer_index), adapter.embed)
+        self.position_embed = None
+        self.dropout = None
+        if role == "embed":
+            if adapter.position_embed:
+                pos = skeleton.materialize(adapter.position_embed, device, layer_index)
+                self.adopt("position_embed", pos, adapter.position_embed)
+            if adapter.embed_dropout:
+                self.dropout = copy.deepcopy(skeleton.model.get_submodule(adapter.embed_dropout)).to_empty(
+                    device=device
+                )
+
+    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        input_ids, position_ids = inputs
+        hidden = self.embed_tokens(input_ids)
+        if self.position_embed is not None:
+            hidden = hidden + self.position_embed(position_ids)
+        if self.dropout is not None:
+            hidden = self.dropout(hidden)
+        return hidden, position_ids
+
+
+def tied_head_forward(embed: EmbedLayer, hidden: torch.Tensor) -> torch.Tensor:
+    """LM head that reuses the token embedding's weight (``TiedLayerSpec`` forward_fn)."""
+    return F.linear(hidden, embed.embed_tokens.weight)
+
+
+class BlockLayer(StageLayer):
+    """One HF decoder block; rebuilds its attention mask and rotary embedding from position ids."""
+
+    def __init__(self, skeleton: ModelSkeleton, layer_index: int, block_index: int, device: str = "cpu") -> None:
+        super().__init__()
+        adapter = skeleton.adapter
+        self.config = skeleton.config
+        self.attention_kind = adapter.attention_kind(skeleton.config, block_index)
+        prefix = adapter.block_prefix(block_index)
+        self.adopt("block", skeleton.materialize(prefix, device, layer_index), prefix)
+        # Rotary tables hold only non-persistent buffers: never saved, never loaded.
+        self.rotary = skeleton.materialize(adapter.rotary, device, layer_index) if adapter.rotary else None
+
+    def _mask(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> Any:
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+        make = create_sliding_window_causal_mask if self.attention_kind == "sliding_attention" else create_causal_mask
+        return make(
+            config=self.config, inputs_embeds=hidden, attention_mask=None, cache=None, position_ids=position_ids
+        )
+
+    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, position_ids = inputs
+        kwargs: dict[str, Any] = {"attention_mask": self._mask(hidden, position_ids), "position_ids": position_ids}
+        if self.rotary is not None:
+            kwargs["position_embeddings"] = self.rotary(hidden, position_ids)
+        out = self.block(hidden, **kwargs)
+        if isinstance(out, tuple):
+            out = out[0]
+        return out, position_ids
+
+
+class NormLayer(StageLayer):
+    """Final norm: ``(hidden, position_ids)`` -> ``hidden``."""
+
+    def __init__(self, skeleton: ModelSkeleton, layer_index: int, device: str = "cpu") -> None:
+        super().__init__()
+        prefix = skeleton.adapter.final_norm
+        self.adopt("norm", skeleton.materialize(prefix, device, layer_index), prefix)
+
+    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        hidden, _ = inputs
+        return self.norm(hidden)
+
+
+class HeadLayer(StageLayer):
+    """Untied LM head: ``hidden`` -> ``logits``."""
+
+    def __init__(self, skeleton: ModelSkeleton, layer_index: int, device: str = "cpu") -> None:
+        super().__init__()
+        prefix = skeleton.adapter.lm_head
+        self.adopt("lm_head", skeleton.materialize(prefix, device, layer_index), prefix)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: Any) -> torch.Tensor:
+    """Token-summed cross-entropy times a per-micro-batch scale (the pipeline's ``loss_fn``).
+
+    ``labels`` is ``(target_ids, scale)``: targets are already shifted (position t holds token t+1,
+    ``-100`` where nothing is predicted) and ``scale = micro_batches * dp / target_tokens_in_global_batch``.
+    DeepSpeed averages micro-batch losses over gradient-accumulation steps and data-parallel ranks,
+    so the optimised quantity is exactly ``sum(token losses) / target_tokens_in_global_batch`` --
+    the token-weighted mean over the whole global batch, as one process computes it.
+    """
+    targets, scale = labels
+    summed = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return summed * scale.reshape(()).to(summed.dtype)

@@ -1,0 +1,329 @@
+"""The training run: validate, build this rank's stage, train with ``engine.train_batch``, export.
+
+Everything that can be wrong with the inputs is checked before a process group exists. Every
+rank writes into one ``output_dir``; rank 0 writes ``config.yaml``, ``ds_config.json``,
+``metrics.jsonl`` (one JSON line per optimizer step, appended) and ``train.log``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipefit import build as build_mod
+from pipefit.config import RunConfig, check_world, validate
+from pipefit.data import BatchLayout, GlobalBatches, load_text_dataset, tokenize_to_blocks
+from pipefit.schedule import scheduler_factory
+from pipefit.ds_config import apply_accelerate_settings, build_ds_config, load_base_config, read_accelerate_env
+
+log = logging.getLogger("pipefit")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _ensure_single_process_env() -> None:
+    """Let ``python recipes/finetune.py`` (no launcher) run as a world of one."""
+    if "RANK" not in os.environ:
+        os.environ.update(
+            {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+             "MASTER_PORT": str(_free_port())}
+        )
+
+
+def setup_logging(output_dir: Path, rank: int) -> None:
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    fmt = logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] %(message)s")
+    if rank == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        for handler in (logging.StreamHandler(), logging.FileHandler(output_dir / "train.log")):
+            handler.setFormatter(fmt)
+            root.addHandler(handler)
+        root.setLevel(logging.INFO)
+    else:
+        handler = logging.StreamHandler()
+        handler.setFormatter(fmt)
+        root.addHandler(handler)
+        root.setLevel(logging.WARNING)
+    for noisy in ("DeepSpeed", "deepspeed", "datasets", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def weight_decay_groups(params: list[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay matrices, not biases or norm weights (1-D tensors). Shared with the reference."""
+    decay = [p for _, p in params if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for _, p in params if p.requires_grad and p.ndim < 2]
+    groups = []
+    if decay:
+        groups.append({"params": decay, "weight_decay": weight_decay})
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class Prepared:
+    """Everything a run needs that can be worked out (and fail) before a process group exists."""
+
+    def __init__(self, run: RunConfig, world_size: int) -> None:
+        from transformers import AutoTokenizer
+
+        self.run = run
+        self.dp = check_world(run, world_size)
+        m = run.model
+        overrides = dict(m.hf_config)
+        self.hf_config = build_mod.load_hf_config(m.path, overrides)
+        self.hf_config._attn_implementation = m.attn_implementation
+        self.skeleton = build_mod.make_skeleton(self.hf_config, seed=run.train.seed)
+        self.plan = build_mod.layer_plan(self.skeleton)
+        self.boundaries = build_mod.boundaries_for(
+            self.skeleton, run.pipeline.partition, run.pipeline.stages, run.pipeline.boundaries
+        )
+        if m.path:
+            # Opening the index now turns a folder without weights into a clear error before any rank starts.
+            from pipefit.weights import SafetensorsReader
+
+            SafetensorsReader(m.path)
+        self.tokenizer_path = build_mod.resolve_tokenizer_path(m.path, m.tokenizer)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
+        vocab = int(self.hf_config.vocab_size)
+        if len(self.tokenizer) > vocab:
+            raise ValueError(
+                f"model.tokenizer={str(self.tokenizer_path)!r} has {len(self.tokenizer)} tokens but the model's "
+                f"vocab_size is {vocab}; use a matching tokenizer or a larger vocab_size"
+            )
+        self.layout = BatchLayout(run.train.micro_batch_size, run.train.grad_accum_steps, self.dp)
+        blocks = tokenize_to_blocks(load_text_dataset(run.data), self.tokenizer, run.data.seq_len, run.data.append_eos)
+        self.batches = GlobalBatches(blocks, self.layout, run.train.seed)
+
+
+def explicit_keys(overrides: list[str]) -> set[str]:
+    """Dotted keys set on the Hydra command line (``a.b=c``, ``+a.b=c``, ``++a.b=c``)."""
+    keys = set()
+    for o in overrides:
+        key = o.split("=", 1)[0].lstrip("+~")
+        keys.add(key)
+    return keys
+
+
+def prepare(cfg: Any, overrides: list[str] | None = None, env: dict[str, str] | None = None) -> Prepared:
+    run = validate(cfg)
+    settings = read_accelerate_env(env)
+    run = apply_accelerate_settings(run, settings, explicit_keys(overrides or []))
+    run = validate(run)
+    world = int((env or os.environ).get("WORLD_SIZE", "1"))
+    prepared = Prepared(run, world)
+    prepared.base_ds_config = load_base_config(settings)  # type: ignore[attr-defined]
+    return prepared
+
+
+def export_pipeline(engine: Any, prepared: Prepared, out_dir: Path, tag: str) -> None:
+    """Every stage writes its own shard (dp rank 0 only); rank 0 adds index, config, tokenizer; atomic."""
+    import torch.distributed as dist
+
+    from pipefit.weights import finalize_export, hf_state_dict, staging_dir, write_shard
+
+    module = engine.module
+    stage = engine.stage_id
+    num_stages = engine.num_stages
+    rank = dist.get_rank()
+    staging = staging_dir(out_dir, tag)
+    if rank == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    dist.barrier()
+    names: list[str] = []
+    filename = f"model-{stage + 1:05d}-of-{num_stages:05d}.safetensors"
+    if engine.grid.get_data_parallel_rank() == 0:
+        tensors: dict[str, torch.Tensor] = {}
+        tied_ids = {id(m) for m in module.tied_modules.values()}
+        for layer in build_mod.stage_layers(module):
+            if id(layer) in tied_ids and stage != 0:
+                continue  # the tied embedding is saved once, by the stage that owns the embedding
+            tensors.update(hf_state_dict(layer))
+        write_shard(tensors, staging, filename)
+        names = sorted(tensors)
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (filename, names))
+    if rank == 0:
+        shards: dict[str, list[str]] = {}
+        for fname, ns in gathered:
+            if ns:
+                shards[fname] = ns
+        finalize_export(staging, out_dir, shards, prepared.hf_config, prepared.tokenizer)
+    dist.barrier()
+
+
+def train(prepared: Prepared) -> dict[str, Any]:
+    """Run training on this rank; returns a summary (losses per step) on every rank."""
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
+
+    run = prepared.run
+    rank = int(os.environ["RANK"])
+    output_dir = Path(run.output_dir)
+    setup_logging(output_dir, rank)
+    accel = get_accelerator()
+    device_kind = accel.device_name()
+    backend = "gloo" if device_kind == "cpu" else accel.communication_backend_name()
+    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=run.train.dist_timeout_s))
+    try:
+        if device_kind != "cpu":
+            accel.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        device = accel.current_device_name() if device_kind != "cpu" else "cpu"
+        torch.manual_seed(run.train.seed)
+        topo = PipeDataParallelTopology(num_pp=run.pipeline.stages, num_dp=prepared.dp)
+        module = build_mod.build_pipeline_module(
+            prepared.skeleton, prepared.boundaries, topo, device, run.pipeline.activation_checkpoint_interval
+        )
+        if run.model.path:
+            build_mod.load_weights(module, prepared.skeleton, run.model.path)
+        ds_cfg = build_ds_config(run, prepared.dp, device_kind, getattr(prepared, "base_ds_config", None))
+        if rank == 0:
+            from omegaconf import OmegaConf
+
+            write_atomic(output_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(run)))
+            write_atomic(output_dir / "ds_config.json", json.dumps(ds_cfg, indent=2))
+            _log_plan(prepared)
+        engine, _, _, _ = deepspeed.initialize(
+            model=module,
+            config=ds_cfg,
+            model_parameters=weight_decay_groups(list(module.named_parameters()), run.optim.weight_decay),
+            lr_scheduler=scheduler_factory(run.optim, run.train.max_steps),
+        )
+        if run.zero.stage == 0 and run.optim.grad_clip > 0:
+            install_global_norm_clipping(engine)
+        dp_rank = engine.grid.get_data_parallel_rank()
+        if engine.is_first_stage() or engine.is_last_stage():
+            engine.set_dataiterator(prepared.batches.iterate(dp_rank))
+        losses = _loop(engine, prepared, output_dir, rank)
+        if run.train.export:
+            export_dir = output_dir / "hf_model"
+            export_pipeline(engine, prepared, export_dir, tag=f"step{run.train.max_steps}")
+            if rank == 0:
+                log.info("exported Hugging Face model to %s", export_dir)
+        dist.barrier()
+        return {"losses": losses, "boundaries": prepared.boundaries, "stage": engine.stage_id}
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def install_global_norm_clipping(engine: Any) -> None:
+    """Clip by the norm of the whole model's gradient (as one process would) under ZeRO stage 0.
+
+    DeepSpeed's stage-0 fp32 path clips each pipeline stage by a norm that does not cover the
+    other stages (its model-parallel reduction counts only stage 0 for non-tensor-parallel
+    parameters), so clipped updates differ from ordinary training. ZeRO-1's optimizer computes
+    the global norm correctly and is left alone. This replaces the engine's
+    ``clip_fp32_gradients`` on this engine instance only.
+    """
+    import torch.distributed as dist
+
+    group = engine.grid.get_pipe_parallel_group()
+    max_norm = float(engine.gradient_clipping())
+
+    def clip_fp32_gradients() -> None:
+        params = [p for p in engine.module.parameters() if p.grad is not None]
+        # Tied copies on non-owner stages hold the same (all-reduced) gradient: count it once.
+        owned = [p for p in params if not getattr(p, "ds_pipe_replicated", False)]
+        sq = torch.zeros(1, dtype=torch.float64, device=params[0].device if params else "cpu")
+        for p in owned:
+            sq += p.grad.detach().double().pow(2).sum()
+        dist.all_reduce(sq, group=group)
+        norm = float(sq.sqrt())
+        coef = max_norm / (norm + 1e-6)
+        if coef < 1.0:
+            for p in params:
+                p.grad.detach().mul_(coef)
+        engine._global_grad_norm = norm
+
+    engine.clip_fp32_gradients = clip_fp32_gradients
+
+
+def _log_plan(prepared: Prepared) -> None:
+    b = prepared.boundaries
+    for s in range(len(b) - 1):
+        layers = prepared.plan[b[s] : b[s + 1]]
+        kinds = ", ".join(f"{x.index}:{x.kind}" for x in layers)
+        log.info("stage %d: layers [%d, %d) params %d (%s)", s, b[s], b[s + 1], sum(x.num_params for x in layers), kinds)
+
+
+def _loop(engine: Any, prepared: Prepared, output_dir: Path, rank: int) -> list[float]:
+    run = prepared.run
+    metrics_path = output_dir / "metrics.jsonl"
+    tokens = prepared.batches.tokens_per_step()
+    losses: list[float] = []
+    start = time.time()
+    for step in range(1, run.train.max_steps + 1):
+        lr = float(engine.get_lr()[0])  # the rate this step's update uses
+        t0 = time.time()
+        loss = engine.train_batch()
+        dt = time.time() - t0
+        value = float(loss.detach().float().cpu())
+        losses.append(value)
+        if rank == 0:
+            norm = engine.get_global_grad_norm()
+            record = {
+                "step": step,
+                "loss": value,
+                "lr": lr,
+                "grad_norm": None if norm is None else float(norm),
+                "tokens_per_s": tokens / dt if dt > 0 else None,
+                "step_time_s": dt,
+                "wall_time_s": time.time() - start,
+                "time": time.time(),
+            }
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            if step % run.train.log_every == 0 or step == run.train.max_steps:
+                log.info("step %d/%d loss %.4f lr %.2e tokens/s %.0f", step, run.train.max_steps, value, lr, tokens / dt)
+    return losses
+
+
+class UserError(Exception):
+    """Marker base for errors whose message is the whole story (printed as one line)."""
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    from pipefit.adapters import UnknownFamilyError
+    from pipefit.balance import PartitionError
+    from pipefit.config import ConfigError
+    from pipefit.weights import CheckpointError
+
+    return (ConfigError, PartitionError, UnknownFamilyError, CheckpointError, UserError, ValueError, FileNotFoundError)
+
+
+def main(cfg: Any, overrides: list[str]) -> dict[str, Any]:
+    """Recipe entry: prepare (all checks, no process group), then train. Bad input: one line, exit 2."""
+    import sys
+
+    try:
+        _ensure_single_process_env()
+        prepared = prepare(cfg, overrides)
+    except user_error_types() as exc:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"pipefit: error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    return train(prepared)

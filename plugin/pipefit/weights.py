@@ -1,0 +1,176 @@
+"""Hugging Face safetensors <-> stage layers, by name.
+
+Every :class:`~pipefit.stages.StageLayer` maps its local submodule names to HF prefixes
+(``hf_prefixes``); :func:`hf_state_dict` and :func:`load_layer` both use that one map, so
+loading and export can never disagree. Reading opens only the shard files that hold this
+stage's tensors and reads only those tensors (``safetensors.safe_open``); nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from pipefit.stages import StageLayer
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class CheckpointError(ValueError):
+    """A model folder that cannot be used; the message names the folder and what is missing."""
+
+
+def check_model_folder(path: str | os.PathLike) -> Path:
+    """A local HF folder with ``config.json``; raises one clear line otherwise."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise CheckpointError(f"model.path={str(path)!r} is not a folder; expected a local Hugging Face model folder")
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(
+            f"model.path={str(path)!r} has no config.json; expected a Hugging Face model folder "
+            "(config.json + *.safetensors)"
+        )
+    return folder
+
+
+class SafetensorsReader:
+    """Reads named tensors from a HF folder (one ``model.safetensors`` or an indexed set of shards)."""
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = check_model_folder(folder)
+        index = self.folder / INDEX_FILE
+        single = self.folder / SINGLE_FILE
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.weight_map: dict[str, str] = dict(weight_map)
+        elif single.is_file():
+            with safe_open(single, framework="pt") as f:
+                self.weight_map = {k: SINGLE_FILE for k in f.keys()}
+        else:
+            raise CheckpointError(
+                f"model.path={str(folder)!r} has no {SINGLE_FILE} or {INDEX_FILE}; pipefit loads safetensors only"
+            )
+
+    def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        names = list(names)
+        missing = [n for n in names if n not in self.weight_map]
+        if missing:
+            raise CheckpointError(
+                f"model.path={str(self.folder)!r} lacks {len(missing)} tensor(s) this model needs, e.g. {missing[:3]}"
+            )
+        by_file: dict[str, list[str]] = {}
+        for n in names:
+            by_file.setdefault(self.weight_map[n], []).append(n)
+        out: dict[str, torch.Tensor] = {}
+        for filename, keys in by_file.items():
+            with safe_open(self.folder / filename, framework="pt") as f:
+                for k in keys:
+                    out[k] = f.get_tensor(k)
+        return out
+
+
+def hf_state_dict(layer: StageLayer) -> dict[str, torch.Tensor]:
+    """The layer's persistent tensors under their HF names."""
+    out: dict[str, torch.Tensor] = {}
+    for local, prefix in layer.hf_prefixes.items():
+        for key, tensor in getattr(layer, local).state_dict().items():
+            out[f"{prefix}.{key}"] = tensor
+    return out
+
+
+def load_layer(layer: StageLayer, reader: SafetensorsReader, tied_aliases: dict[str, str] | None = None) -> None:
+    """Fill ``layer`` from the checkpoint, strictly (every tensor present, shapes equal).
+
+    ``tied_aliases`` maps a wanted HF name to another name holding the same tensor (a tied LM
+    head saved only as the embedding, or the reverse).
+    """
+    aliases = tied_aliases or {}
+    for local, prefix in layer.hf_prefixes.items():
+        module = getattr(layer, local)
+        wanted = {f"{prefix}.{k}": k for k in module.state_dict()}
+        names = {n: (n if n in reader.weight_map or n not in aliases else aliases[n]) for n in wanted}
+        tensors = reader.read(names.values())
+        state = {}
+        for hf_name, local_key in wanted.items():
+            tensor = tensors[names[hf_name]]
+            expected = module.state_dict()[local_key]
+            if tensor.shape != expected.shape:
+                raise CheckpointError(
+                    f"{hf_name}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(expected.shape)}; "
+                    "the folder's weights do not match its config.json"
+                )
+            state[local_key] = tensor.to(expected.dtype)
+        module.load_state_dict(state, strict=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def staging_dir(out_dir: Path, token: str) -> Path:
+    return out_dir.parent / f".{out_dir.name}.partial-{token}"
+
+
+def write_shard(tensors: dict[str, torch.Tensor], folder: Path, filename: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    contiguous = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    save_file(contiguous, str(folder / filename), metadata={"format": "pt"})
+
+
+def finalize_export(
+    staging: Path,
+    out_dir: Path,
+    shard_names: dict[str, list[str]],
+    hf_config: Any,
+    tokenizer: Any | None,
+) -> None:
+    """Write index, config and tokenizer into ``staging``, then move it to ``out_dir`` atomically.
+
+    A previous folder at ``out_dir`` is replaced only after the new one is complete; a crash at
+    any point leaves either the old folder or the new one, never a mixture.
+    """
+    weight_map = {name: fname for fname, names in shard_names.items() for name in names}
+    total = 0
+    for fname in shard_names:
+        with safe_open(staging / fname, framework="pt") as f:
+            for k in f.keys():
+                t = f.get_slice(k)
+                numel = 1
+                for d in t.get_shape():
+                    numel *= d
+                total += numel * {"F32": 4, "F16": 2, "BF16": 2, "I64": 8}.get(t.get_dtype(), 4)
+    (staging / INDEX_FILE).write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2)
+    )
+    hf_config.save_pretrained(staging)
+    try:
+        from transformers import GenerationConfig
+
+        GenerationConfig.from_model_config(hf_config).save_pretrained(staging)
+    except Exception:  # noqa: BLE001 - a family without generation defaults still exports
+        pass
+    if tokenizer is not None:
+        tokenizer.save_pretrained(staging)
+    _fsync_dir(staging)
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out_dir, old)
+        os.replace(staging, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, out_dir)
+    _fsync_dir(out_dir.parent)
