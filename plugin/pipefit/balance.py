@@ -83,7 +83,9 @@ def check_boundaries(boundaries: Sequence[int], num_layers: int, num_stages: int
             f"expected {accepted}"
         )
     if values[0] != 0 or values[-1] != num_layers:
-        raise PartitionError(f"pipeline.boundaries={values} must start at 0 and end at {num_layers}; expected {accepted}")
+        raise PartitionError(
+            f"pipeline.boundaries={values} must start at 0 and end at {num_layers}; expected {accepted}"
+        )
     for s in range(num_stages):
         if values[s + 1] <= values[s]:
             raise PartitionError(

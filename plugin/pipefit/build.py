@@ -82,19 +82,25 @@ def layer_plan(skeleton: ModelSkeleton) -> list[LayerInfo]:
     embed_prefixes = (a.embed,) + ((a.position_embed,) if a.position_embed else ())
     embed_params = sum(_numel(model.get_submodule(p)) for p in embed_prefixes)
     layers = [
-        LayerInfo(0, "embed", embed_prefixes, embed_params, ("EmbedLayer", type(model.get_submodule(a.embed)).__name__), tied)
+        LayerInfo(
+            0, "embed", embed_prefixes, embed_params, ("EmbedLayer", type(model.get_submodule(a.embed)).__name__), tied
+        )
     ]
     for b in range(a.num_blocks(cfg)):
         prefix = a.block_prefix(b)
         block = model.get_submodule(prefix)
         layers.append(
-            LayerInfo(len(layers), "block", (prefix,), _numel(block), ("BlockLayer", type(block).__name__), block_index=b)
+            LayerInfo(
+                len(layers), "block", (prefix,), _numel(block), ("BlockLayer", type(block).__name__), block_index=b
+            )
         )
     norm = model.get_submodule(a.final_norm)
     layers.append(LayerInfo(len(layers), "norm", (a.final_norm,), _numel(norm), ("NormLayer", type(norm).__name__)))
     if tied:
-        # DeepSpeed counts a TiedLayerSpec's whole module wherever it appears.
-        layers.append(LayerInfo(len(layers), "head", (a.embed,), embed_params, ("EmbedLayer", "TiedHead"), True))
+        # DeepSpeed counts the module each TiedLayerSpec builds; the head's (role="head") holds
+        # only the token embedding, even where a family adds learned positions to the embedding.
+        head_params = _numel(model.get_submodule(a.embed))
+        layers.append(LayerInfo(len(layers), "head", (a.embed,), head_params, ("EmbedLayer", "TiedHead"), True))
     else:
         head = model.get_submodule(a.lm_head)
         layers.append(LayerInfo(len(layers), "head", (a.lm_head,), _numel(head), ("HeadLayer", type(head).__name__)))
@@ -118,7 +124,9 @@ def layer_specs(skeleton: ModelSkeleton, device: str = "cpu") -> list[Any]:
         if layer.kind == "embed":
             if layer.tied:
                 specs.append(
-                    TiedLayerSpec(TIED_KEY, EmbedLayer, skeleton, 0, device, "embed", tied_weight_attr=["embed_tokens.weight"])
+                    TiedLayerSpec(
+                        TIED_KEY, EmbedLayer, skeleton, 0, device, "embed", tied_weight_attr=["embed_tokens.weight"]
+                    )
                 )
             else:
                 specs.append(LayerSpec(EmbedLayer, skeleton, 0, device))
@@ -234,6 +242,25 @@ def build_pipeline_module(
         partition_method="pipefit",
         activation_checkpoint_interval=activation_checkpoint_interval,
     )
+
+
+def load_tokenizer(path: str | os.PathLike) -> Any:
+    """The tokenizer saved in ``path``, as saved.
+
+    A plain ``tokenizers`` file (class ``TokenizersBackend``/``PreTrainedTokenizerFast``, as the
+    embedded tokenizer) is loaded as exactly that: ``AutoTokenizer`` would swap in a family's own
+    class for some model types (e.g. qwen2) and tokenise differently.
+    """
+    import json
+
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    cfg_file = Path(path) / "tokenizer_config.json"
+    if cfg_file.is_file():
+        cls = json.loads(cfg_file.read_text()).get("tokenizer_class")
+        if cls in ("TokenizersBackend", "PreTrainedTokenizerFast") and (Path(path) / "tokenizer.json").is_file():
+            return PreTrainedTokenizerFast.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)
 
 
 def resolve_tokenizer_path(model_path: str | None, tokenizer: str | None) -> Path:

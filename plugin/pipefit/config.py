@@ -138,10 +138,11 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
     _positive("pipeline.stages", p.stages)
     if z.stage not in (0, 1, 2, 3):
         raise ConfigError(f"zero.stage={z.stage} is not accepted; accepted: 0, 1, 2, 3")
-    if p.stages > 1 and z.stage > 1:
+    if z.stage > 1:
+        # DeepSpeed's PipelineEngine rejects ZeRO-2/3 at any stage count, and pipefit always trains through it.
         raise ConfigError(
             f"zero.stage={z.stage} cannot be combined with pipeline.stages={p.stages}: DeepSpeed pipelines "
-            "accept ZeRO stage 0 or 1 only; use zero.stage=1 (or pipeline.stages=1 for ZeRO-2/3)"
+            "accept ZeRO stage 0 or 1 only; use zero.stage=1"
         )
     if not (p.partition in ("uniform", "parameters", "manual") or p.partition.lower().startswith("type:")):
         raise ConfigError(
@@ -166,6 +167,11 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
         raise ConfigError(f"optim.betas={list(o.betas)} is not accepted; expected two numbers in [0, 1)")
     if not 0 <= o.min_lr_ratio <= 1:
         raise ConfigError(f"optim.min_lr_ratio={o.min_lr_ratio} is not accepted; expected a number in [0, 1]")
+    if not run.model.path and not run.model.hf_config.get("model_type"):
+        raise ConfigError(
+            "model.path is not set and model.hf_config has no model_type; give model.path=/local/hf/folder "
+            "or a preset with hf_config.model_type (e.g. model=llama_tiny)"
+        )
     _choice("data.source", d.source, DATA_SOURCES)
     if d.seq_len < 2:
         raise ConfigError(f"data.seq_len={d.seq_len} is not accepted; expected an integer >= 2")
@@ -182,7 +188,8 @@ def check_world(run: RunConfig, world_size: int) -> int:
     if world_size < stages:
         raise ConfigError(
             f"pipeline.stages={stages} needs at least {stages} ranks but this launch has {world_size}; "
-            f"start {stages} (or a multiple) processes, e.g. accelerate launch --use_deepspeed --num_processes {stages} "
+            f"start {stages} (or a multiple) processes, e.g. "
+            f"accelerate launch --use_deepspeed --num_processes {stages} "
             "(on a CPU-only machine plain --num_processes without --use_deepspeed or a launch/ config starts one)"
         )
     if world_size % stages:

@@ -46,7 +46,11 @@ def load_text_dataset(cfg: DataConfig) -> Any:
         ds = datasets.load_dataset(cfg.path, split=cfg.split)
     if cfg.text_field not in ds.column_names:
         raise ConfigError(f"data.text_field={cfg.text_field!r} is not a column; columns: {', '.join(ds.column_names)}")
-    return ds.select_columns([cfg.text_field]).rename_column(cfg.text_field, "text") if cfg.text_field != "text" else ds.select_columns(["text"])
+    return (
+        ds.select_columns([cfg.text_field]).rename_column(cfg.text_field, "text")
+        if cfg.text_field != "text"
+        else ds.select_columns(["text"])
+    )
 
 
 def tokenize_to_blocks(dataset: Any, tokenizer: Any, seq_len: int, append_eos: bool = True) -> torch.Tensor:
@@ -118,8 +122,13 @@ class GlobalBatches:
     def split(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return block[:, :-1].contiguous(), block[:, 1:].contiguous()
 
-    def micro_batches(self, step: int, dp_rank: int) -> list[tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]]:
-        """This rank's ``grad_accum`` micro-batches for ``step`` as ``((input_ids, position_ids), (targets, scale))``."""
+    def micro_batches(
+        self, step: int, dp_rank: int
+    ) -> list[tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]]:
+        """This rank's ``grad_accum`` micro-batches for ``step``.
+
+        Each is ``((input_ids, position_ids), (targets, scale))``.
+        """
         batch = self.global_batch(step)
         inputs, targets = self.split(batch)
         lay = self.layout

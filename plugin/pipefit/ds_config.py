@@ -2,10 +2,12 @@
 
 Settings given to ``accelerate launch`` (``--zero_stage``, ``--gradient_accumulation_steps``,
 ``--gradient_clipping``, ``--mixed_precision``, ``--deepspeed_config_file``) reach the script as
-``ACCELERATE_*`` environment variables; ``ACCELERATE_CONFIG_DS_FIELDS`` lists the ones the user
-actually set. :func:`apply_accelerate_settings` honours each of those: it replaces the Hydra
-default, and it is an error when the same field was also set on the Hydra command line to a
-different value.
+``ACCELERATE_*`` environment variables. accelerate exports the zero stage, accumulation steps
+and clipping only when the user gave them (flag or config file; ``ACCELERATE_CONFIG_DS_FIELDS``
+lists those that came from a config file), while ``ACCELERATE_MIXED_PRECISION`` is always present
+and defaults to ``no``, so ``no`` counts as unset. :func:`apply_accelerate_settings` honours each
+setting: it replaces the Hydra default, and it is an error when the same field was also set on
+the Hydra command line to a different value.
 """
 
 from __future__ import annotations
@@ -31,7 +33,11 @@ ACCELERATE_FIELDS: dict[str, tuple[str, str, Any]] = {
     "zero_stage": ("ACCELERATE_DEEPSPEED_ZERO_STAGE", "zero.stage", _int),
     "gradient_accumulation_steps": ("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "train.grad_accum_steps", _int),
     "gradient_clipping": ("ACCELERATE_GRADIENT_CLIPPING", "optim.grad_clip", float),
-    "mixed_precision": ("ACCELERATE_MIXED_PRECISION", "train.precision", lambda v: _PRECISION_FROM_ACCELERATE.get(v, v)),
+    "mixed_precision": (
+        "ACCELERATE_MIXED_PRECISION",
+        "train.precision",
+        lambda v: _PRECISION_FROM_ACCELERATE.get(v, v),
+    ),
 }
 
 # DeepSpeed JSON path -> pipefit field, for a user-supplied --deepspeed_config_file.
@@ -56,9 +62,8 @@ def read_accelerate_env(env: Mapping[str, str] | None = None) -> AccelerateSetti
     values: dict[str, tuple[Any, str]] = {}
     if env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
         return AccelerateSettings({}, None)
-    user_set = {f.strip() for f in env.get("ACCELERATE_CONFIG_DS_FIELDS", "").split(",") if f.strip()}
     for name, (var, field_name, parse) in ACCELERATE_FIELDS.items():
-        if name in user_set and env.get(var) not in (None, "", "none", "auto"):
+        if env.get(var) not in (None, "", "none", "None", "auto", "no"):
             try:
                 values[field_name] = (parse(env[var]), f"accelerate --{name} {env[var]}")
             except ValueError:
@@ -101,9 +106,12 @@ def apply_accelerate_settings(run: RunConfig, settings: AccelerateSettings, expl
     for field_name, (value, source) in settings.values.items():
         current = _get(run, field_name)
         same = current == value or (isinstance(current, float) and float(value) == current)
-        if field_name in explicit and not same:
+        # A group choice on the command line (zero=zero0) sets every field of that group.
+        was_explicit = field_name in explicit or field_name.split(".")[0] in explicit
+        if was_explicit and not same:
             raise ConfigError(
-                f"{field_name}={current} (Hydra override) conflicts with {source}; set it in one place or make them agree"
+                f"{field_name}={current} (Hydra override) conflicts with {source}; "
+                "set it in one place or make them agree"
             )
         _set(run, field_name, type(current)(value) if current is not None else value)
     return run

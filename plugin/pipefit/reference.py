@@ -36,9 +36,11 @@ def train_reference(model: Any, run: RunConfig, batches: GlobalBatches, steps: i
         for j in range(lay.grad_accum_steps):
             for r in range(lay.dp):
                 (ids, pos), (targets, scale) = batches.micro_batches(step, r)[j]
-                logits = model(input_ids=ids, position_ids=pos).logits
+                logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits
                 summed = F.cross_entropy(
-                    logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX,
+                    logits.float().reshape(-1, logits.shape[-1]),
+                    targets.reshape(-1),
+                    ignore_index=IGNORE_INDEX,
                     reduction="sum",
                 )
                 # scale / (grad_accum * dp) == 1 / target tokens in the global batch

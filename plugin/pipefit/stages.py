@@ -51,8 +51,9 @@ class ModelSkeleton:
         torch.manual_seed(self.seed * 100_003 + seed_offset)
         try:
             with torch.no_grad():
-                for sub in module.modules():
-                    self.model._init_weights(sub)
+                # Children first, as HF initialises: a parent's special init (GPT-2's scaled
+                # c_proj) must win over its children's generic one.
+                module.apply(self.model._init_weights)
         finally:
             torch.random.set_rng_state(generator_state)
         return module

@@ -22,8 +22,8 @@ import torch
 from pipefit import build as build_mod
 from pipefit.config import RunConfig, check_world, validate
 from pipefit.data import BatchLayout, GlobalBatches, load_text_dataset, tokenize_to_blocks
-from pipefit.schedule import scheduler_factory
 from pipefit.ds_config import apply_accelerate_settings, build_ds_config, load_base_config, read_accelerate_env
+from pipefit.schedule import scheduler_factory
 
 log = logging.getLogger("pipefit")
 
@@ -38,8 +38,13 @@ def _ensure_single_process_env() -> None:
     """Let ``python recipes/finetune.py`` (no launcher) run as a world of one."""
     if "RANK" not in os.environ:
         os.environ.update(
-            {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-             "MASTER_PORT": str(_free_port())}
+            {
+                "RANK": "0",
+                "LOCAL_RANK": "0",
+                "WORLD_SIZE": "1",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(_free_port()),
+            }
         )
 
 
@@ -85,10 +90,7 @@ class Prepared:
     """Everything a run needs that can be worked out (and fail) before a process group exists."""
 
     def __init__(self, run: RunConfig, world_size: int) -> None:
-        from transformers import AutoTokenizer
-
         self.run = run
-        self.dp = check_world(run, world_size)
         m = run.model
         overrides = dict(m.hf_config)
         self.hf_config = build_mod.load_hf_config(m.path, overrides)
@@ -98,13 +100,14 @@ class Prepared:
         self.boundaries = build_mod.boundaries_for(
             self.skeleton, run.pipeline.partition, run.pipeline.stages, run.pipeline.boundaries
         )
+        self.dp = check_world(run, world_size)
         if m.path:
             # Opening the index now turns a folder without weights into a clear error before any rank starts.
             from pipefit.weights import SafetensorsReader
 
             SafetensorsReader(m.path)
         self.tokenizer_path = build_mod.resolve_tokenizer_path(m.path, m.tokenizer)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
+        self.tokenizer = build_mod.load_tokenizer(self.tokenizer_path)
         vocab = int(self.hf_config.vocab_size)
         if len(self.tokenizer) > vocab:
             raise ValueError(
@@ -197,6 +200,14 @@ def train(prepared: Prepared) -> dict[str, Any]:
         module = build_mod.build_pipeline_module(
             prepared.skeleton, prepared.boundaries, topo, device, run.pipeline.activation_checkpoint_interval
         )
+        stage_id = topo.get_coord(rank).pipe
+        local = (module._local_start, module._local_stop)
+        wanted = (prepared.boundaries[stage_id], prepared.boundaries[stage_id + 1])
+        if local != wanted:  # guards the private DeepSpeed hook in build.build_pipeline_module
+            raise RuntimeError(
+                f"stage {stage_id} holds layers {local}, expected {wanted}; DeepSpeed version unsupported"
+            )
+        _write_partition(module, prepared, output_dir, rank, stage_id)
         if run.model.path:
             build_mod.load_weights(module, prepared.skeleton, run.model.path)
         ds_cfg = build_ds_config(run, prepared.dp, device_kind, getattr(prepared, "base_ds_config", None))
@@ -221,6 +232,7 @@ def train(prepared: Prepared) -> dict[str, Any]:
         if run.train.export:
             export_dir = output_dir / "hf_model"
             export_pipeline(engine, prepared, export_dir, tag=f"step{run.train.max_steps}")
+            save_probe_logits(engine, prepared, export_dir)
             if rank == 0:
                 log.info("exported Hugging Face model to %s", export_dir)
         dist.barrier()
@@ -262,12 +274,58 @@ def install_global_norm_clipping(engine: Any) -> None:
     engine.clip_fp32_gradients = clip_fp32_gradients
 
 
+def save_probe_logits(engine: Any, prepared: Prepared, export_dir: Path) -> None:
+    """Run one micro-batch through the trained pipeline and keep its logits beside the export.
+
+    ``pipeline_probe.safetensors`` (input_ids, position_ids, logits) lets anyone check that
+    ``from_pretrained(export_dir)`` reproduces the pipeline's logits, without pipefit.
+    """
+    from safetensors.torch import save_file
+
+    probe = prepared.batches.micro_batches(0, 0)[0]
+    _, logits = engine.eval_batch(iter([probe]), return_logits=True, num_micro_batches=1)
+    engine.module.train()
+    if engine.is_last_stage() and engine.grid.get_data_parallel_rank() == 0:
+        (ids, pos), _ = probe
+        tensors = {"input_ids": ids, "position_ids": pos, "logits": logits.detach().float().cpu().contiguous()}
+        tmp = export_dir / ".pipeline_probe.tmp"
+        save_file(tensors, str(tmp))
+        os.replace(tmp, export_dir / "pipeline_probe.safetensors")
+    import torch.distributed as dist
+
+    dist.barrier()
+
+
+def _write_partition(module: Any, prepared: Prepared, output_dir: Path, rank: int, stage_id: int) -> None:
+    """Rank 0 writes ``partition.json``: the boundaries and what each stage actually built."""
+    import torch.distributed as dist
+
+    built = {
+        "rank": rank,
+        "stage": stage_id,
+        "layers": [module._local_start, module._local_stop],
+        "params": sum(p.numel() for p in module.parameters()),
+    }
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, built)
+    if rank == 0:
+        record = {
+            "method": prepared.run.pipeline.partition,
+            "boundaries": prepared.boundaries,
+            "layers": [{"index": x.index, "kind": x.kind, "params": x.num_params} for x in prepared.plan],
+            "ranks": gathered,
+        }
+        write_atomic(output_dir / "partition.json", json.dumps(record, indent=2))
+
+
 def _log_plan(prepared: Prepared) -> None:
     b = prepared.boundaries
     for s in range(len(b) - 1):
         layers = prepared.plan[b[s] : b[s + 1]]
         kinds = ", ".join(f"{x.index}:{x.kind}" for x in layers)
-        log.info("stage %d: layers [%d, %d) params %d (%s)", s, b[s], b[s + 1], sum(x.num_params for x in layers), kinds)
+        log.info(
+            "stage %d: layers [%d, %d) params %d (%s)", s, b[s], b[s + 1], sum(x.num_params for x in layers), kinds
+        )
 
 
 def _loop(engine: Any, prepared: Prepared, output_dir: Path, rank: int) -> list[float]:
@@ -298,7 +356,9 @@ def _loop(engine: Any, prepared: Prepared, output_dir: Path, rank: int) -> list[
             with metrics_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
             if step % run.train.log_every == 0 or step == run.train.max_steps:
-                log.info("step %d/%d loss %.4f lr %.2e tokens/s %.0f", step, run.train.max_steps, value, lr, tokens / dt)
+                log.info(
+                    "step %d/%d loss %.4f lr %.2e tokens/s %.0f", step, run.train.max_steps, value, lr, tokens / dt
+                )
     return losses
 
 

@@ -106,7 +106,8 @@ def load_layer(layer: StageLayer, reader: SafetensorsReader, tied_aliases: dict[
             expected = module.state_dict()[local_key]
             if tensor.shape != expected.shape:
                 raise CheckpointError(
-                    f"{hf_name}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(expected.shape)}; "
+                    f"model.path={str(reader.folder)!r}: {hf_name}: checkpoint shape {tuple(tensor.shape)} "
+                    f"!= model shape {tuple(expected.shape)}; "
                     "the folder's weights do not match its config.json"
                 )
             state[local_key] = tensor.to(expected.dtype)

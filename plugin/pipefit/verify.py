@@ -1,0 +1,133 @@
+"""``pipefit verify``: build every stage in one process and compare with the unmodified HF model.
+
+Stages are built separately (each loads only its own tensors), run in order on random tokens,
+and compared with the HF model at every stage boundary (the hidden state entering the next
+stage), on the logits and on the loss.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pipefit import build as build_mod
+from pipefit.config import RunConfig
+from pipefit.stages import IGNORE_INDEX, causal_lm_loss
+
+
+@dataclass
+class VerifyReport:
+    boundaries: list[int]
+    boundary_diffs: list[tuple[int, int, float]]  # (stage boundary index, layer index, max |diff|)
+    logits_diff: float
+    loss_pipeline: float
+    loss_hf: float
+
+    @property
+    def worst(self) -> float:
+        diffs = [d for _, _, d in self.boundary_diffs] + [self.logits_diff, abs(self.loss_pipeline - self.loss_hf)]
+        return max(diffs)
+
+
+def _reference_model(run: RunConfig, hf_config: Any, folder: str | None) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    if folder:
+        return AutoModelForCausalLM.from_pretrained(
+            folder, config=hf_config, attn_implementation=hf_config._attn_implementation
+        )
+    torch.manual_seed(run.train.seed)
+    return AutoModelForCausalLM.from_config(hf_config)
+
+
+def _inputs_to_layers(
+    model: Any, skeleton: Any, plan: list[Any], indices: list[int]
+) -> tuple[dict[int, torch.Tensor], list[Any]]:
+    """Forward pre-hooks capturing the hidden state entering each layer in ``indices``."""
+    a = skeleton.adapter
+    captured: dict[int, torch.Tensor] = {}
+    handles = []
+    for idx in indices:
+        layer = plan[idx]
+        if layer.kind == "block":
+            prefix = a.block_prefix(layer.block_index)
+        elif layer.kind == "norm":
+            prefix = a.final_norm
+        else:
+            prefix = a.lm_head
+
+        def hook(_mod: Any, args: tuple[Any, ...], kwargs: dict[str, Any], idx: int = idx) -> None:
+            captured[idx] = (args[0] if args else kwargs["hidden_states"]).detach()
+
+        handles.append(model.get_submodule(prefix).register_forward_pre_hook(hook, with_kwargs=True))
+    return captured, handles
+
+
+def verify(run: RunConfig, batch_size: int = 2, seq_len: int = 32, seed: int = 0) -> VerifyReport:
+    hf_config = build_mod.load_hf_config(run.model.path, dict(run.model.hf_config))
+    hf_config._attn_implementation = run.model.attn_implementation
+    skeleton = build_mod.make_skeleton(hf_config, seed=run.train.seed)
+    plan = build_mod.layer_plan(skeleton)
+    boundaries = build_mod.boundaries_for(
+        skeleton, run.pipeline.partition, run.pipeline.stages, run.pipeline.boundaries
+    )
+    model = _reference_model(run, hf_config, run.model.path).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = run.model.path
+        if not folder:
+            model.save_pretrained(tmp)
+            folder = tmp
+        stages = []
+        for s in range(len(boundaries) - 1):
+            layers = build_mod.build_layers(skeleton, boundaries[s], boundaries[s + 1])
+            build_mod.load_weights(torch.nn.ModuleList(layers), skeleton, folder)
+            stages.append(layers)
+    gen = torch.Generator().manual_seed(seed)
+    max_pos = int(getattr(hf_config, "max_position_embeddings", seq_len) or seq_len)
+    seq = min(seq_len, max_pos)
+    ids = torch.randint(0, int(hf_config.vocab_size), (batch_size, seq), generator=gen)
+    pos = torch.arange(seq).expand(batch_size, seq).contiguous()
+    targets = torch.cat([ids[:, 1:], torch.full((batch_size, 1), IGNORE_INDEX)], dim=1)
+    inner = boundaries[1:-1]
+    captured, handles = _inputs_to_layers(model, skeleton, plan, inner)
+    try:
+        with torch.no_grad():
+            ref_logits = model(input_ids=ids, position_ids=pos).logits.float()
+            x: Any = (ids, pos)
+            crossing: dict[int, torch.Tensor] = {}
+            for s, layers in enumerate(stages):
+                for layer in layers:
+                    layer.eval()
+                    x = layer(x)
+                if s < len(stages) - 1:
+                    crossing[boundaries[s + 1]] = x[0] if isinstance(x, tuple) else x
+            logits = x.float()
+    finally:
+        for h in handles:
+            h.remove()
+    diffs = [(i + 1, b, float((crossing[b] - captured[b]).abs().max())) for i, b in enumerate(inner)]
+    n = int((targets != IGNORE_INDEX).sum())
+    scale = torch.tensor([1.0 / n])
+    loss_pipe = float(causal_lm_loss(logits, (targets, scale)))
+    loss_hf = float(
+        torch.nn.functional.cross_entropy(
+            ref_logits.reshape(-1, ref_logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
+        )
+    )
+    return VerifyReport(boundaries, diffs, float((logits - ref_logits).abs().max()), loss_pipe, loss_hf)
+
+
+def format_report(report: VerifyReport, plan: list[Any] | None = None) -> str:
+    lines = [f"boundaries: {report.boundaries}"]
+    for stage_boundary, layer, diff in report.boundary_diffs:
+        lines.append(f"stage boundary {stage_boundary} (entering layer {layer}): max |diff| {diff:.3e}")
+    lines.append(f"logits: max |diff| {report.logits_diff:.3e}")
+    lines.append(
+        f"loss: pipeline {report.loss_pipeline:.8f} hf {report.loss_hf:.8f} "
+        f"|diff| {abs(report.loss_pipeline - report.loss_hf):.3e}"
+    )
+    lines.append(f"overall: max |diff| {report.worst:.3e}")
+    return "\n".join(lines)

@@ -1,0 +1,51 @@
+"""Run the real recipe under ``accelerate launch`` (real processes, CPU, gloo) and read what it wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+RECIPE = REPO / "recipes" / "finetune.py"
+CPU_LAUNCH = REPO / "launch" / "cpu_2proc.yaml"
+
+
+def accelerate_bin() -> str:
+    return str(Path(sys.executable).with_name("accelerate"))
+
+
+def run_recipe(
+    overrides: list[str],
+    num_processes: int = 2,
+    launcher_args: list[str] | None = None,
+    timeout: int = 600,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """``accelerate launch [--config_file launch/cpu_2proc.yaml] --num_processes N recipes/finetune.py overrides``."""
+    args = launcher_args if launcher_args is not None else ["--config_file", str(CPU_LAUNCH)]
+    cmd = [accelerate_bin(), "launch", *args, "--num_processes", str(num_processes), str(RECIPE), *overrides]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def metrics(output_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def compose(overrides: list[str]) -> Any:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    import pipefit.config  # noqa: F401
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=overrides)
+
+
+def tail(proc: subprocess.CompletedProcess[str], n: int = 4000) -> str:
+    return f"rc={proc.returncode}\nstdout:\n{proc.stdout[-n:]}\nstderr:\n{proc.stderr[-n:]}"

@@ -1,0 +1,159 @@
+"""Bad inputs: one clear line, a non-zero exit, nothing written; and ``pipefit verify``'s verdicts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import pipefit.stages
+from conftest import saved_model
+from launching import RECIPE, REPO
+from pipefit.cli import main as cli_main
+
+
+def _recipe(overrides: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(RECIPE), *overrides], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def no_weights_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("config_only")
+    from conftest import tiny_hf_config
+
+    tiny_hf_config("llama").save_pretrained(folder)
+    return folder
+
+
+BAD_INPUTS = {
+    "missing model folder": (
+        ["model=local", "model.path=/nonexistent/model"],
+        "model.path='/nonexistent/model' is not a folder",
+    ),
+    "folder without config.json": (["model=local", "model.path={empty}"], "has no config.json"),
+    "folder without weights": (
+        ["model=local", "model.path={noweights}", "pipeline.stages=1"],
+        "has no model.safetensors",
+    ),
+    "unknown family": (
+        ["model.hf_config.model_type=bert"],
+        "model family BertConfig is not supported; supported HF config classes: GPT2Config, LlamaConfig",
+    ),
+    "stages > layers": (["pipeline.stages=9"], "pipeline.stages=9 exceeds the 7 pipeline layers"),
+    "zero 2 with pipelines": (["zero.stage=2"], "zero.stage=2 cannot be combined with pipeline.stages=2"),
+    "zero 3 with pipelines": (
+        ["zero.stage=3", "pipeline.stages=4"],
+        "zero.stage=3 cannot be combined with pipeline.stages=4",
+    ),
+    "batch arithmetic": (
+        ["pipeline.stages=1", "train.global_batch_size=30"],
+        "train.global_batch_size=30 != train.micro_batch_size (4) x train.grad_accum_steps (4) x "
+        "data-parallel size (1) = 16",
+    ),
+    "unknown partition method": (
+        ["pipeline.partition=profile2"],
+        "pipeline.partition='profile2' is not accepted; accepted: uniform, parameters, type:REGEX, manual",
+    ),
+    "unsorted boundaries": (
+        ["pipeline.partition=manual", "pipeline.boundaries=[0,5,3,7]", "pipeline.stages=3"],
+        "gives stage 1 no layers (or is unsorted)",
+    ),
+    "fewer ranks than stages": (
+        ["pipeline.stages=2"],
+        "pipeline.stages=2 needs at least 2 ranks but this launch has 1",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_one_clear_line_and_nothing_written(case: str, tmp_path: Path, no_weights_folder: Path):
+    overrides, message = BAD_INPUTS[case]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    overrides = [o.format(empty=empty, noweights=no_weights_folder) for o in overrides]
+    out = tmp_path / "out"
+    proc = _recipe([*overrides, f"output_dir={out}"])
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("pipefit: error:")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert message in errors[0]
+    assert not out.exists()
+
+
+def test_misspelt_key_fails_at_compose_time(tmp_path: Path):
+    out = tmp_path / "out"
+    proc = _recipe(["train.max_stepz=3", f"output_dir={out}"])
+    assert proc.returncode != 0
+    assert "max_stepz" in proc.stderr
+    assert not out.exists()
+
+
+def test_cfg_job_prints_resolved_config():
+    proc = _recipe(["--cfg", "job", "pipeline.stages=3", "optim.lr=0.0005"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "stages: 3" in proc.stdout
+    assert "lr: 0.0005" in proc.stdout
+    assert "model_type: llama" in proc.stdout
+
+
+@pytest.mark.parametrize("model,stages", [("llama_tiny", 3), ("gpt2_tiny", 4), ("qwen2_tiny", 2), ("mistral_tiny", 5)])
+def test_verify_passes_for_every_preset(model: str, stages: int, capsys: pytest.CaptureFixture[str]):
+    assert cli_main(["verify", f"model={model}", f"pipeline.stages={stages}"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("stage boundary") == stages - 1
+    assert "PASS" in out
+
+
+def test_verify_reads_a_local_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    folder, _ = saved_model(tmp_path, "gpt2")
+    assert (
+        cli_main(["verify", "model=local", f"model.path={folder}", "pipeline.stages=3", "pipeline.partition=uniform"])
+        == 0
+    )
+    assert "boundaries: [0, 2, 4, 6]" in capsys.readouterr().out
+
+
+def test_verify_fails_when_a_stage_is_wrong(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+    original = pipefit.stages.NormLayer.forward
+
+    def perturbed(self, inputs):  # a bug in one layer: the final norm off by 1e-3
+        return original(self, inputs) + 1e-3
+
+    monkeypatch.setattr(pipefit.stages.NormLayer, "forward", perturbed)
+    assert cli_main(["verify", "model=llama_tiny", "pipeline.stages=2"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out
+
+
+def test_verify_bad_input_is_one_line(capsys: pytest.CaptureFixture[str]):
+    assert cli_main(["verify", "model=local", "model.path=/nonexistent"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("pipefit: error: model.path='/nonexistent' is not a folder")
+
+
+def test_verify_detects_a_one_ulp_free_mismatch_in_boundaries():
+    """The report's boundary diffs are measured, not assumed: a perturbed block shows at its boundary."""
+    from launching import compose
+    from pipefit.config import validate
+    from pipefit.verify import verify
+
+    run = validate(compose(["model=llama_tiny", "pipeline.stages=3", "pipeline.partition=uniform"]))
+    clean = verify(run)
+    assert clean.worst <= 1e-5
+    original = pipefit.stages.BlockLayer.forward
+
+    def shifted(self, inputs):
+        hidden, pos = original(self, inputs)
+        return hidden + 1e-2, pos
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pipefit.stages.BlockLayer, "forward", shifted)
+        bad = verify(run)
+    assert all(d > 1e-3 for _, _, d in bad.boundary_diffs)
+    assert bad.logits_diff > 1e-3
+    assert torch.isfinite(torch.tensor(bad.worst))

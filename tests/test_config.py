@@ -1,0 +1,307 @@
+"""The Hydra config tree (conf/) composed against pipefit's schema, and pipefit.config validation."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import DictConfig, OmegaConf
+
+from pipefit.build import boundaries_for, layer_plan, load_hf_config, make_skeleton
+
+# Importing pipefit.config registers the schema "pipefit_schema" that conf/config.yaml lists first.
+from pipefit.config import ConfigError, RunConfig, check_world, validate
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+# Files whose required fields are ``???``: the overrides a user must add, and what validate() then says.
+REQUIRED_OVERRIDES: dict[str, list[str]] = {
+    "model/local.yaml": ["model.path=/models/some-llama"],
+    "data/text.yaml": ["data.data_files=[/data/a.txt,/data/b.txt]"],
+    "data/json.yaml": ["data.data_files=[/data/train.jsonl]"],
+}
+
+
+def compose_cfg(overrides: list[str] | None = None, conf_dir: Path = CONF) -> DictConfig:
+    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides or [])
+
+
+def compose_run(*overrides: str) -> RunConfig:
+    return validate(compose_cfg(list(overrides)))
+
+
+def _primary_groups() -> set[str]:
+    defaults = OmegaConf.load(CONF / "config.yaml").defaults
+    groups = set()
+    for entry in defaults:
+        if isinstance(entry, DictConfig):
+            groups.update(k for k in entry if not str(k).startswith("override "))
+    return groups
+
+
+def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and value:
+            out.update(_leaves(value, dotted))
+        else:
+            out[dotted] = value
+    return out
+
+
+def _expected_values(rel: str) -> dict[str, Any]:
+    """Leaf values a group file sets, at the place the composed config holds them."""
+    path = CONF / rel
+    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    raw.pop("defaults", None)
+    if "# @package _global_" in path.read_text():
+        package = ""
+    else:
+        package = rel.rsplit("/", 1)[0].replace("/", ".")
+    leaves = _leaves(raw, package)
+    return {k: v for k, v in leaves.items() if v != "???" and not (isinstance(v, str) and "${" in v)}
+
+
+# --- every file under conf/ ---------------------------------------------------------------------
+
+
+def test_every_conf_file_composes_and_validates() -> None:
+    files = sorted(p.relative_to(CONF).as_posix() for p in CONF.glob("**/*.yaml"))
+    assert "config.yaml" in files and len(files) >= 16, files
+    groups = _primary_groups()
+    assert {"model", "data", "pipeline", "zero", "optim", "train"} <= groups
+    composed: list[str] = []
+    for rel in files:
+        if rel == "config.yaml":
+            overrides: list[str] = []
+        else:
+            group, name = rel[: -len(".yaml")].rsplit("/", 1)
+            prefix = "" if group in groups else "+"
+            overrides = [f"{prefix}{group}={name}"]
+        if "???" in (CONF / rel).read_text():
+            assert rel in REQUIRED_OVERRIDES, f"{rel} has required (???) fields: add the overrides a user gives"
+        overrides += REQUIRED_OVERRIDES.get(rel, [])
+        cfg = compose_cfg(overrides)
+        run = validate(cfg)
+        assert isinstance(run, RunConfig)
+        assert run.output_dir == f"outputs/{run.model.name}"  # interpolations resolve
+        if rel != "config.yaml":
+            # The file's own values are the ones in effect (the override chose this very file).
+            expected = _expected_values(rel)
+            assert expected, rel
+            for key, value in expected.items():
+                assert OmegaConf.select(cfg, key) == value, (rel, key)
+        composed.append(rel)
+    assert composed == files
+
+
+def test_required_field_files_with_their_overrides() -> None:
+    run = compose_run("model=local", "model.path=/models/some-llama")
+    assert run.model.name == "local"
+    assert run.model.path == "/models/some-llama"
+    assert run.model.hf_config == {}
+
+    run = compose_run("data=text", "data.data_files=[/data/a.txt,/data/b.txt]")
+    assert (run.data.source, run.data.data_files) == ("text", ["/data/a.txt", "/data/b.txt"])
+
+    run = compose_run("data=json", "data.data_files=[/data/train.jsonl]", "data.text_field=content")
+    assert (run.data.source, run.data.data_files, run.data.text_field) == ("json", ["/data/train.jsonl"], "content")
+
+
+@pytest.mark.parametrize("data", ["text", "json"])
+def test_local_data_without_files_is_an_error(data: str) -> None:
+    with pytest.raises(ConfigError, match=rf"data\.data_files is empty for data\.source={data}"):
+        compose_run(f"data={data}")
+
+
+def test_local_model_without_path_is_an_error() -> None:
+    with pytest.raises(ConfigError, match=r"model\.path"):
+        compose_run("model=local")
+
+
+def test_defaults_compose_to_the_documented_run() -> None:
+    run = compose_run()
+    assert run.model.name == "llama_tiny"
+    assert run.model.hf_config["num_hidden_layers"] == 4
+    assert (run.pipeline.stages, run.pipeline.partition, run.pipeline.boundaries) == (2, "parameters", None)
+    assert run.zero.stage == 1
+    assert (run.train.micro_batch_size, run.train.grad_accum_steps, run.train.precision) == (4, 4, "fp32")
+    assert run.output_dir == "outputs/llama_tiny"
+
+
+def test_experiment_overrides_model_and_pipeline() -> None:
+    run = compose_run("+experiment=gpt2_tiny_pp2")
+    assert run.model.name == "gpt2_tiny"
+    assert run.model.hf_config["model_type"] == "gpt2"
+    assert (run.pipeline.stages, run.pipeline.partition) == (2, "uniform")
+    assert run.train.max_steps == 30
+    assert run.output_dir == "outputs/gpt2_tiny"
+
+
+def test_each_experiment_opens_with_its_launch_command() -> None:
+    for path in sorted((CONF / "experiment").glob("*.yaml")):
+        lines = path.read_text().splitlines()
+        assert lines[0] == "# @package _global_", path
+        assert lines[1].startswith("# accelerate launch "), path
+        assert f"+experiment={path.stem}" in lines[1], path
+
+
+def test_manual_pipeline_boundaries_fit_the_default_model() -> None:
+    # conf/pipeline/manual.yaml says its [0, 4, 7] suits llama_tiny's 7 layers.
+    run = compose_run("pipeline=manual")
+    assert run.pipeline.boundaries == [0, 4, 7]
+    skeleton = make_skeleton(load_hf_config(run.model.path, run.model.hf_config))
+    assert len(layer_plan(skeleton)) == 7
+    assert boundaries_for(skeleton, run.pipeline.partition, run.pipeline.stages, run.pipeline.boundaries) == [0, 4, 7]
+
+
+# --- the schema catches typos at compose time ---------------------------------------------------
+
+
+def test_misspelt_override_fails_at_compose_time() -> None:
+    with pytest.raises(ConfigCompositionException, match=r"max_stepz"):
+        compose_cfg(["train.max_stepz=3"])
+    with pytest.raises(ConfigCompositionException, match=r"partitoin"):
+        compose_cfg(["pipeline.partitoin=uniform"])
+
+
+def test_wrongly_typed_override_fails_at_compose_time() -> None:
+    with pytest.raises(ConfigCompositionException, match=r"max_steps"):
+        compose_cfg(["train.max_steps=forty"])
+
+
+def test_misspelt_key_in_a_yaml_file_fails_at_compose_time(tmp_path: Path) -> None:
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    (conf / "train" / "typo.yaml").write_text("max_steps: 3\nmicro_batch_sise: 2\n")
+    with pytest.raises(ConfigCompositionException, match=r"micro_batch_sise"):
+        compose_cfg(["train=typo"], conf_dir=conf)
+    # The same folder composes fine without the typo (the failure above is the key, not the copy).
+    (conf / "train" / "typo.yaml").write_text("max_steps: 3\nmicro_batch_size: 2\n")
+    assert compose_cfg(["train=typo"], conf_dir=conf).train.micro_batch_size == 2
+
+
+# --- validate(): values that depend on each other -----------------------------------------------
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_2_and_3_are_refused_with_pipeline_stages(stage: int) -> None:
+    with pytest.raises(ConfigError, match=rf"zero\.stage={stage} cannot be combined with pipeline\.stages=2"):
+        compose_run(f"zero.stage={stage}", "pipeline.stages=2")
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_2_and_3_are_refused_with_one_stage_too(stage: int) -> None:
+    # pipefit always trains through DeepSpeed's PipelineEngine, which asserts ZeRO < 2 at any stage count.
+    with pytest.raises(ConfigError, match=rf"zero\.stage={stage} cannot be combined with pipeline\.stages=1"):
+        compose_run(f"zero.stage={stage}", "pipeline.stages=1")
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_zero_0_and_1_without_pipeline(stage: int) -> None:
+    run = compose_run(f"zero.stage={stage}", "pipeline.stages=1")
+    assert (run.zero.stage, run.pipeline.stages) == (stage, 1)
+
+
+def test_zero_0_and_1_with_pipeline() -> None:
+    assert compose_run("zero=zero0").zero.stage == 0
+    assert compose_run("zero=zero1", "pipeline.stages=4").zero.stage == 1
+
+
+@pytest.mark.parametrize("partition", ["uniform", "parameters", "manual", "type:BlockLayer", "Type:decoder"])
+def test_partition_methods_accepted(partition: str) -> None:
+    assert compose_run(f"pipeline.partition={partition}").pipeline.partition == partition
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["zero.stage=4"], r"zero\.stage=4 is not accepted; accepted: 0, 1, 2, 3"),
+        (
+            ["pipeline.partition=balanced"],
+            r"pipeline\.partition='balanced' is not accepted; accepted: uniform, parameters, type:REGEX, manual",
+        ),
+        (["pipeline.stages=0"], r"pipeline\.stages=0 is not accepted; expected a number > 0"),
+        (["pipeline.activation_checkpoint_interval=-1"], r"activation_checkpoint_interval=-1 .*>= 0"),
+        (["train.precision=fp8"], r"train\.precision='fp8' is not accepted; accepted: fp32, bf16, fp16"),
+        (["train.micro_batch_size=0"], r"train\.micro_batch_size=0 is not accepted; expected a number > 0"),
+        (["train.micro_batch_size=-2"], r"train\.micro_batch_size=-2 is not accepted"),
+        (["train.grad_accum_steps=0"], r"train\.grad_accum_steps=0 is not accepted"),
+        (["train.max_steps=0"], r"train\.max_steps=0 is not accepted"),
+        (["train.log_every=0"], r"train\.log_every=0 is not accepted"),
+        (["optim.lr=0"], r"optim\.lr=0\.0 is not accepted; expected a number > 0"),
+        (["optim.weight_decay=-0.1"], r"optim\.weight_decay=-0\.1 is not accepted; expected a number >= 0"),
+        (["optim.scheduler=step"], r"optim\.scheduler='step' is not accepted; accepted: cosine, linear, constant"),
+        (["optim.impl=apex"], r"optim\.impl='apex' is not accepted; accepted: auto, torch, fused"),
+        (["optim.name=sgd"], r"optim\.name='sgd' is not accepted; accepted: adamw"),
+        (["optim.betas=[0.9,1.0]"], r"optim\.betas=\[0\.9, 1\.0\] is not accepted; expected two numbers in \[0, 1\)"),
+        (["optim.betas=[0.9]"], r"optim\.betas=\[0\.9\] is not accepted"),
+        (["optim.min_lr_ratio=1.5"], r"optim\.min_lr_ratio=1\.5 is not accepted; expected a number in \[0, 1\]"),
+        (["data.seq_len=1"], r"data\.seq_len=1 is not accepted; expected an integer >= 2"),
+        (["data.source=csv"], r"data\.source='csv' is not accepted; accepted: pydoc, text, json, hub"),
+        (["data.source=hub"], r"data\.path is empty for data\.source=hub"),
+    ],
+)
+def test_validate_errors(overrides: list[str], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        compose_run(*overrides)
+
+
+def test_validate_accepts_edge_values() -> None:
+    run = compose_run(
+        "optim.weight_decay=0", "optim.grad_clip=0", "optim.warmup_steps=0", "optim.min_lr_ratio=1", "data.seq_len=2"
+    )
+    assert (run.optim.weight_decay, run.optim.grad_clip, run.optim.warmup_steps) == (0.0, 0.0, 0)
+    assert (run.optim.min_lr_ratio, run.data.seq_len) == (1.0, 2)
+
+
+def test_config_error_is_a_value_error() -> None:
+    assert issubclass(ConfigError, ValueError)
+
+
+# --- check_world: the launch matches the pipeline -----------------------------------------------
+
+
+def test_check_world_data_parallel_degree() -> None:
+    run = compose_run()
+    assert check_world(run, 2) == 1
+    assert check_world(run, 4) == 2
+    assert check_world(run, 6) == 3
+    assert check_world(compose_run("pipeline.stages=1"), 3) == 3
+
+
+def test_check_world_too_few_ranks() -> None:
+    run = compose_run("pipeline.stages=4")
+    with pytest.raises(ConfigError, match=r"pipeline\.stages=4 needs at least 4 ranks but this launch has 3"):
+        check_world(run, 3)
+
+
+def test_check_world_not_divisible() -> None:
+    run = compose_run("pipeline.stages=2")
+    with pytest.raises(ConfigError, match=r"world size 3 is not divisible by pipeline\.stages=2"):
+        check_world(run, 3)
+
+
+def test_check_world_global_batch_mismatch() -> None:
+    run = compose_run(
+        "pipeline.stages=2", "train.micro_batch_size=3", "train.grad_accum_steps=5", "train.global_batch_size=20"
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"train\.global_batch_size=20 != train\.micro_batch_size \(3\) x train\.grad_accum_steps \(5\) x "
+        r"data-parallel size \(2\) = 30",
+    ):
+        check_world(run, 4)
+
+
+def test_check_world_global_batch_that_agrees() -> None:
+    run = compose_run(
+        "pipeline.stages=2", "train.micro_batch_size=3", "train.grad_accum_steps=5", "train.global_batch_size=30"
+    )
+    assert check_world(run, 4) == 2
