@@ -57,7 +57,8 @@ BAD_INPUTS = {
     ),
     "unknown partition method": (
         ["pipeline.partition=profile2"],
-        "pipeline.partition='profile2' is not accepted; accepted: uniform, parameters, type:REGEX, manual",
+        "pipeline.partition='profile2' is not accepted; "
+        "accepted: uniform, parameters, flops, profile, type:REGEX, manual",
     ),
     "unsorted boundaries": (
         ["pipeline.partition=manual", "pipeline.boundaries=[0,5,3,7]", "pipeline.stages=3"],

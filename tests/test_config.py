@@ -225,7 +225,8 @@ def test_partition_methods_accepted(partition: str) -> None:
         (["zero.stage=4"], r"zero\.stage=4 is not accepted; accepted: 0, 1, 2, 3"),
         (
             ["pipeline.partition=balanced"],
-            r"pipeline\.partition='balanced' is not accepted; accepted: uniform, parameters, type:REGEX, manual",
+            r"pipeline\.partition='balanced' is not accepted; "
+            r"accepted: uniform, parameters, flops, profile, type:REGEX, manual",
         ),
         (["pipeline.stages=0"], r"pipeline\.stages=0 is not accepted; expected a number > 0"),
         (["pipeline.activation_checkpoint_interval=-1"], r"activation_checkpoint_interval=-1 .*>= 0"),
@@ -305,3 +306,14 @@ def test_check_world_global_batch_that_agrees() -> None:
         "pipeline.stages=2", "train.micro_batch_size=3", "train.grad_accum_steps=5", "train.global_batch_size=30"
     )
     assert check_world(run, 4) == 2
+
+
+def test_heartbeat_settings_are_validated() -> None:
+    run = compose_run("train.heartbeat_timeout_s=0")
+    assert run.train.heartbeat_timeout_s == 0  # 0 switches the watchdog off
+    with pytest.raises(
+        ConfigError, match=r"train\.heartbeat_timeout_s=3\.0 is not accepted; expected 0 \(off\) or at least"
+    ):
+        compose_run("train.heartbeat_timeout_s=3", "train.heartbeat_interval_s=2")
+    with pytest.raises(ConfigError, match=r"train\.heartbeat_interval_s=0\.0 is not accepted"):
+        compose_run("train.heartbeat_interval_s=0")

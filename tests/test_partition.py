@@ -141,7 +141,7 @@ def test_partition_error_is_a_value_error() -> None:
             2,
             None,
             r"pipeline\.partition='balanced' is not a partition method; "
-            r"accepted: uniform, parameters, type:REGEX, manual",
+            r"accepted: uniform, parameters, flops, profile, type:REGEX, manual",
         ),
         (
             "type:Mamba",

@@ -46,8 +46,14 @@ def _overrides(folder: Path, out: Path, zero: int, extra: list[str]) -> list[str
         ("llama", 2, 1, ["pipeline.partition=manual", "pipeline.boundaries=[0,2,6]"]),
         ("gpt2", 4, 1, ["pipeline.partition=uniform"]),
         ("qwen2", 4, 0, []),
+        ("llama", 4, 1, ["pipeline.stages=4", "pipeline.partition=manual", "pipeline.boundaries=[0,1,3,5,6]"]),
     ],
-    ids=["llama-pp2-zero1-manual", "gpt2-pp2xdp2-zero1-tied", "qwen2-pp2xdp2-zero0-tied"],
+    ids=[
+        "llama-pp2-zero1-manual",
+        "gpt2-pp2xdp2-zero1-tied",
+        "qwen2-pp2xdp2-zero0-tied",
+        "llama-pp4-zero1-embedding-alone",
+    ],
 )
 def test_pipeline_training_matches_single_process(tmp_path: Path, family: str, ranks: int, zero: int, extra: list[str]):
     folder, initial = saved_model(tmp_path, family)
@@ -84,6 +90,15 @@ def test_pipeline_training_matches_single_process(tmp_path: Path, family: str, r
     if "pipeline.boundaries=[0,2,6]" in extra:
         assert prepared.boundaries == [0, 2, 6]
     assert len(part["ranks"]) == ranks
+
+    # ZeRO-1 shards Adam's two fp32 moments over the data-parallel replicas of each stage: each rank
+    # holds 8 bytes x (its stage's parameters) / dp (up to alignment padding); ZeRO-0 holds them all.
+    dp = ranks // run.pipeline.stages
+    for r in part["ranks"]:
+        full = 8 * r["params"]
+        expected = full / dp if zero == 1 else full
+        assert abs(r["optimizer_state_bytes"] - expected) <= 0.01 * expected, (r, expected)
+    print("optimizer state bytes per rank:", [(r["rank"], r["optimizer_state_bytes"]) for r in part["ranks"]])
 
 
 def test_default_recipe_learns_and_exports_loadable_folder(tmp_path: Path):
@@ -155,3 +170,28 @@ def test_fewer_ranks_than_stages_is_a_clear_error(tmp_path: Path):
     assert proc.returncode != 0
     assert "pipeline.stages=2 needs at least 2 ranks but this launch has 1" in proc.stderr
     assert not out.exists()
+
+
+def test_cost_model_partitions_reach_every_rank(tmp_path: Path):
+    """``flops`` gives the boundaries the planner computes; ``profile`` is measured once and shared."""
+    import json
+
+    from pipefit import costs
+    from pipefit.build import boundaries_for
+
+    for method in ("flops", "profile"):
+        out = tmp_path / method
+        overrides = [f"pipeline.partition={method}", "train.max_steps=2", "train.export=false", f"output_dir={out}"]
+        proc = run_recipe(overrides, env={"PIPEFIT_CACHE_DIR": str(tmp_path / "cache")})
+        assert proc.returncode == 0, tail(proc)
+        part = json.loads((out / "partition.json").read_text())
+        assert part["method"] == method
+        b = part["boundaries"]
+        assert sorted((r["layers"][0], r["layers"][1]) for r in part["ranks"]) == list(zip(b[:-1], b[1:], strict=True))
+        if method == "flops":
+            run = validate(compose(overrides))
+            prepared = Prepared(run, 2)
+            expected = boundaries_for(
+                prepared.skeleton, "flops", 2, None, workload=costs.Workload.from_run(run, 1), hardware=run.hardware
+            )
+            assert b == expected

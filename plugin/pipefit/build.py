@@ -107,11 +107,42 @@ def layer_plan(skeleton: ModelSkeleton) -> list[LayerInfo]:
     return layers
 
 
-def boundaries_for(skeleton: ModelSkeleton, method: str, num_stages: int, boundaries: list[int] | None) -> list[int]:
+def boundaries_for(
+    skeleton: ModelSkeleton,
+    method: str,
+    num_stages: int,
+    boundaries: list[int] | None,
+    workload: Any = None,
+    hardware: Any = None,
+    layer_costs: Any = None,
+) -> list[int]:
+    """Stage boundaries for ``pipeline.partition=method``.
+
+    ``flops`` and ``profile`` price the layers with :mod:`pipefit.costs` (pass ``layer_costs``
+    already computed, e.g. measured on rank 0 and broadcast, or a ``workload`` and ``hardware`` to
+    price them here) and solve :func:`balance.partition_min_max` under ``hardware``'s memory cap.
+    """
     plan = layer_plan(skeleton)
-    return balance.resolve_partition(
-        method, num_stages, [layer.num_params for layer in plan], [layer.type_names for layer in plan], boundaries
-    )
+    extra: dict[str, Any] = {}
+    if method in balance.COST_METHODS:
+        if layer_costs is None:
+            from pipefit import costs
+
+            if workload is None:
+                raise balance.PartitionError(
+                    f"pipeline.partition={method} needs the micro-batch shape; "
+                    "pass workload=costs.Workload.from_run(run)"
+                )
+            hw = costs.Hardware.from_config(hardware) if hardware is not None else costs.Hardware()
+            layer_costs = costs.price_layers(skeleton, method, workload, hw)
+        extra = {
+            "costs": layer_costs.per_layer(),
+            "memory": layer_costs.memory,
+            "memory_cap": layer_costs.memory_cap,
+            "boundary_costs": layer_costs.boundary_costs(),
+        }
+    params = [layer.num_params for layer in plan]
+    return balance.resolve_partition(method, num_stages, params, [x.type_names for x in plan], boundaries, **extra)
 
 
 def layer_specs(skeleton: ModelSkeleton, device: str = "cpu") -> list[Any]:

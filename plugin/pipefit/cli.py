@@ -2,6 +2,7 @@
 
     pipefit verify model=llama_tiny pipeline.stages=3
     pipefit verify model=local model.path=/models/my-llama pipeline.stages=4 --tol 1e-5
+    pipefit plan model=llama_tiny pipeline.stages=2 pipeline.partition=flops hardware=cpu --png plan.png
 
 Arguments of the form ``key=value`` are Hydra overrides of the same config the recipes use.
 """
@@ -46,6 +47,27 @@ def _verify(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from pipefit.config import validate
+    from pipefit.plan import format_plan, make_plan, to_json, write_png
+
+    if args.dp < 1:
+        raise ValueError(f"--dp={args.dp} is not accepted; expected an integer >= 1")
+    report = make_plan(validate(compose(args.overrides, args.config_dir)), dp=args.dp, cache_dir=args.cache_dir)
+    print(to_json(report) if args.json else format_plan(report))
+    if args.png:
+        write_png(report, args.png)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from pipefit.checkpoint import export
+
+    out = export(args.checkpoint, args.out_dir, max_shard_bytes=int(args.max_shard_gb * 1024**3))
+    print(f"exported {args.checkpoint} -> {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="pipefit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -57,11 +79,22 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--batch-size", type=int, default=2)
     v.add_argument("--seq-len", type=int, default=32)
     v.add_argument("--config-dir", default=None, help="Hydra config folder (default: the repository's conf/)")
+    pl = sub.add_parser("plan", help="partition, memory per stage and predicted step time; starts no process")
+    pl.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. pipeline.stages=4 hardware=h100")
+    pl.add_argument("--json", action="store_true", help="machine-readable output (every figure, per-layer costs)")
+    pl.add_argument("--png", default=None, metavar="PATH", help="draw stage costs and the 1F1B timeline")
+    pl.add_argument("--dp", type=int, default=1, help="data-parallel replicas of each stage (default 1)")
+    pl.add_argument("--cache-dir", default=None, help="profile cache folder (default ~/.cache/pipefit)")
+    pl.add_argument("--config-dir", default=None, help="Hydra config folder (default: the repository's conf/)")
+    ex = sub.add_parser("export", help="write a Hugging Face folder from a checkpoint (or a run's newest one)")
+    ex.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its newest complete checkpoint)")
+    ex.add_argument("out_dir", help="the Hugging Face folder to write (replaced atomically if it exists)")
+    ex.add_argument("--max-shard-gb", type=float, default=2.0, help="safetensors shard size (default 2 GB)")
     args = parser.parse_args(argv)
     from pipefit.train import user_error_types
 
     try:
-        return _verify(args)
+        return {"verify": _verify, "plan": _plan, "export": _export}[args.command](args)
     except user_error_types() as exc:
         message = str(exc).splitlines()[0] if str(exc) else repr(exc)
         print(f"pipefit: error: {message}", file=sys.stderr)

@@ -53,7 +53,7 @@ class DataConfig:
 @dataclass
 class PipelineConfig:
     stages: int = 2
-    # uniform | parameters | type:REGEX | manual
+    # uniform | parameters | flops | profile | type:REGEX | manual
     partition: str = "parameters"
     boundaries: list[int] | None = None
     activation_checkpoint_interval: int = 0
@@ -91,8 +91,37 @@ class TrainConfig:
     seed: int = 1234
     precision: str = "fp32"
     log_every: int = 1
+    # Collective timeout of the process group (a blocked send/recv/all-reduce fails after this).
     dist_timeout_s: int = 300
+    # Peer heartbeats: a rank silent for heartbeat_timeout_s is declared lost and every other rank
+    # exits non-zero (see pipefit.watchdog). 0 disables the watchdog.
+    heartbeat_interval_s: float = 2.0
+    heartbeat_timeout_s: float = 20.0
     export: bool = True
+    # Checkpoints every save_every optimizer steps (0: only when a launch stops early), newest keep_last kept.
+    save_every: int = 0
+    keep_last: int = 2
+    # null: start fresh; auto: newest complete checkpoint in output_dir (fresh if none); or a checkpoint/run path.
+    resume: str | None = None
+    # End this launch after this many steps (e.g. a job time limit); it saves a checkpoint, and
+    # train.resume=auto continues exactly where it stopped. null: run to train.max_steps.
+    stop_after_steps: int | None = None
+
+
+@dataclass
+class HardwareConfig:
+    """One device per rank, for pricing layers (``flops``) and ``pipefit plan``; see conf/hardware/."""
+
+    name: str = "cpu"
+    peak_tflops_fp32: float = 0.1
+    peak_tflops_bf16: float = 0.1
+    # Fraction of peak that training matmuls reach.
+    matmul_efficiency: float = 0.6
+    # Per rank: the partitioner's per-stage memory cap.
+    memory_gib: float = 8.0
+    memory_bandwidth_gbs: float = 10.0
+    # Between two pipeline stages (NVLink, PCIe, loopback), GB/s in one direction.
+    link_bandwidth_gbs: float = 2.0
 
 
 @dataclass
@@ -103,6 +132,7 @@ class RunConfig:
     zero: ZeroConfig = field(default_factory=ZeroConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
     output_dir: str = "outputs/run"
 
 
@@ -144,9 +174,24 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
             f"zero.stage={z.stage} cannot be combined with pipeline.stages={p.stages}: DeepSpeed pipelines "
             "accept ZeRO stage 0 or 1 only; use zero.stage=1"
         )
-    if not (p.partition in ("uniform", "parameters", "manual") or p.partition.lower().startswith("type:")):
+    named = ("uniform", "parameters", "flops", "profile", "manual")
+    if not (p.partition in named or p.partition.lower().startswith("type:")):
         raise ConfigError(
-            f"pipeline.partition={p.partition!r} is not accepted; accepted: uniform, parameters, type:REGEX, manual"
+            f"pipeline.partition={p.partition!r} is not accepted; "
+            "accepted: uniform, parameters, flops, profile, type:REGEX, manual"
+        )
+    for key in (
+        "peak_tflops_fp32",
+        "peak_tflops_bf16",
+        "matmul_efficiency",
+        "memory_gib",
+        "memory_bandwidth_gbs",
+        "link_bandwidth_gbs",
+    ):
+        _positive(f"hardware.{key}", getattr(run.hardware, key))
+    if run.hardware.matmul_efficiency > 1:
+        raise ConfigError(
+            f"hardware.matmul_efficiency={run.hardware.matmul_efficiency} is not accepted; expected a number in (0, 1]"
         )
     _positive("pipeline.activation_checkpoint_interval", p.activation_checkpoint_interval, allow_zero=True)
     _positive("train.max_steps", t.max_steps)
@@ -154,6 +199,17 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
     _positive("train.grad_accum_steps", t.grad_accum_steps)
     _positive("train.log_every", t.log_every)
     _positive("train.dist_timeout_s", t.dist_timeout_s)
+    _positive("train.save_every", t.save_every, allow_zero=True)
+    _positive("train.keep_last", t.keep_last, allow_zero=True)
+    if t.stop_after_steps is not None:
+        _positive("train.stop_after_steps", t.stop_after_steps)
+    _positive("train.heartbeat_interval_s", t.heartbeat_interval_s)
+    _positive("train.heartbeat_timeout_s", t.heartbeat_timeout_s, allow_zero=True)
+    if 0 < t.heartbeat_timeout_s < 2 * t.heartbeat_interval_s:
+        raise ConfigError(
+            f"train.heartbeat_timeout_s={t.heartbeat_timeout_s} is not accepted; expected 0 (off) or at least "
+            f"2 x train.heartbeat_interval_s ({2 * t.heartbeat_interval_s})"
+        )
     _choice("train.precision", t.precision, PRECISIONS)
     _positive("optim.lr", o.lr)
     _positive("optim.weight_decay", o.weight_decay, allow_zero=True)

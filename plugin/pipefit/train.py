@@ -97,8 +97,16 @@ class Prepared:
         self.hf_config._attn_implementation = m.attn_implementation
         self.skeleton = build_mod.make_skeleton(self.hf_config, seed=run.train.seed)
         self.plan = build_mod.layer_plan(self.skeleton)
+        from pipefit import costs
+
+        stages = run.pipeline.stages
+        planned_dp = world_size // stages if world_size >= stages and world_size % stages == 0 else 1
+        self.workload = costs.Workload.from_run(run, planned_dp)
+        # profile measures on this machine: done once the ranks exist (rank 0 measures, all receive).
+        self.deferred_profile = run.pipeline.partition == "profile"
+        method = "flops" if self.deferred_profile else run.pipeline.partition
         self.boundaries = build_mod.boundaries_for(
-            self.skeleton, run.pipeline.partition, run.pipeline.stages, run.pipeline.boundaries
+            self.skeleton, method, stages, run.pipeline.boundaries, workload=self.workload, hardware=run.hardware
         )
         self.dp = check_world(run, world_size)
         if m.path:
@@ -113,6 +121,23 @@ class Prepared:
             raise ValueError(
                 f"model.tokenizer={str(self.tokenizer_path)!r} has {len(self.tokenizer)} tokens but the model's "
                 f"vocab_size is {vocab}; use a matching tokenizer or a larger vocab_size"
+            )
+        from pipefit import checkpoint
+
+        self.resume_from = checkpoint.find_checkpoint(run.train.resume, run.output_dir)
+        self.resume_same_shape = False
+        self.world_size = world_size
+        if self.resume_from is not None:
+            state = checkpoint.read_state(self.resume_from)
+            checkpoint.check_compatible(state, self.resume_from, self.hf_config)
+            self.resume_same_shape = checkpoint.same_shape(state, self.boundaries, run.pipeline.stages, self.dp)
+            checkpoint.check_files(
+                self.resume_from,
+                len(self.plan),
+                self.skeleton.adapter.tied(self.hf_config),
+                run.pipeline.stages,
+                world_size,
+                self.resume_same_shape,
             )
         self.layout = BatchLayout(run.train.micro_batch_size, run.train.grad_accum_steps, self.dp)
         blocks = tokenize_to_blocks(load_text_dataset(run.data), self.tokenizer, run.data.seq_len, run.data.append_eos)
@@ -185,61 +210,175 @@ def train(prepared: Prepared) -> dict[str, Any]:
 
     run = prepared.run
     rank = int(os.environ["RANK"])
+    world = int(os.environ["WORLD_SIZE"])
     output_dir = Path(run.output_dir)
     setup_logging(output_dir, rank)
     accel = get_accelerator()
     device_kind = accel.device_name()
     backend = "gloo" if device_kind == "cpu" else accel.communication_backend_name()
-    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=run.train.dist_timeout_s))
-    try:
-        if device_kind != "cpu":
-            accel.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        device = accel.current_device_name() if device_kind != "cpu" else "cpu"
-        torch.manual_seed(run.train.seed)
-        topo = PipeDataParallelTopology(num_pp=run.pipeline.stages, num_dp=prepared.dp)
-        module = build_mod.build_pipeline_module(
-            prepared.skeleton, prepared.boundaries, topo, device, run.pipeline.activation_checkpoint_interval
-        )
-        stage_id = topo.get_coord(rank).pipe
-        local = (module._local_start, module._local_stop)
-        wanted = (prepared.boundaries[stage_id], prepared.boundaries[stage_id + 1])
-        if local != wanted:  # guards the private DeepSpeed hook in build.build_pipeline_module
-            raise RuntimeError(
-                f"stage {stage_id} holds layers {local}, expected {wanted}; DeepSpeed version unsupported"
-            )
-        _write_partition(module, prepared, output_dir, rank, stage_id)
-        if run.model.path:
-            build_mod.load_weights(module, prepared.skeleton, run.model.path)
-        ds_cfg = build_ds_config(run, prepared.dp, device_kind, getattr(prepared, "base_ds_config", None))
-        if rank == 0:
-            from omegaconf import OmegaConf
+    topo = PipeDataParallelTopology(num_pp=run.pipeline.stages, num_dp=prepared.dp)
 
-            write_atomic(output_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(run)))
-            write_atomic(output_dir / "ds_config.json", json.dumps(ds_cfg, indent=2))
-            _log_plan(prepared)
-        engine, _, _, _ = deepspeed.initialize(
-            model=module,
-            config=ds_cfg,
-            model_parameters=weight_decay_groups(list(module.named_parameters()), run.optim.weight_decay),
-            lr_scheduler=scheduler_factory(run.optim, run.train.max_steps),
-        )
-        if run.zero.stage == 0 and run.optim.grad_clip > 0:
-            install_global_norm_clipping(engine)
-        dp_rank = engine.grid.get_data_parallel_rank()
-        if engine.is_first_stage() or engine.is_last_stage():
-            engine.set_dataiterator(prepared.batches.iterate(dp_rank))
-        losses = _loop(engine, prepared, output_dir, rank)
-        if run.train.export:
-            export_dir = output_dir / "hf_model"
-            export_pipeline(engine, prepared, export_dir, tag=f"step{run.train.max_steps}")
-            save_probe_logits(engine, prepared, export_dir)
-            if rank == 0:
-                log.info("exported Hugging Face model to %s", export_dir)
-        dist.barrier()
-        return {"losses": losses, "boundaries": prepared.boundaries, "stage": engine.stage_id}
+    def describe(r: int) -> str:
+        coord = topo.get_coord(r)
+        return f"rank {r} (stage {coord.pipe}, data {coord.data})"
+
+    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=run.train.dist_timeout_s))
+    watchdog = None
+    try:
+        if run.train.heartbeat_timeout_s > 0 and world > 1:
+            from pipefit.watchdog import PeerWatchdog
+
+            watchdog = PeerWatchdog(
+                rank,
+                world,
+                os.environ["MASTER_ADDR"],
+                int(os.environ["MASTER_PORT"]),
+                run.train.heartbeat_interval_s,
+                run.train.heartbeat_timeout_s,
+                describe,
+            ).start()
+        try:
+            return _train_on_rank(prepared, rank, output_dir, accel, device_kind, topo)
+        except Exception:
+            # A dead peer usually surfaces here first (connection reset); let the watchdog name it.
+            if watchdog is not None and watchdog.wait_for_verdict(run.train.heartbeat_timeout_s * 1.5):
+                raise SystemExit(3) from None
+            raise
     finally:
+        if watchdog is not None:
+            watchdog.stop()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def optimizer_state_bytes(engine: Any) -> int:
+    """Bytes of optimizer state (e.g. Adam moments) this rank holds; ZeRO-1 shards it over dp."""
+    opt = engine.optimizer
+    inner = getattr(opt, "optimizer", opt)  # ZeRO wraps the torch optimizer
+    total = 0
+    for state in inner.state.values():
+        for value in state.values():
+            if torch.is_tensor(value) and value.dim() > 0:
+                total += value.numel() * value.element_size()
+    return total
+
+
+def _train_on_rank(
+    prepared: Prepared, rank: int, output_dir: Path, accel: Any, device_kind: str, topo: Any
+) -> dict[str, Any]:
+    import deepspeed
+    import torch.distributed as dist
+
+    run = prepared.run
+    if device_kind != "cpu":
+        accel.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    device = accel.current_device_name() if device_kind != "cpu" else "cpu"
+    if prepared.deferred_profile:
+        _profile_partition(prepared, rank, device)
+    torch.manual_seed(run.train.seed)
+    module = build_mod.build_pipeline_module(
+        prepared.skeleton, prepared.boundaries, topo, device, run.pipeline.activation_checkpoint_interval
+    )
+    stage_id = topo.get_coord(rank).pipe
+    local = (module._local_start, module._local_stop)
+    wanted = (prepared.boundaries[stage_id], prepared.boundaries[stage_id + 1])
+    if local != wanted:  # guards the private DeepSpeed hook in build.build_pipeline_module
+        raise RuntimeError(f"stage {stage_id} holds layers {local}, expected {wanted}; DeepSpeed version unsupported")
+    if run.model.path:
+        build_mod.load_weights(module, prepared.skeleton, run.model.path)
+    ds_cfg = build_ds_config(run, prepared.dp, device_kind, getattr(prepared, "base_ds_config", None))
+    if rank == 0:
+        from omegaconf import OmegaConf
+
+        write_atomic(output_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(run)))
+        write_atomic(output_dir / "ds_config.json", json.dumps(ds_cfg, indent=2))
+        _log_plan(prepared)
+    engine, _, _, _ = deepspeed.initialize(
+        model=module,
+        config=ds_cfg,
+        model_parameters=weight_decay_groups(list(module.named_parameters()), run.optim.weight_decay),
+        lr_scheduler=scheduler_factory(run.optim, run.train.max_steps),
+    )
+    if run.zero.stage == 0 and run.optim.grad_clip > 0:
+        install_global_norm_clipping(engine)
+    if run.zero.stage == 1:
+        install_single_collective_grad_norm(engine)
+    from pipefit import checkpoint
+
+    engine.checkpoint_engine = checkpoint.SafeTorchCheckpointEngine()
+    start = 0
+    if prepared.resume_from is not None:
+        if prepared.resume_same_shape:
+            start = checkpoint.load(engine, prepared.resume_from, rank)
+            kept = "weights, optimizer state, schedule, RNG, data position"
+        else:
+            start = checkpoint.load_reshaped(engine, prepared.resume_from)
+            kept = "weights, schedule, data position (new pipeline shape: optimizer moments restart from zero)"
+        if rank == 0:
+            log.info("resumed from %s at step %d; kept %s", prepared.resume_from, start, kept)
+    dp_rank = engine.grid.get_data_parallel_rank()
+    if engine.is_first_stage() or engine.is_last_stage():
+        engine.set_dataiterator(prepared.batches.iterate(dp_rank, start_step=start))
+    losses, last = _loop(engine, prepared, output_dir, rank, start)
+    _write_partition(engine, prepared, output_dir, rank, stage_id)
+    if last < run.train.max_steps:
+        if rank == 0:
+            log.info("stopping after step %d (train.stop_after_steps); resume with train.resume=auto", last)
+        return {"losses": losses, "boundaries": prepared.boundaries, "stage": engine.stage_id, "last_step": last}
+    if run.train.export:
+        export_dir = output_dir / "hf_model"
+        export_pipeline(engine, prepared, export_dir, tag=f"step{run.train.max_steps}")
+        save_probe_logits(engine, prepared, export_dir)
+        if rank == 0:
+            log.info("exported Hugging Face model to %s", export_dir)
+    dist.barrier()
+    return {"losses": losses, "boundaries": prepared.boundaries, "stage": engine.stage_id}
+
+
+def _profile_partition(prepared: Prepared, rank: int, device: str) -> None:
+    """``pipeline.partition=profile``: rank 0 times each distinct layer here, every rank gets the
+    same figures (so the same boundaries); results are cached per (config, shape, dtype, device)."""
+    import torch.distributed as dist
+
+    from pipefit import checkpoint, costs
+
+    def broadcast(obj: Any) -> Any:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    run = prepared.run
+    hw = costs.Hardware.from_config(run.hardware)
+    layer_costs = costs.price_layers(
+        prepared.skeleton, "profile", prepared.workload, hw, device, measure=rank == 0, broadcast=broadcast
+    )
+    prepared.boundaries = build_mod.boundaries_for(
+        prepared.skeleton, "profile", run.pipeline.stages, None, layer_costs=layer_costs
+    )
+    if prepared.resume_from is not None:
+        state = checkpoint.read_state(prepared.resume_from)
+        prepared.resume_same_shape = checkpoint.same_shape(state, prepared.boundaries, run.pipeline.stages, prepared.dp)
+
+
+def install_single_collective_grad_norm(engine: Any) -> None:
+    """ZeRO-1: compute the gradient norm over all parameter groups with one set of collectives.
+
+    DeepSpeed's ZeRO-1 optimizer reduces the norm across pipeline stages once per parameter group,
+    so stages with different numbers of groups (an embedding-only stage has no bias or norm
+    weights, hence no no-decay group) wait on different collectives and deadlock at the first
+    step. The norm is the same L2 norm over the same gradients; only the collectives change. This
+    replaces ``scaled_global_norm`` on this engine's optimizer instance only.
+    """
+    opt = engine.optimizer
+    if getattr(opt, "cpu_offload", False) or not hasattr(opt, "get_grad_norm_direct"):
+        return
+
+    def scaled_global_norm(norm_type: int = 2) -> torch.Tensor:
+        grads = [g for i in range(len(opt.bit16_groups)) for g in opt.averaged_gradients[i]]
+        params = [p for i in range(len(opt.bit16_groups)) for p in opt.params_in_partition[i]]
+        return opt.get_grad_norm_direct(grads, params, norm_type)
+
+    opt.scaled_global_norm = scaled_global_norm
 
 
 def install_global_norm_clipping(engine: Any) -> None:
@@ -296,15 +435,22 @@ def save_probe_logits(engine: Any, prepared: Prepared, export_dir: Path) -> None
     dist.barrier()
 
 
-def _write_partition(module: Any, prepared: Prepared, output_dir: Path, rank: int, stage_id: int) -> None:
-    """Rank 0 writes ``partition.json``: the boundaries and what each stage actually built."""
+def _write_partition(engine: Any, prepared: Prepared, output_dir: Path, rank: int, stage_id: int) -> None:
+    """Rank 0 writes ``partition.json``: boundaries, and what each rank built and holds.
+
+    Per rank: its stage and data-parallel index, its layer range, its parameter count and the
+    bytes of optimizer state it holds after training (ZeRO-1 divides these by the dp degree).
+    """
     import torch.distributed as dist
 
+    module = engine.module
     built = {
         "rank": rank,
         "stage": stage_id,
+        "data": engine.grid.get_data_parallel_rank(),
         "layers": [module._local_start, module._local_stop],
         "params": sum(p.numel() for p in module.parameters()),
+        "optimizer_state_bytes": optimizer_state_bytes(engine),
     }
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, built)
@@ -312,6 +458,8 @@ def _write_partition(module: Any, prepared: Prepared, output_dir: Path, rank: in
         record = {
             "method": prepared.run.pipeline.partition,
             "boundaries": prepared.boundaries,
+            "zero_stage": prepared.run.zero.stage,
+            "data_parallel": prepared.dp,
             "layers": [{"index": x.index, "kind": x.kind, "params": x.num_params} for x in prepared.plan],
             "ranks": gathered,
         }
@@ -328,13 +476,23 @@ def _log_plan(prepared: Prepared) -> None:
         )
 
 
-def _loop(engine: Any, prepared: Prepared, output_dir: Path, rank: int) -> list[float]:
+def _loop(engine: Any, prepared: Prepared, output_dir: Path, rank: int, first: int = 0) -> tuple[list[float], int]:
+    """Steps ``first+1`` to ``train.max_steps`` (at most ``train.stop_after_steps`` of them).
+
+    Returns the losses and the last step run.
+    """
+    from pipefit import checkpoint
+
     run = prepared.run
     metrics_path = output_dir / "metrics.jsonl"
     tokens = prepared.batches.tokens_per_step()
     losses: list[float] = []
     start = time.time()
-    for step in range(1, run.train.max_steps + 1):
+    last = run.train.max_steps
+    if run.train.stop_after_steps is not None:
+        last = min(last, first + run.train.stop_after_steps)
+    step = first
+    for step in range(first + 1, last + 1):
         lr = float(engine.get_lr()[0])  # the rate this step's update uses
         t0 = time.time()
         loss = engine.train_batch()
@@ -359,7 +517,12 @@ def _loop(engine: Any, prepared: Prepared, output_dir: Path, rank: int) -> list[
                 log.info(
                     "step %d/%d loss %.4f lr %.2e tokens/s %.0f", step, run.train.max_steps, value, lr, tokens / dt
                 )
-    return losses
+        every = run.train.save_every
+        if (every and step % every == 0) or (step == last and (every or last < run.train.max_steps)):
+            path = checkpoint.save(engine, prepared, output_dir, step, rank)
+            if rank == 0:
+                log.info("saved checkpoint %s", path)
+    return losses, step
 
 
 class UserError(Exception):

@@ -1,0 +1,323 @@
+"""Partition quality, measured: every pp=2 split of a large-vocabulary Llama-style model.
+
+    python benchmarks/partition.py                       # the issue's model; ~20-30 min on 2 CPU cores
+    python benchmarks/partition.py --quick               # tiny shapes, 1-2 min: checks the script runs
+    python benchmarks/partition.py --save benchmarks/results/partition.txt
+
+Two CPU ranks (gloo, one thread each) train a Llama-style model (hidden 256, 8 blocks, vocab
+12288, seq 256, micro-batch 2, 8 micro-batches, ZeRO-1) through pipefit's own pieces
+(``build_pipeline_module``, ``build_ds_config``, ``deepspeed.initialize``, ``engine.train_batch``).
+Every contiguous pp=2 split is timed, in rounds that alternate the order of the splits, so drift
+on a shared machine falls on every split alike. The splits that ``parameters``, ``uniform``,
+``flops`` and ``profile`` choose are looked up in the same measurements. It prints, for each
+split, the median step time, its ratio to ``parameters`` and to the fastest split, the 1F1B
+simulator's prediction from measured (``profile``) layer times, and measured / 1F1B bound;
+then the methods' rows; then the single-process baseline (the same model trained by one process
+with one thread) against the best pipeline: tokens/s, speedup T_s/T_p and the ideal p*m/(m+p-1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+FULL = {
+    "hidden_size": 256,
+    "intermediate_size": 688,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "vocab_size": 12288,
+    "seq_len": 256,
+    "micro_batch_size": 2,
+    "micro_batches": 8,
+}
+QUICK = {**FULL, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "vocab_size": 4096}
+QUICK.update(seq_len=32, micro_batch_size=2, micro_batches=4)
+
+
+def overrides(shape: dict, output_dir: str) -> list[str]:
+    hf = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
+    return [
+        "model=llama_tiny",
+        *[f"model.hf_config.{k}={shape[k]}" for k in (*hf, "vocab_size")],
+        f"data.seq_len={shape['seq_len']}",
+        f"train.micro_batch_size={shape['micro_batch_size']}",
+        f"train.grad_accum_steps={shape['micro_batches']}",
+        "zero.stage=1",
+        "pipeline.stages=2",
+        "train.export=false",
+        "hardware=cpu",
+        f"output_dir={output_dir}",
+    ]
+
+
+# --- worker: one of the two ranks ---------------------------------------------------------------
+
+
+def _time_split(prepared, bounds: list[int], topo, steps: int) -> float:
+    import deepspeed
+    import torch.distributed as dist
+
+    from pipefit import build
+    from pipefit.ds_config import build_ds_config
+
+    run = prepared.run
+    module = build.build_pipeline_module(prepared.skeleton, bounds, topo, "cpu")
+    # One parameter group on every stage: DeepSpeed's ZeRO-1 all-reduces the gradient norm across
+    # stages once per group, so a stage with only 2-D weights (embedding or head alone) and hence a
+    # single weight-decay group would pair its all-reduces wrongly with a two-group stage and hang.
+    engine, _, _, _ = deepspeed.initialize(
+        model=module,
+        config=build_ds_config(run, 1, "cpu", None),
+        model_parameters=[{"params": list(module.parameters()), "weight_decay": run.optim.weight_decay}],
+    )
+    if engine.is_first_stage() or engine.is_last_stage():
+        engine.set_dataiterator(prepared.batches.iterate(0))
+    engine.train_batch()  # warm-up: allocations, first communication
+    times = []
+    for _ in range(steps):
+        dist.barrier()
+        t0 = time.perf_counter()
+        engine.train_batch()
+        dist.barrier()
+        times.append(time.perf_counter() - t0)
+    del engine, module
+    gc.collect()
+    return statistics.median(times)
+
+
+def worker(args: argparse.Namespace) -> None:
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+    from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
+
+    from pipefit import build, costs
+    from pipefit.cli import compose
+    from pipefit.config import validate
+    from pipefit.plan import evaluate
+    from pipefit.train import Prepared
+
+    torch.set_num_threads(1)
+    shape = QUICK if args.quick else FULL
+    run = validate(compose(overrides(shape, args.output_dir)))
+    prepared = Prepared(run, world_size=2)
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank = dist.get_rank()
+    topo = PipeDataParallelTopology(num_pp=2, num_dp=1)
+    skeleton, plan = prepared.skeleton, prepared.plan
+    n = len(plan)
+
+    def broadcast(obj):
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    workload = costs.Workload.from_run(run, 1)
+    hw = costs.Hardware.from_config(run.hardware)
+    priced = {
+        "flops": costs.price_layers(skeleton, "flops", workload, hw),
+        "profile": costs.price_layers(
+            skeleton, "profile", workload, hw, cache_dir=args.cache_dir, measure=rank == 0, broadcast=broadcast
+        ),
+    }
+    methods = {
+        "parameters": build.boundaries_for(skeleton, "parameters", 2, None),
+        "uniform": build.boundaries_for(skeleton, "uniform", 2, None),
+        "flops": build.boundaries_for(skeleton, "flops", 2, None, layer_costs=priced["flops"]),
+        "profile": build.boundaries_for(skeleton, "profile", 2, None, layer_costs=priced["profile"]),
+    }
+    splits = [[0, b, n] for b in range(1, n)]
+    measured: dict[str, list[float]] = {str(s): [] for s in splits}
+    for r in range(args.rounds):
+        for bounds in splits if r % 2 == 0 else splits[::-1]:
+            t = _time_split(prepared, bounds, topo, args.steps)
+            measured[str(bounds)].append(t)
+            if rank == 0:
+                print(f"round {r + 1}/{args.rounds} split {bounds}: {t:.3f} s/step", flush=True)
+    if rank == 0:
+        prof = priced["profile"]
+        rows = {}
+        for bounds in splits:
+            ev = evaluate(prof, plan, bounds)
+            fb = [st["forward_s"] + st["backward_s"] for st in ev["stages"]]
+            rows[str(bounds)] = {
+                "boundaries": bounds,
+                "times": measured[str(bounds)],
+                "predicted_profile_s": ev["predicted_step_s"],
+                "predicted_flops_s": evaluate(priced["flops"], plan, bounds)["predicted_step_s"],
+                "bound_1f1b_s": (workload.micro_batches + 1) * max(fb),
+            }
+        tokens = workload.micro_batches * workload.micro_batch_size * workload.seq_len
+        Path(args.result).write_text(
+            json.dumps({"shape": shape, "methods": methods, "splits": rows, "tokens_per_step": tokens}, indent=1)
+        )
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+# --- parent: single-process baseline, launch, table -------------------------------------------
+
+
+def single_process(shape: dict, output_dir: str, steps: int) -> float:
+    """Median step time of the same model trained by one process with one thread (pipefit.reference)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pipefit import reference
+    from pipefit.cli import compose
+    from pipefit.config import validate
+    from pipefit.train import Prepared
+
+    torch.set_num_threads(1)
+    run = validate(compose([*overrides(shape, output_dir), "pipeline.stages=1"]))
+    prepared = Prepared(run, world_size=1)
+    model = AutoModelForCausalLM.from_config(prepared.hf_config)
+    reference.train_reference(model, run, prepared.batches, 1)  # warm-up
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        reference.train_reference(model, run, prepared.batches, 1)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_profile(shape: dict, output_dir: str, cache_dir: str) -> None:
+    """Fill the profile cache in this process (one thread, nothing else of ours running).
+
+    Rank 0 of the workers then finds every layer in the cache and broadcasts it: measuring inside
+    the worker would time layers while the other rank's process competes for the same two cores.
+    """
+    import torch
+
+    from pipefit import costs
+    from pipefit.build import layer_plan, load_hf_config, make_skeleton
+    from pipefit.cli import compose
+    from pipefit.config import validate
+
+    torch.set_num_threads(1)
+    run = validate(compose(overrides(shape, output_dir)))
+    hf_config = load_hf_config(run.model.path, dict(run.model.hf_config))
+    hf_config._attn_implementation = run.model.attn_implementation
+    skeleton = make_skeleton(hf_config, seed=run.train.seed)
+    costs.profile_layers(skeleton, layer_plan(skeleton), costs.Workload.from_run(run, 1), cache_dir=cache_dir)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def table(result: dict, single_s: float | None) -> str:
+    rows = result["splits"]
+    med = {k: statistics.median(v["times"]) for k, v in rows.items()}
+    fastest = min(med, key=med.get)
+    params = str(result["methods"]["parameters"])
+    shape = result["shape"]
+    m = shape["micro_batches"]
+    lines = [
+        f"pp=2, 2 CPU ranks x 1 thread; Llama-style hidden {shape['hidden_size']}, "
+        f"{shape['num_hidden_layers']} blocks, "
+        f"vocab {shape['vocab_size']}, seq {shape['seq_len']}, micro-batch {shape['micro_batch_size']}, "
+        f"{m} micro-batches, ZeRO-1; {len(next(iter(rows.values()))['times'])} rounds (alternating order), "
+        "median of per-round medians",
+        "",
+        f"{'split':<14} {'measured':>9} {'/params':>8} {'/fastest':>9} {'pred(profile)':>14} {'pred/meas':>10} "
+        f"{'pred(flops)':>12} {'meas/1F1B bound':>16}  chosen by",
+    ]
+    for key, v in rows.items():
+        by = [name for name, b in result["methods"].items() if str(b) == key]
+        lines.append(
+            f"{key:<14} {med[key]:>8.3f}s {med[key] / med[params]:>8.3f} {med[key] / med[fastest]:>9.3f} "
+            f"{v['predicted_profile_s']:>13.3f}s {v['predicted_profile_s'] / med[key]:>10.3f} "
+            f"{v['predicted_flops_s']:>11.3f}s {med[key] / v['bound_1f1b_s']:>16.3f}  {', '.join(by)}"
+        )
+    lines += ["", f"{'method':<12} {'split':<14} {'measured':>9} {'vs parameters':>14} {'vs fastest':>11}"]
+    for name, b in result["methods"].items():
+        k = str(b)
+        lines.append(f"{name:<12} {k:<14} {med[k]:>8.3f}s {med[k] / med[params]:>14.3f} {med[k] / med[fastest]:>11.3f}")
+    lines.append(f"{'fastest':<12} {fastest:<14} {med[fastest]:>8.3f}s {med[fastest] / med[params]:>14.3f} {1:>11.3f}")
+    if single_s is not None:
+        tokens = result["tokens_per_step"]
+        best = med[fastest]
+        lines += [
+            "",
+            f"single process (1 thread): {single_s:.3f} s/step, {tokens / single_s:.0f} tokens/s; "
+            f"best pp=2: {best:.3f} s/step, {tokens / best:.0f} tokens/s; speedup T_s/T_p {single_s / best:.2f} "
+            f"(ideal p*m/(m+p-1) = {2 * m / (m + 1):.2f})",
+        ]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny shapes: checks the script, measures nothing useful")
+    parser.add_argument("--rounds", type=int, default=None, help="passes over every split (default 3; quick 1)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per split per round (default 2; quick 1)")
+    parser.add_argument("--no-single", action="store_true", help="skip the single-process baseline")
+    parser.add_argument("--save", default=None, help="also write the table to this file")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--output-dir", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--cache-dir", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.rounds = args.rounds or (1 if args.quick else 3)
+    args.steps = args.steps or (1 if args.quick else 2)
+    if args.worker:
+        worker(args)
+        return 0
+    shape = QUICK if args.quick else FULL
+    with tempfile.TemporaryDirectory() as tmp:
+        result_file = Path(tmp) / "result.json"
+        measure_profile(shape, str(Path(tmp) / "profile"), str(Path(tmp) / "cache"))
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "benchmarks")}
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(_free_port()),
+            str(Path(__file__).resolve()),
+            "--worker",
+            "--result",
+            str(result_file),
+            "--output-dir",
+            str(Path(tmp) / "out"),
+            "--cache-dir",
+            str(Path(tmp) / "cache"),
+            "--rounds",
+            str(args.rounds),
+            "--steps",
+            str(args.steps),
+            *(["--quick"] if args.quick else []),
+        ]
+        proc = subprocess.run(cmd, env=env, cwd=REPO)
+        if proc.returncode != 0:
+            print(f"benchmark workers failed (exit {proc.returncode})", file=sys.stderr)
+            return proc.returncode
+        result = json.loads(result_file.read_text())
+        single = None if args.no_single else single_process(shape, str(Path(tmp) / "single"), max(2, args.steps))
+    text = table(result, single)
+    print(text)
+    if args.save:
+        Path(args.save).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.save).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,611 @@
+"""Cost models: one price per pipeline layer, for the partitioner and for ``pipefit plan``.
+
+Two models, selected by ``pipeline.partition=``:
+
+- ``flops``: analytic forward and backward FLOPs of each layer from the HF config and the
+  micro-batch shape (:func:`layer_flops`), turned into seconds with a hardware description.
+- ``profile``: forward and backward time and saved-activation bytes of each *distinct* layer,
+  measured on this machine with the real micro-batch shape (:func:`profile_layers`), one
+  materialised layer at a time, cached on disk.
+
+Both end in :class:`LayerCosts`: per-micro-batch forward/backward seconds per layer, the per-step
+work that scales with a layer's parameters (optimizer step, gradient reduction), the seconds a
+stage boundary costs per micro-batch, and a 1F1B memory model (:class:`pipefit.balance.StageMemory`).
+
+Constants (documented guesses, not measurements; ``profile`` replaces the compute ones):
+
+- backward = 2 x forward for matmuls (gradient of the input and of the weight), attention and
+  element-wise work;
+- element-wise FLOPs per element: norm 5, softmax 5, SiLU-gate 5, GELU 8, rotary 3 per rotated
+  element, cross-entropy 5 per logit, residual add 1;
+- :data:`OPTIMIZER_BYTES_PER_PARAM` bytes of memory traffic per trainable parameter per step
+  for AdamW (read weight, gradient, two moments; write weight and moments; read gradient once more
+  for the clipping norm), divided over data-parallel ranks under ZeRO-1;
+- gradient all-reduce over ``dp`` ranks moves ``2 (dp-1)/dp`` gradient bytes per rank (ring); the
+  tied embedding/head gradient moves its bytes once between the two stages that hold it;
+- a stage boundary sends the hidden states (plus int64 position ids) forward and their gradient
+  backward, once per micro-batch each, at the hardware's link bandwidth.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipefit.balance import StageMemory
+
+__all__ = [
+    "Hardware",
+    "LayerCosts",
+    "LayerFlops",
+    "LayerProfile",
+    "ModelShape",
+    "Workload",
+    "flops_costs",
+    "layer_flops",
+    "model_flops",
+    "profile_costs",
+    "profile_layers",
+]
+
+BACKWARD_FACTOR = 2.0
+NORM_FLOPS_PER_ELEMENT = 5.0
+SOFTMAX_FLOPS_PER_ELEMENT = 5.0
+GATED_ACT_FLOPS_PER_ELEMENT = 5.0
+GELU_FLOPS_PER_ELEMENT = 8.0
+ROTARY_FLOPS_PER_ELEMENT = 3.0
+CROSS_ENTROPY_FLOPS_PER_LOGIT = 5.0
+OPTIMIZER_BYTES_PER_PARAM = 32.0
+POSITION_ID_BYTES = 8
+# Families whose MLP is gate/up/down (SwiGLU); the others use up/down with GELU.
+GATED_MLP_FAMILIES = ("llama",)
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """One accelerator (or CPU rank) as the planner sees it; mirrors ``conf/hardware/*.yaml``."""
+
+    name: str = "cpu"
+    peak_tflops_fp32: float = 0.1
+    peak_tflops_bf16: float = 0.1
+    matmul_efficiency: float = 0.6
+    memory_gib: float = 8.0
+    memory_bandwidth_gbs: float = 10.0
+    link_bandwidth_gbs: float = 2.0
+
+    @classmethod
+    def from_config(cls, hw: Any) -> Hardware:
+        return cls(**{f: getattr(hw, f) for f in cls.__dataclass_fields__})
+
+    def achieved_flops(self, precision: str) -> float:
+        peak = self.peak_tflops_fp32 if precision == "fp32" else self.peak_tflops_bf16
+        return peak * 1e12 * self.matmul_efficiency
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one optimizer step runs: the micro-batch shape, micro-batches, data-parallel degree."""
+
+    seq_len: int
+    micro_batch_size: int
+    micro_batches: int = 1
+    dp: int = 1
+    precision: str = "fp32"
+    zero_stage: int = 1
+
+    @classmethod
+    def from_run(cls, run: Any, dp: int = 1) -> Workload:
+        return cls(
+            seq_len=run.data.seq_len,
+            micro_batch_size=run.train.micro_batch_size,
+            micro_batches=run.train.grad_accum_steps,
+            dp=dp,
+            precision=run.train.precision,
+            zero_stage=run.zero.stage,
+        )
+
+    @property
+    def act_bytes(self) -> int:
+        return DTYPE_BYTES[self.precision]
+
+    def state_bytes_per_param(self) -> float:
+        """Weights + gradients + AdamW state per parameter; ZeRO-1 shards the optimizer part over dp."""
+        shard = self.dp if self.zero_stage >= 1 else 1
+        if self.precision == "fp32":
+            return 4 + 4 + 8 / shard
+        # bf16/fp16 weights and gradients, fp32 master weights and moments.
+        return 2 + 2 + 12 / shard
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The figures of a decoder-only HF config that set its FLOPs."""
+
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    gated: bool
+    vocab: int
+    rotary: bool
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> ModelShape:
+        from pipefit.adapters import for_config
+
+        adapter = for_config(cfg)
+        hidden = int(cfg.hidden_size)
+        heads = int(cfg.num_attention_heads)
+        kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
+        head_dim = int(getattr(cfg, "head_dim", None) or hidden // heads)
+        inter = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * hidden
+        return cls(
+            hidden=hidden,
+            heads=heads,
+            kv_heads=kv_heads,
+            head_dim=head_dim,
+            intermediate=int(inter),
+            gated=adapter.name in GATED_MLP_FAMILIES,
+            vocab=int(cfg.vocab_size),
+            rotary=adapter.rotary is not None,
+        )
+
+
+@dataclass(frozen=True)
+class LayerFlops:
+    """Forward FLOPs of one layer for one micro-batch, by kind of work; backward is derived."""
+
+    matmul: float = 0.0
+    attention: float = 0.0
+    elementwise: float = 0.0
+    # The embedding's backward is a scatter-add, not twice its (zero) forward.
+    backward_override: float | None = None
+
+    @property
+    def forward(self) -> float:
+        return self.matmul + self.attention + self.elementwise
+
+    @property
+    def backward(self) -> float:
+        if self.backward_override is not None:
+            return self.backward_override
+        return BACKWARD_FACTOR * self.forward
+
+    @property
+    def total(self) -> float:
+        return self.forward + self.backward
+
+
+def attention_pairs(seq_len: int, causal: bool = True, window: int | None = None) -> int:
+    """Query-key pairs one head scores: s^2 in full, s(s+1)/2 causal, fewer with a sliding window."""
+    s = seq_len
+    if not causal:
+        return s * s
+    if window is None or window >= s:
+        return s * (s + 1) // 2
+    w = int(window)
+    return w * (w + 1) // 2 + (s - w) * w
+
+
+def layer_flops(hf_config: Any, layer: Any, seq_len: int, micro_batch_size: int, causal: bool = True) -> LayerFlops:
+    """Forward FLOPs of one pipeline layer (``build.LayerInfo``) for one micro-batch.
+
+    ``causal=False`` prices every query-key pair, as an eager attention computes (and as
+    ``FlopCounterMode`` counts) before masking.
+    """
+    from pipefit.adapters import for_config
+
+    shape = ModelShape.from_config(hf_config)
+    h, b, s = shape.hidden, micro_batch_size, seq_len
+    tokens = b * s
+    if layer.kind == "embed":
+        positions = 1 if len(layer.hf_prefixes) > 1 else 0
+        return LayerFlops(elementwise=positions * tokens * h, backward_override=(1 + positions) * tokens * h)
+    if layer.kind == "norm":
+        return LayerFlops(elementwise=NORM_FLOPS_PER_ELEMENT * tokens * h)
+    if layer.kind == "head":
+        return LayerFlops(
+            matmul=2.0 * tokens * h * shape.vocab, elementwise=CROSS_ENTROPY_FLOPS_PER_LOGIT * tokens * shape.vocab
+        )
+    adapter = for_config(hf_config)
+    window = None
+    if adapter.attention_kind(hf_config, layer.block_index) == "sliding_attention":
+        window = getattr(hf_config, "sliding_window", None)
+    pairs = attention_pairs(s, causal, window)
+    q, kv, inter = shape.q_dim, shape.kv_dim, shape.intermediate
+    projections = 2.0 * tokens * h * (q + 2 * kv) + 2.0 * tokens * q * h
+    mlp = (3 if shape.gated else 2) * 2.0 * tokens * h * inter
+    attention = 2 * 2.0 * b * shape.heads * shape.head_dim * pairs  # QK^T and PV
+    elementwise = (
+        2 * NORM_FLOPS_PER_ELEMENT * tokens * h
+        + SOFTMAX_FLOPS_PER_ELEMENT * b * shape.heads * pairs
+        + (GATED_ACT_FLOPS_PER_ELEMENT if shape.gated else GELU_FLOPS_PER_ELEMENT) * tokens * inter
+        + (ROTARY_FLOPS_PER_ELEMENT * tokens * (q + kv) if shape.rotary else 0.0)
+        + 2.0 * tokens * h  # residual adds
+    )
+    return LayerFlops(matmul=projections + mlp, attention=attention, elementwise=elementwise)
+
+
+def model_flops(hf_config: Any, plan: Sequence[Any], seq_len: int, micro_batch_size: int) -> list[LayerFlops]:
+    return [layer_flops(hf_config, layer, seq_len, micro_batch_size) for layer in plan]
+
+
+def activation_bytes(hf_config: Any, layer: Any, workload: Workload) -> float:
+    """Estimated bytes one layer saves for backward per micro-batch (``profile`` measures them).
+
+    A block saves about 4 hidden-sized tensors (norm inputs and outputs), 5 query-sized and
+    4 key/value-sized ones (projections, rotated copies, attention output) and 4 MLP-sized ones
+    (gate, up, activation, product); the head saves its input and the fp32 log-softmax over the
+    vocabulary.
+    """
+    shape = ModelShape.from_config(hf_config)
+    tokens = workload.micro_batch_size * workload.seq_len
+    e = workload.act_bytes
+    if layer.kind == "embed":
+        return tokens * POSITION_ID_BYTES
+    if layer.kind == "norm":
+        return 2 * tokens * shape.hidden * e  # input and output (RMSNorm saves both)
+    if layer.kind == "head":
+        return tokens * (shape.hidden * e + shape.vocab * 4)
+    mlp = 4 if shape.gated else 3
+    return tokens * e * (4 * shape.hidden + 5 * shape.q_dim + 4 * shape.kv_dim + mlp * shape.intermediate)
+
+
+@dataclass
+class LayerCosts:
+    """Per-layer prices in seconds, and what the partitioner and simulator need besides.
+
+    ``per_step`` is the per-step work of a layer (optimizer, gradient reduction); ``transfer_s``
+    the seconds one boundary takes per micro-batch in one direction.
+    """
+
+    method: str
+    forward_s: list[float]
+    backward_s: list[float]
+    per_step_s: list[float]
+    transfer_s: float
+    micro_batches: int
+    memory: StageMemory
+    memory_cap: float
+    tied: tuple[int, ...] = ()
+    flops: list[LayerFlops] | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def per_layer(self) -> list[float]:
+        """Seconds per optimizer step each layer costs the stage that holds it."""
+        m = self.micro_batches
+        return [m * (f + b) + w for f, b, w in zip(self.forward_s, self.backward_s, self.per_step_s, strict=True)]
+
+    def boundary_costs(self) -> list[float]:
+        """Entry ``b``: seconds per step a cut before layer ``b`` adds to each of its two stages."""
+        n = len(self.forward_s)
+        cut = 2 * self.micro_batches * self.transfer_s
+        return [0.0] + [cut] * (n - 1) + [0.0]
+
+
+def _per_step_seconds(plan: Sequence[Any], workload: Workload, hw: Hardware) -> list[float]:
+    mem_bw = hw.memory_bandwidth_gbs * 1e9
+    link = hw.link_bandwidth_gbs * 1e9
+    grad_bytes = 4  # gradients reduced in fp32 (DeepSpeed's default for pipelines)
+    shard = workload.dp if workload.zero_stage >= 1 else 1
+    out = []
+    for layer in plan:
+        t = layer.num_params * OPTIMIZER_BYTES_PER_PARAM / shard / mem_bw
+        if workload.dp > 1:
+            t += 2 * (workload.dp - 1) / workload.dp * layer.num_params * grad_bytes / link
+        if layer.tied:
+            t += layer.num_params * grad_bytes / link
+        out.append(t)
+    return out
+
+
+def _transfer_seconds(hf_config: Any, workload: Workload, hw: Hardware) -> float:
+    tokens = workload.micro_batch_size * workload.seq_len
+    shape = ModelShape.from_config(hf_config)
+    return tokens * (shape.hidden * workload.act_bytes + POSITION_ID_BYTES) / (hw.link_bandwidth_gbs * 1e9)
+
+
+def _memory_model(hf_config: Any, plan: Sequence[Any], workload: Workload, activation: Sequence[float]) -> StageMemory:
+    per_param = workload.state_bytes_per_param()
+    return StageMemory(
+        static=[layer.num_params * per_param for layer in plan],
+        activation=list(activation),
+        micro_batches=workload.micro_batches,
+    )
+
+
+def flops_costs(hf_config: Any, plan: Sequence[Any], workload: Workload, hw: Hardware) -> LayerCosts:
+    """``pipeline.partition=flops``: analytic FLOPs at the hardware's achieved rate."""
+    flops = model_flops(hf_config, plan, workload.seq_len, workload.micro_batch_size)
+    rate = hw.achieved_flops(workload.precision)
+    return LayerCosts(
+        method="flops",
+        forward_s=[f.forward / rate for f in flops],
+        backward_s=[f.backward / rate for f in flops],
+        per_step_s=_per_step_seconds(plan, workload, hw),
+        transfer_s=_transfer_seconds(hf_config, workload, hw),
+        micro_batches=workload.micro_batches,
+        memory=_memory_model(hf_config, plan, workload, [activation_bytes(hf_config, x, workload) for x in plan]),
+        memory_cap=hw.memory_gib * 2**30,
+        tied=tuple(x.index for x in plan if x.tied),
+        flops=flops,
+    )
+
+
+# --- profile: measured on this machine ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerProfile:
+    """Median forward and backward seconds and saved-activation bytes of one layer, one micro-batch."""
+
+    forward_s: float
+    backward_s: float
+    activation_bytes: float
+    runs: int
+    spread: float
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("PIPEFIT_CACHE_DIR") or Path.home() / ".cache" / "pipefit")
+
+
+def layer_signature(layer: Any, hf_config: Any) -> str:
+    """Layers with the same signature cost the same: blocks of one shape are measured once."""
+    from pipefit.adapters import for_config
+
+    kind = layer.kind
+    if kind == "block":
+        kind += ":" + for_config(hf_config).attention_kind(hf_config, layer.block_index)
+    return f"{kind}|{'/'.join(layer.type_names)}|{layer.num_params}|tied={layer.tied}"
+
+
+def _device_name(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"{platform.machine()}-{platform.processor() or 'cpu'}-threads{torch.get_num_threads()}"
+
+
+def _cache_key(hf_config: Any, signature: str, workload: Workload, dtype: str, device: str) -> str:
+    import torch
+
+    skip = ("transformers_version", "architectures")
+    cfg = {k: v for k, v in sorted(hf_config.to_dict().items()) if not k.startswith("_") and k not in skip}
+    raw = json.dumps(
+        {
+            "config": cfg,
+            "attn": getattr(hf_config, "_attn_implementation", None),
+            "layer": signature,
+            "shape": [workload.micro_batch_size, workload.seq_len],
+            "dtype": dtype,
+            "device": _device_name(device),
+            "torch": torch.__version__,
+        },
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(raw.encode()).hexdigest()[:24]
+
+
+def _saved_bytes_hooks(params: set[int], seen: dict[int, int]) -> Any:
+    import torch
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        try:
+            ptr = t.untyped_storage().data_ptr()
+            nbytes = t.untyped_storage().nbytes()
+        except (RuntimeError, NotImplementedError):
+            return t
+        if ptr not in params:
+            seen[ptr] = max(seen.get(ptr, 0), nbytes)
+        return t
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+
+
+def measure_layer(
+    skeleton: Any,
+    layer: Any,
+    workload: Workload,
+    device: str = "cpu",
+    min_runs: int = 5,
+    max_runs: int = 25,
+    max_spread: float = 0.1,
+    warmup: int = 2,
+) -> LayerProfile:
+    """Time forward and backward of one materialised layer until the last ``min_runs`` agree.
+
+    Stable means (max - min) / median of the last ``min_runs`` total times <= ``max_spread``;
+    after ``max_runs`` the medians are taken anyway (``spread`` reports what was reached).
+    """
+    import torch
+
+    from pipefit.build import build_layers
+    from pipefit.stages import causal_lm_loss
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[workload.precision]
+    module = build_layers(skeleton, layer.index, layer.index + 1, device)[0]
+    module.to(dtype=dtype)
+    module.train()
+    b, s = workload.micro_batch_size, workload.seq_len
+    h = int(skeleton.config.hidden_size)
+    vocab = int(skeleton.config.vocab_size)
+    position_ids = torch.arange(s, device=device).unsqueeze(0).expand(b, s)
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    ids = torch.randint(0, vocab, (b, s), generator=gen).to(device)
+    hidden0 = torch.randn(b, s, h, generator=gen).to(device=device, dtype=dtype)
+    targets = torch.randint(0, vocab, (b, s), generator=gen).to(device)
+    scale = torch.tensor(1.0 / (b * s), device=device)
+
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(device)
+
+    def once(count: dict[int, int] | None) -> tuple[float, float]:
+        hidden = hidden0.clone().requires_grad_(True)
+        sync()
+        t0 = time.perf_counter()
+        ctx = _saved_bytes_hooks(params, count) if count is not None else None
+        if ctx is not None:
+            ctx.__enter__()
+        try:
+            if layer.kind == "embed":
+                out = module((ids, position_ids))[0]
+            elif layer.kind in ("block", "norm"):
+                out = module((hidden, position_ids))
+                out = out[0] if isinstance(out, tuple) else out
+            else:
+                out = causal_lm_loss(module(hidden), (targets, scale))
+        finally:
+            if ctx is not None:
+                ctx.__exit__(None, None, None)
+        sync()
+        t1 = time.perf_counter()
+        if out.dim() == 0:
+            out.backward()
+        else:
+            out.backward(torch.ones_like(out))
+        sync()
+        t2 = time.perf_counter()
+        module.zero_grad(set_to_none=True)
+        return t1 - t0, t2 - t1
+
+    saved: dict[int, int] = {}
+    once(saved)
+    for _ in range(max(0, warmup - 1)):
+        once(None)
+    fwd: list[float] = []
+    bwd: list[float] = []
+    spread = math.inf
+    while len(fwd) < max_runs:
+        f, bw = once(None)
+        fwd.append(f)
+        bwd.append(bw)
+        if len(fwd) >= min_runs:
+            last = [x + y for x, y in zip(fwd[-min_runs:], bwd[-min_runs:], strict=True)]
+            spread = (max(last) - min(last)) / max(statistics.median(last), 1e-12)
+            if spread <= max_spread:
+                break
+    k = min(min_runs, len(fwd))
+    return LayerProfile(
+        forward_s=statistics.median(fwd[-k:]),
+        backward_s=statistics.median(bwd[-k:]),
+        activation_bytes=float(sum(saved.values())),
+        runs=len(fwd),
+        spread=spread,
+    )
+
+
+def profile_layers(
+    skeleton: Any,
+    plan: Sequence[Any],
+    workload: Workload,
+    device: str = "cpu",
+    cache_dir: str | os.PathLike | None = None,
+    measure: bool = True,
+    broadcast: Callable[[Any], Any] | None = None,
+    **measure_kwargs: Any,
+) -> list[LayerProfile]:
+    """One :class:`LayerProfile` per pipeline layer; each distinct layer is measured once.
+
+    Results are cached in ``cache_dir/profile.json`` (default ``$PIPEFIT_CACHE_DIR`` or
+    ``~/.cache/pipefit``), keyed by (config, layer signature, micro-batch shape, dtype, device,
+    torch version). For a multi-rank run, pass ``measure=(rank == 0)`` and a ``broadcast(obj) -> obj``
+    that returns rank 0's object on every rank (e.g. around ``torch.distributed.broadcast_object_list``):
+    only rank 0 measures, and every rank returns the same figures.
+    """
+    result: list[dict[str, Any]] | None = None
+    if measure:
+        cache_file = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        cache_file = cache_file / "profile.json"
+        cache: dict[str, Any] = {}
+        if cache_file.is_file():
+            try:
+                cache = json.loads(cache_file.read_text())
+            except (OSError, ValueError):
+                cache = {}
+        by_signature: dict[str, dict[str, Any]] = {}
+        changed = False
+        for layer in plan:
+            sig = layer_signature(layer, skeleton.config)
+            if sig in by_signature:
+                continue
+            key = _cache_key(skeleton.config, sig, workload, workload.precision, device)
+            if key not in cache:
+                cache[key] = asdict(measure_layer(skeleton, layer, workload, device, **measure_kwargs))
+                changed = True
+            by_signature[sig] = cache[key]
+        if changed:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_name(f".{cache_file.name}.tmp-{os.getpid()}")
+            tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
+            os.replace(tmp, cache_file)
+        result = [by_signature[layer_signature(layer, skeleton.config)] for layer in plan]
+    if broadcast is not None:
+        result = broadcast(result)
+    if result is None:
+        raise ValueError("profile_layers(measure=False) needs a broadcast that returns rank 0's measurements")
+    return [LayerProfile(**entry) for entry in result]
+
+
+def profile_costs(
+    hf_config: Any, plan: Sequence[Any], workload: Workload, hw: Hardware, profiles: Sequence[LayerProfile]
+) -> LayerCosts:
+    """``pipeline.partition=profile``: measured compute, modelled per-step work and transfers."""
+    return LayerCosts(
+        method="profile",
+        forward_s=[p.forward_s for p in profiles],
+        backward_s=[p.backward_s for p in profiles],
+        per_step_s=_per_step_seconds(plan, workload, hw),
+        transfer_s=_transfer_seconds(hf_config, workload, hw),
+        micro_batches=workload.micro_batches,
+        memory=_memory_model(hf_config, plan, workload, [p.activation_bytes for p in profiles]),
+        memory_cap=hw.memory_gib * 2**30,
+        tied=tuple(x.index for x in plan if x.tied),
+        flops=model_flops(hf_config, plan, workload.seq_len, workload.micro_batch_size),
+    )
+
+
+def price_layers(
+    skeleton: Any,
+    method: str,
+    workload: Workload,
+    hw: Hardware | None = None,
+    device: str = "cpu",
+    cache_dir: str | os.PathLike | None = None,
+    measure: bool = True,
+    broadcast: Callable[[Any], Any] | None = None,
+) -> LayerCosts:
+    """:class:`LayerCosts` for ``method`` (``flops`` or ``profile``) over the skeleton's layer list."""
+    from pipefit.build import layer_plan
+
+    hw = hw or Hardware()
+    plan = layer_plan(skeleton)
+    if method == "flops":
+        return flops_costs(skeleton.config, plan, workload, hw)
+    if method == "profile":
+        profiles = profile_layers(skeleton, plan, workload, device, cache_dir, measure, broadcast)
+        return profile_costs(skeleton.config, plan, workload, hw, profiles)
+    raise ValueError(f"pipeline.partition={method!r} has no cost model; accepted: flops, profile")

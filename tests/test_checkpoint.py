@@ -1,0 +1,242 @@
+"""Checkpoints: exact resume (real ranks), atomic layout, refusals, and safe loading."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import saved_model, tiny_hf_config
+from launching import metrics, run_recipe, tail
+from pipefit import checkpoint
+
+
+def _state(step: int, **over) -> dict:
+    state = {
+        "format": checkpoint.FORMAT_VERSION,
+        "pipefit_version": "0.1.0",
+        "step": step,
+        "boundaries": [0, 2, 5],
+        "stages": 2,
+        "data_parallel": 1,
+        "model": {"model_type": "llama", "vocab_size": 4096, "hidden_size": 64, "num_hidden_layers": 3},
+    }
+    state.update(over)
+    return state
+
+
+def _fake_checkpoint(root: Path, step: int, complete: bool = True, **over) -> Path:
+    path = root / checkpoint.tag_for(step)
+    path.mkdir(parents=True)
+    if complete:
+        (path / checkpoint.STATE_FILE).write_text(json.dumps(_state(step, **over)))
+    return path
+
+
+def test_auto_picks_newest_complete_checkpoint_never_a_partial_one(tmp_path: Path):
+    root = checkpoint.checkpoint_root(tmp_path)
+    _fake_checkpoint(root, 2)
+    newest = _fake_checkpoint(root, 4)
+    _fake_checkpoint(root, 6, complete=False)  # folder renamed but state not written: impossible, still ignored
+    (root / ".partial-step_00000008").mkdir()  # interrupted save
+    assert checkpoint.find_checkpoint("auto", tmp_path) == newest
+    assert checkpoint.find_checkpoint(str(tmp_path), "/elsewhere") == newest  # a run folder
+    assert checkpoint.find_checkpoint(str(root), "/elsewhere") == newest  # its checkpoints folder
+    assert checkpoint.find_checkpoint(str(root / "step_00000002"), "/elsewhere") == root / "step_00000002"
+    assert checkpoint.find_checkpoint(None, tmp_path) is None
+    assert checkpoint.find_checkpoint("auto", tmp_path / "fresh") is None
+
+
+def test_bad_resume_paths_are_one_line_errors(tmp_path: Path):
+    with pytest.raises(
+        checkpoint.CheckpointStateError, match=r"train\.resume='.*nothing' holds no complete checkpoint"
+    ):
+        checkpoint.find_checkpoint(str(tmp_path / "nothing"), tmp_path)
+    old = _fake_checkpoint(tmp_path / "ck", 3, format=0, pipefit_version="0.0.1")
+    with pytest.raises(checkpoint.CheckpointStateError, match=r"checkpoint format 0 by pipefit '0\.0\.1'"):
+        checkpoint.find_checkpoint(str(old), tmp_path)
+    corrupt = _fake_checkpoint(tmp_path / "ck2", 3)
+    (corrupt / checkpoint.STATE_FILE).write_text('{"format": 1, "st')
+    with pytest.raises(checkpoint.CheckpointStateError, match="is corrupt"):
+        checkpoint.find_checkpoint(str(corrupt), tmp_path)
+
+
+def test_checkpoint_of_another_model_or_shape_is_refused(tmp_path: Path):
+    cfg = tiny_hf_config("llama")
+    ck = _fake_checkpoint(tmp_path, 3)
+    state = checkpoint.read_state(ck)
+    checkpoint.check_compatible(state, ck, cfg)  # same model: fine
+    assert checkpoint.same_shape(state, [0, 2, 5], 2, 1)
+    assert not checkpoint.same_shape(state, [0, 1, 3, 5], 3, 1)
+    assert not checkpoint.same_shape(state, [0, 2, 5], 2, 2)
+    other = tiny_hf_config("gpt2")
+    with pytest.raises(
+        checkpoint.CheckpointStateError,
+        match=r"from a different model \(model_type: checkpoint 'llama' vs model 'gpt2'",
+    ):
+        checkpoint.check_compatible(state, ck, other)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("arbitrary code ran",))
+
+
+def test_loading_never_unpickles_arbitrary_objects(tmp_path: Path):
+    engine = checkpoint.SafeTorchCheckpointEngine()
+    good = tmp_path / "good.pt"
+    torch.save({"module": {"w": torch.ones(2)}, "ds_version": "0.19", "step": 3}, good)
+    assert engine.load(str(good))["step"] == 3
+    evil = tmp_path / "evil.pt"
+    with evil.open("wb") as f:
+        pickle.dump({"x": _Payload()}, f)
+    with pytest.raises(pickle.UnpicklingError):
+        engine.load(str(evil))
+
+
+@pytest.mark.slow
+def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path: Path):
+    """pp=2 x dp=2 (4 ranks), gradient accumulation: 6 steps straight == 3 steps, stop, resume 3 more."""
+    folder, _ = saved_model(tmp_path, "llama")
+    base = [
+        "model=local",
+        f"model.path={folder}",
+        "data.seq_len=32",
+        "train.max_steps=6",
+        "train.micro_batch_size=2",
+        "train.grad_accum_steps=2",
+        "optim.warmup_steps=2",
+        "train.save_every=2",
+        "train.keep_last=1",
+    ]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    proc = run_recipe([*base, f"output_dir={straight}"], num_processes=4)
+    assert proc.returncode == 0, tail(proc)
+    first = run_recipe([*base, f"output_dir={resumed}", "train.stop_after_steps=3"], num_processes=4)
+    assert first.returncode == 0, tail(first)
+    ckpts = checkpoint.complete_checkpoints(checkpoint.checkpoint_root(resumed))
+    assert [p.name for p in ckpts] == ["step_00000003"]  # keep_last=1 pruned step 2
+    assert not (resumed / "hf_model").exists()  # not finished: nothing exported yet
+    import shutil
+
+    mid = tmp_path / "step3"
+    shutil.copytree(ckpts[0], mid)
+    second = run_recipe([*base, f"output_dir={resumed}", "train.resume=auto"], num_processes=4)
+    assert second.returncode == 0, tail(second)
+    assert "resumed from" in second.stdout + second.stderr
+
+    a = [m["loss"] for m in metrics(straight)]
+    b = [m["loss"] for m in metrics(resumed)]
+    assert [m["step"] for m in metrics(resumed)] == [1, 2, 3, 4, 5, 6]
+    assert b == pytest.approx(a, rel=1e-6, abs=0)
+    wa = AutoModelForCausalLM.from_pretrained(straight / "hf_model").state_dict()
+    wb = AutoModelForCausalLM.from_pretrained(resumed / "hf_model").state_dict()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=1e-6, rtol=0, msg=k)
+
+    # pipefit export from the final checkpoint == the run's own export.
+    from pipefit.cli import main as cli_main
+
+    assert cli_main(["export", str(resumed), str(tmp_path / "from_ckpt")]) == 0
+    wc = AutoModelForCausalLM.from_pretrained(tmp_path / "from_ckpt").state_dict()
+    for k in wb:
+        torch.testing.assert_close(wc[k], wb[k], atol=0, rtol=0, msg=k)
+    assert (tmp_path / "from_ckpt" / "tokenizer.json").is_file()
+
+    # Another pipeline shape resumes the step-3 weights exactly: the first loss after resuming
+    # (step 4, computed before any update) equals the uninterrupted run's step-4 loss. The global
+    # batch stays 8 sequences (micro 2 x accum 4 x dp 1).
+    shapes = {"pp4": (["pipeline.stages=4"], 4), "pp1": (["pipeline.stages=1"], 1)}
+    for name, (extra, ranks) in shapes.items():
+        out = tmp_path / f"reshaped-{name}"
+        over = [o for o in base if not o.startswith("train.grad_accum_steps")]
+        over += [*extra, "train.grad_accum_steps=4", f"train.resume={mid}", "train.stop_after_steps=1"]
+        over += [f"output_dir={out}"]
+        proc = run_recipe(over, num_processes=ranks)
+        assert proc.returncode == 0, tail(proc)
+        assert "optimizer moments restart from zero" in proc.stdout + proc.stderr
+        (first_after,) = metrics(out)
+        assert first_after["step"] == 4
+        assert first_after["loss"] == pytest.approx(a[3], rel=1e-6, abs=0), (name, first_after, a)
+
+
+def _real_checkpoint(tmp_path: Path) -> tuple[Path, list[str]]:
+    folder, _ = saved_model(tmp_path, "llama")
+    out = tmp_path / "run"
+    overrides = [
+        "model=local",
+        f"model.path={folder}",
+        "data.seq_len=32",
+        "train.max_steps=4",
+        "train.micro_batch_size=2",
+        "train.grad_accum_steps=2",
+        "train.stop_after_steps=1",
+        "train.heartbeat_timeout_s=0",
+        "pipeline.stages=1",
+        f"output_dir={out}",
+    ]
+    import subprocess
+    import sys
+
+    from launching import RECIPE, REPO
+
+    proc = subprocess.run([sys.executable, str(RECIPE), *overrides], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (ck,) = checkpoint.complete_checkpoints(checkpoint.checkpoint_root(out))
+    return ck, overrides
+
+
+@pytest.mark.slow
+def test_damaged_checkpoints_are_refused_with_one_line_and_nothing_overwritten(tmp_path: Path):
+    import shutil
+    import subprocess
+    import sys
+
+    from launching import RECIPE, REPO
+
+    ck, overrides = _real_checkpoint(tmp_path)
+    resume = [o for o in overrides if not o.startswith("output_dir=")]
+
+    def attempt(path: Path) -> str:
+        out = tmp_path / f"resume-{path.name}"
+        proc = subprocess.run(
+            [sys.executable, str(RECIPE), *resume, f"train.resume={path}", f"output_dir={out}"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        )
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert not out.exists()
+        (line,) = [x for x in proc.stderr.splitlines() if x.startswith("pipefit: error:")]
+        return line
+
+    missing = tmp_path / "missing"
+    shutil.copytree(ck, missing)
+    (missing / "layer_01-model_states.pt").unlink()
+    assert "is missing 1 file(s), e.g. layer_01-model_states.pt" in attempt(missing)
+
+    truncated = tmp_path / "truncated"
+    shutil.copytree(ck, truncated)
+    target = truncated / "layer_02-model_states.pt"
+    target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    assert "layer_02-model_states.pt is truncated or corrupt" in attempt(truncated)
+
+    other_version = tmp_path / "other_version"
+    shutil.copytree(ck, other_version)
+    state = json.loads((other_version / checkpoint.STATE_FILE).read_text())
+    state.update(format=99, pipefit_version="9.0.0")
+    (other_version / checkpoint.STATE_FILE).write_text(json.dumps(state))
+    assert "checkpoint format 99 by pipefit '9.0.0'" in attempt(other_version)
+
+    other_model = tmp_path / "other_model"
+    shutil.copytree(ck, other_model)
+    state = json.loads((other_model / checkpoint.STATE_FILE).read_text())
+    state["model"]["hidden_size"] = 128
+    (other_model / checkpoint.STATE_FILE).write_text(json.dumps(state))
+    assert "is from a different model (hidden_size: checkpoint 128 vs model 64)" in attempt(other_model)
+    # The original checkpoint is untouched by all of this.
+    assert checkpoint.complete_checkpoints(ck.parent) == [ck]
