@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from pipefit.balance import StageMemory
+from pipefit.config import HardwareConfig
 
 __all__ = [
     "Hardware",
@@ -71,17 +72,8 @@ GATED_MLP_FAMILIES = ("llama",)
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
-@dataclass(frozen=True)
-class Hardware:
-    """One accelerator (or CPU rank) as the planner sees it; mirrors ``conf/hardware/*.yaml``."""
-
-    name: str = "cpu"
-    peak_tflops_fp32: float = 0.1
-    peak_tflops_bf16: float = 0.1
-    matmul_efficiency: float = 0.6
-    memory_gib: float = 8.0
-    memory_bandwidth_gbs: float = 10.0
-    link_bandwidth_gbs: float = 2.0
+class Hardware(HardwareConfig):
+    """One accelerator (or CPU rank) as the planner sees it: the ``hardware`` config plus helpers."""
 
     @classmethod
     def from_config(cls, hw: Any) -> Hardware:
