@@ -49,3 +49,22 @@ def compose(overrides: list[str]) -> Any:
 
 def tail(proc: subprocess.CompletedProcess[str], n: int = 4000) -> str:
     return f"rc={proc.returncode}\nstdout:\n{proc.stdout[-n:]}\nstderr:\n{proc.stderr[-n:]}"
+
+
+def run_pids(output_dir: Path) -> list[int]:
+    """Every process of a run (launcher and ranks): command lines naming the recipe and ``output_dir``.
+
+    Killing the launcher's process group is not enough: torchrun starts the ranks in sessions of
+    their own.
+    """
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"finetune.py" in cmdline and f"output_dir={output_dir}".encode() in cmdline:
+            pids.append(int(entry.name))
+    return pids

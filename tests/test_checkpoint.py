@@ -240,3 +240,70 @@ def test_damaged_checkpoints_are_refused_with_one_line_and_nothing_overwritten(t
     assert "is from a different model (hidden_size: checkpoint 128 vs model 64)" in attempt(other_model)
     # The original checkpoint is untouched by all of this.
     assert checkpoint.complete_checkpoints(ck.parent) == [ck]
+
+
+@pytest.mark.slow
+def test_kill_during_a_save_leaves_the_previous_checkpoint_as_the_newest(tmp_path: Path):
+    """SIGKILL every rank while a checkpoint is being written: resume=auto takes the previous one."""
+    import contextlib
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from launching import CPU_LAUNCH, RECIPE, REPO, accelerate_bin, run_pids
+
+    folder, _ = saved_model(tmp_path, "llama")
+    for attempt in range(3):
+        out = tmp_path / f"run{attempt}"
+        root = checkpoint.checkpoint_root(out)
+        overrides = [
+            "model=local",
+            f"model.path={folder}",
+            "data.seq_len=32",
+            "train.max_steps=1000",
+            "train.micro_batch_size=2",
+            "train.grad_accum_steps=2",
+            "train.save_every=2",
+            "train.keep_last=5",
+            "train.heartbeat_timeout_s=0",
+            f"output_dir={out}",
+        ]
+        cmd = [accelerate_bin(), "launch", "--config_file", str(CPU_LAUNCH), str(RECIPE), *overrides]
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+        partial = None
+        deadline = time.time() + 240
+        ranks: list[int] = []
+        try:
+            while time.time() < deadline and proc.poll() is None:
+                if not ranks and (out / "metrics.jsonl").exists():
+                    ranks = [p for p in run_pids(out) if p != proc.pid]
+                found = [p for p in root.glob(".partial-step_*") if p.name != ".partial-step_00000002"]
+                if ranks and found and checkpoint.complete_checkpoints(root):
+                    partial = found[0]
+                    for pid in ranks:  # every rank at once, mid-save
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGKILL)
+                    break
+                time.sleep(0.005)
+        finally:
+            for pid in run_pids(out):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            proc.wait()
+        if partial is not None and partial.exists():
+            break  # the kill landed inside the save window
+    else:
+        pytest.fail("never managed to kill a run during a save")
+
+    complete = checkpoint.complete_checkpoints(root)
+    saved_step = int(partial.name.split("_")[-1])
+    assert complete and int(complete[-1].name.split("_")[1]) == saved_step - 2
+    assert checkpoint.find_checkpoint("auto", out) == complete[-1]
+    # The survivor really loads: one more step from it.
+    resume = [o for o in overrides if not o.startswith("train.max_steps")]
+    proc = run_recipe([*resume, "train.max_steps=1000", "train.resume=auto", "train.stop_after_steps=1"])
+    assert proc.returncode == 0, tail(proc)
+    assert f"resumed from {complete[-1]} at step {saved_step - 2}" in proc.stdout + proc.stderr

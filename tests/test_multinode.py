@@ -7,6 +7,7 @@ rank is killed mid-run.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import saved_model
-from launching import REPO, metrics, run_recipe, tail
+from launching import REPO, metrics, run_pids, run_recipe, tail
 
 pytestmark = pytest.mark.slow
 
@@ -121,6 +122,9 @@ def test_killed_rank_ends_every_rank_within_bound(tmp_path: Path, victim: int, c
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+        for pid in run_pids(out):  # ranks live in sessions of their own
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
     assert proc.returncode != 0
     assert elapsed <= FAIL_BOUND_S, f"took {elapsed:.1f} s\n{output[-4000:]}"
     survivor = 1 - victim
