@@ -548,5 +548,9 @@ def main(cfg: Any, overrides: list[str]) -> dict[str, Any]:
     except user_error_types() as exc:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"pipefit: error: {exc}", file=sys.stderr, flush=True)
+        else:
+            # Every rank finds the same error; the others let rank 0 say it once before the
+            # launcher, seeing the first exit, stops the rest.
+            time.sleep(3)
         raise SystemExit(2) from None
     return train(prepared)
