@@ -38,13 +38,9 @@ def metrics(output_dir: Path) -> list[dict[str, Any]]:
 
 
 def compose(overrides: list[str]) -> Any:
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from pipefit.cli import compose as pipefit_compose
 
-    import pipefit.config  # noqa: F401
-
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides)
+    return pipefit_compose(overrides, str(CONF))
 
 
 def tail(proc: subprocess.CompletedProcess[str], n: int = 4000) -> str:

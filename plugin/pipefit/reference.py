@@ -10,12 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from pipefit.config import RunConfig
 from pipefit.data import GlobalBatches
 from pipefit.schedule import scheduler_factory
-from pipefit.stages import IGNORE_INDEX
+from pipefit.stages import causal_lm_loss
 
 
 def train_reference(model: Any, run: RunConfig, batches: GlobalBatches, steps: int) -> list[float]:
@@ -37,14 +36,8 @@ def train_reference(model: Any, run: RunConfig, batches: GlobalBatches, steps: i
             for r in range(lay.dp):
                 (ids, pos), (targets, scale) = batches.micro_batches(step, r)[j]
                 logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits
-                summed = F.cross_entropy(
-                    logits.float().reshape(-1, logits.shape[-1]),
-                    targets.reshape(-1),
-                    ignore_index=IGNORE_INDEX,
-                    reduction="sum",
-                )
-                # scale / (grad_accum * dp) == 1 / target tokens in the global batch
-                loss = summed * float(scale) / (lay.grad_accum_steps * lay.dp)
+                # The pipeline's own loss; DeepSpeed divides it by grad_accum * dp, and so does this.
+                loss = causal_lm_loss(logits, (targets, scale)) / (lay.grad_accum_steps * lay.dp)
                 loss.backward()
                 total += float(loss.detach())
         if o.grad_clip > 0:

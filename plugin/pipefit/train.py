@@ -89,8 +89,9 @@ def write_atomic(path: Path, text: str) -> None:
 class Prepared:
     """Everything a run needs that can be worked out (and fail) before a process group exists."""
 
-    def __init__(self, run: RunConfig, world_size: int) -> None:
+    def __init__(self, run: RunConfig, world_size: int, base_ds_config: dict[str, Any] | None = None) -> None:
         self.run = run
+        self.base_ds_config = base_ds_config  # keys of a user's --deepspeed_config_file pipefit does not derive
         m = run.model
         overrides = dict(m.hf_config)
         self.hf_config = build_mod.load_hf_config(m.path, overrides)
@@ -159,9 +160,7 @@ def prepare(cfg: Any, overrides: list[str] | None = None, env: dict[str, str] | 
     run = apply_accelerate_settings(run, settings, explicit_keys(overrides or []))
     run = validate(run)
     world = int((env or os.environ).get("WORLD_SIZE", "1"))
-    prepared = Prepared(run, world)
-    prepared.base_ds_config = load_base_config(settings)  # type: ignore[attr-defined]
-    return prepared
+    return Prepared(run, world, load_base_config(settings))
 
 
 def export_pipeline(engine: Any, prepared: Prepared, out_dir: Path, tag: str) -> None:
@@ -286,7 +285,7 @@ def _train_on_rank(
         raise RuntimeError(f"stage {stage_id} holds layers {local}, expected {wanted}; DeepSpeed version unsupported")
     if run.model.path:
         build_mod.load_weights(module, prepared.skeleton, run.model.path)
-    ds_cfg = build_ds_config(run, prepared.dp, device_kind, getattr(prepared, "base_ds_config", None))
+    ds_cfg = build_ds_config(run, prepared.dp, device_kind, prepared.base_ds_config)
     if rank == 0:
         from omegaconf import OmegaConf
 
@@ -525,17 +524,11 @@ def _loop(engine: Any, prepared: Prepared, output_dir: Path, rank: int, first: i
     return losses, step
 
 
-class UserError(Exception):
-    """Marker base for errors whose message is the whole story (printed as one line)."""
-
-
 def user_error_types() -> tuple[type[BaseException], ...]:
-    from pipefit.adapters import UnknownFamilyError
-    from pipefit.balance import PartitionError
-    from pipefit.config import ConfigError
-    from pipefit.weights import CheckpointError
-
-    return (ConfigError, PartitionError, UnknownFamilyError, CheckpointError, UserError, ValueError, FileNotFoundError)
+    """Errors whose message is the whole story (printed as one line). pipefit's own input errors
+    (ConfigError, PartitionError, UnknownFamilyError, CheckpointError, CheckpointStateError) are
+    all ValueErrors."""
+    return (ValueError, FileNotFoundError)
 
 
 def main(cfg: Any, overrides: list[str]) -> dict[str, Any]:
