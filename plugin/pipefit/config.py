@@ -48,6 +48,10 @@ class DataConfig:
     split: str = "train"
     seq_len: int = 128
     append_eos: bool = True
+    # Held-out evaluation data: a split of the same source (data.eval_split, e.g. validation), or
+    # else the last eval_fraction of the training rows (0: no evaluation data).
+    eval_split: str | None = None
+    eval_fraction: float = 0.0
 
 
 @dataclass
@@ -229,6 +233,12 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
             "or a preset with hf_config.model_type (e.g. model=llama_tiny)"
         )
     _choice("data.source", d.source, DATA_SOURCES)
+    if not 0 <= d.eval_fraction < 1:
+        raise ConfigError(f"data.eval_fraction={d.eval_fraction} is not accepted; expected a number in [0, 1)")
+    if d.eval_split is not None and d.source == "pydoc":
+        raise ConfigError(
+            "data.eval_split is set but data.source=pydoc has one split; use data.eval_fraction to hold out rows"
+        )
     if d.seq_len < 2:
         raise ConfigError(f"data.seq_len={d.seq_len} is not accepted; expected an integer >= 2")
     if d.source in ("text", "json") and not d.data_files:

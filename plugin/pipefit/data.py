@@ -29,9 +29,11 @@ from pipefit.config import ConfigError, DataConfig
 from pipefit.stages import IGNORE_INDEX
 
 
-def load_text_dataset(cfg: DataConfig) -> Any:
-    """A ``datasets.Dataset`` with a ``text`` column."""
+def load_text_dataset(cfg: DataConfig, split: str | None = None) -> Any:
+    """A ``datasets.Dataset`` with a ``text`` column (``split`` defaults to ``data.split``)."""
     import datasets
+
+    split = split or cfg.split
 
     if cfg.source == "pydoc":
         from pydoc_data.topics import topics
@@ -41,9 +43,9 @@ def load_text_dataset(cfg: DataConfig) -> Any:
         missing = [f for f in cfg.data_files if not Path(f).expanduser().is_file()]
         if missing:
             raise ConfigError(f"data.data_files: {missing[0]!r} does not exist; give local {cfg.source} files")
-        ds = datasets.load_dataset(cfg.source, data_files=list(cfg.data_files), split=cfg.split)
+        ds = datasets.load_dataset(cfg.source, data_files=list(cfg.data_files), split=split)
     else:
-        ds = datasets.load_dataset(cfg.path, split=cfg.split)
+        ds = datasets.load_dataset(cfg.path, split=split)
     if cfg.text_field not in ds.column_names:
         raise ConfigError(f"data.text_field={cfg.text_field!r} is not a column; columns: {', '.join(ds.column_names)}")
     return (
@@ -92,10 +94,10 @@ class BatchLayout:
 class GlobalBatches:
     """Deterministic global batches over the blocks, epoch after epoch."""
 
-    def __init__(self, blocks: torch.Tensor, layout: BatchLayout, seed: int) -> None:
+    def __init__(self, blocks: torch.Tensor, layout: BatchLayout, seed: int, what: str = "training") -> None:
         if blocks.shape[0] < layout.global_batch_size:
             raise ConfigError(
-                f"the dataset gives {blocks.shape[0]} blocks of data.seq_len+1 tokens, fewer than one global batch "
+                f"the {what} data gives {blocks.shape[0]} blocks of data.seq_len+1 tokens, fewer than one global batch "
                 f"({layout.global_batch_size}); lower train.micro_batch_size/grad_accum_steps or data.seq_len"
             )
         self.blocks = blocks
@@ -150,3 +152,26 @@ class GlobalBatches:
 
     def tokens_per_step(self) -> int:
         return self.layout.global_batch_size * (self.blocks.shape[1] - 1)
+
+
+def build_batches(
+    cfg: DataConfig, tokenizer: Any, layout: BatchLayout, seed: int
+) -> tuple[GlobalBatches, GlobalBatches | None]:
+    """Training batches and, when ``data.eval_split`` or ``data.eval_fraction`` asks for them, evaluation batches.
+
+    With ``eval_fraction`` the last rows (before any shuffling) are held out, so training never sees them.
+    """
+    blocks = tokenize_to_blocks(load_text_dataset(cfg), tokenizer, cfg.seq_len, cfg.append_eos)
+    eval_blocks = None
+    if cfg.eval_split:
+        eval_blocks = tokenize_to_blocks(load_text_dataset(cfg, cfg.eval_split), tokenizer, cfg.seq_len, cfg.append_eos)
+    elif cfg.eval_fraction > 0:
+        held = max(1, round(blocks.shape[0] * cfg.eval_fraction))
+        if held >= blocks.shape[0]:
+            raise ConfigError(f"data.eval_fraction={cfg.eval_fraction} holds out all {blocks.shape[0]} rows; lower it")
+        blocks, eval_blocks = blocks[:-held], blocks[-held:]
+    train = GlobalBatches(blocks, layout, seed)
+    evaluation = None
+    if eval_blocks is not None:
+        evaluation = GlobalBatches(eval_blocks, BatchLayout(layout.micro_batch_size, 1, layout.dp), seed, "evaluation")
+    return train, evaluation

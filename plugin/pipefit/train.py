@@ -21,7 +21,7 @@ import torch
 
 from pipefit import build as build_mod
 from pipefit.config import RunConfig, check_world, validate
-from pipefit.data import BatchLayout, GlobalBatches, load_text_dataset, tokenize_to_blocks
+from pipefit.data import BatchLayout, build_batches
 from pipefit.ds_config import apply_accelerate_settings, build_ds_config, load_base_config, read_accelerate_env
 from pipefit.schedule import scheduler_factory
 
@@ -141,8 +141,7 @@ class Prepared:
                 self.resume_same_shape,
             )
         self.layout = BatchLayout(run.train.micro_batch_size, run.train.grad_accum_steps, self.dp)
-        blocks = tokenize_to_blocks(load_text_dataset(run.data), self.tokenizer, run.data.seq_len, run.data.append_eos)
-        self.batches = GlobalBatches(blocks, self.layout, run.train.seed)
+        self.batches, self.eval_batches = build_batches(run.data, self.tokenizer, self.layout, run.train.seed)
 
 
 def explicit_keys(overrides: list[str]) -> set[str]:
