@@ -3,7 +3,10 @@
 The configs are small enough that a whole model builds in milliseconds on CPU, yet keep every
 feature the adapters must handle: grouped-query attention (2 kv heads for 4 heads), tied and
 untied heads, biases on q/k/v (Qwen2), a sliding window shorter than the test sequences
-(Mistral), learned positions and Conv1D projections (GPT-2).
+(Mistral), learned positions and Conv1D projections (GPT-2), QK-norm (Qwen3), fused qkv and
+gate/up projections with partial rotary (Phi-3), Gemma's scaled embedding and (1 + w) norms,
+Gemma-2's alternating sliding windows with attention and final-logit soft-capping, GPT-NeoX's
+parallel residual with partial rotary, and OPT's offset positions with input/output projections.
 """
 
 from __future__ import annotations
@@ -23,8 +26,8 @@ MAX_POSITIONS = 256
 # Shorter than the 20-token sequences the tests use, so the window actually cuts attention.
 SLIDING_WINDOW = 8
 
-FAMILIES = ["llama", "llama_tied", "mistral", "qwen2", "gpt2"]
-TIED_FAMILIES = {"llama_tied", "qwen2", "gpt2"}
+FAMILIES = ["llama", "llama_tied", "mistral", "qwen2", "gpt2", "qwen3", "phi3", "gemma", "gemma2", "gpt_neox", "opt"]
+TIED_FAMILIES = {"llama_tied", "qwen2", "gpt2", "gemma", "gemma2", "opt"}
 
 
 def _llama_like_kwargs(num_layers: int) -> dict[str, Any]:
@@ -42,7 +45,18 @@ def _llama_like_kwargs(num_layers: int) -> dict[str, Any]:
 
 def tiny_hf_config(family: str) -> Any:
     """A tiny, dropout-free HF config for ``family`` (one of :data:`FAMILIES`)."""
-    from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import (
+        Gemma2Config,
+        GemmaConfig,
+        GPT2Config,
+        GPTNeoXConfig,
+        LlamaConfig,
+        MistralConfig,
+        OPTConfig,
+        Phi3Config,
+        Qwen2Config,
+        Qwen3Config,
+    )
 
     if family == "llama":
         return LlamaConfig(**_llama_like_kwargs(3), tie_word_embeddings=False)
@@ -68,6 +82,69 @@ def tiny_hf_config(family: str) -> Any:
             # GPT-2's defaults (50256) lie outside the tiny vocabulary; 0 is the tokenizer's <|endoftext|>.
             bos_token_id=0,
             eos_token_id=0,
+        )
+    # Token ids of the tiny vocabulary: bos/eos 0 (the tokenizer's <|endoftext|>), pad 1.
+    special = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 1}
+    if family == "qwen3":
+        return Qwen3Config(**_llama_like_kwargs(3), head_dim=16, tie_word_embeddings=False, **special)
+    if family == "phi3":
+        # Fused qkv and gate/up projections; rotary over half of each head.
+        return Phi3Config(
+            **_llama_like_kwargs(3),
+            partial_rotary_factor=0.5,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            tie_word_embeddings=False,
+            **special,
+        )
+    if family == "gemma":
+        return GemmaConfig(**_llama_like_kwargs(3), head_dim=16, tie_word_embeddings=True, **special)
+    if family == "gemma2":
+        # Sliding and full layers alternate (layer_types). The caps are low enough to bite at this
+        # init (its attention scores are ~1e-2): each changes the logits by more than 1e-3. As in
+        # the real models, hidden (128) != heads x head_dim (64), and the hidden size dwarfs the
+        # per-logit element-wise work (cross-entropy, soft-cap) as the cost model assumes.
+        return Gemma2Config(
+            **{**_llama_like_kwargs(4), "hidden_size": 2 * HIDDEN, "intermediate_size": 4 * HIDDEN},
+            head_dim=16,
+            query_pre_attn_scalar=16,
+            sliding_window=SLIDING_WINDOW,
+            attn_logit_softcapping=0.05,
+            final_logit_softcapping=1.5,
+            tie_word_embeddings=True,
+            **special,
+        )
+    if family == "gpt_neox":
+        return GPTNeoXConfig(
+            vocab_size=VOCAB_SIZE,
+            hidden_size=HIDDEN,
+            intermediate_size=2 * HIDDEN,
+            num_hidden_layers=3,
+            num_attention_heads=HEADS,
+            max_position_embeddings=MAX_POSITIONS,
+            rotary_pct=0.5,
+            use_parallel_residual=True,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+            tie_word_embeddings=False,
+            **special,
+        )
+    if family == "opt":
+        # word_embed_proj_dim != hidden_size: project_in and project_out exist (half the hidden
+        # size, as in OPT-350m; wide enough that the final norm's element-wise work is minor).
+        return OPTConfig(
+            vocab_size=VOCAB_SIZE,
+            hidden_size=2 * HIDDEN,
+            word_embed_proj_dim=HIDDEN,
+            ffn_dim=4 * HIDDEN,
+            num_hidden_layers=3,
+            num_attention_heads=HEADS,
+            max_position_embeddings=MAX_POSITIONS,
+            dropout=0.0,
+            attention_dropout=0.0,
+            layerdrop=0.0,
+            tie_word_embeddings=True,
+            **special,
         )
     raise ValueError(f"unknown test family {family!r}; expected one of {FAMILIES}")
 

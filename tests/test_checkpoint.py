@@ -11,8 +11,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import saved_model, tiny_hf_config
-from launching import metrics, run_recipe, tail
+from launching import compose, metrics, run_recipe, tail
 from pipefit import checkpoint
+from pipefit.config import validate
+from pipefit.train import Prepared
 
 
 def _state(step: int, **over) -> dict:
@@ -162,6 +164,25 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path: Path):
         (first_after,) = metrics(out)
         assert first_after["step"] == 4
         assert first_after["loss"] == pytest.approx(a[3], rel=1e-6, abs=0), (name, first_after, a)
+
+    # ...and its first update starts from those weights (ZeRO-1's fp32 masters are refreshed): the
+    # step-4 checkpoint of the pp=1 resume equals HF trained from the step-3 weights for one step,
+    # at step 4's batch and learning rate, with fresh AdamW moments.
+    from pipefit.reference import train_reference
+
+    assert cli_main(["export", str(mid), str(tmp_path / "mid_hf")]) == 0
+    assert cli_main(["export", str(tmp_path / "reshaped-pp1"), str(tmp_path / "pp1_hf")]) == 0
+    pp1 = [o for o in base if not o.startswith("train.grad_accum_steps")] + ["train.grad_accum_steps=4"]
+    run = validate(compose([*pp1, "pipeline.stages=1", f"output_dir={tmp_path / 'ref'}"]))
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "mid_hf", attn_implementation="sdpa")
+    before = {k: v.clone() for k, v in reference.state_dict().items()}
+    (ref_loss,) = train_reference(reference, run, Prepared(run, 1).batches, 1, start_step=3)
+    assert ref_loss == pytest.approx(a[3], rel=1e-6, abs=0)
+    got = AutoModelForCausalLM.from_pretrained(tmp_path / "pp1_hf").state_dict()
+    moved = max(float((reference.state_dict()[k] - before[k]).abs().max()) for k in before)
+    assert moved > 1e-4
+    for k, v in reference.state_dict().items():
+        torch.testing.assert_close(got[k], v, atol=2e-6, rtol=0, msg=k)
 
 
 def _real_checkpoint(tmp_path: Path) -> tuple[Path, list[str]]:

@@ -41,8 +41,8 @@ BAD_INPUTS = {
         "has no model.safetensors",
     ),
     "unknown family": (
-        ["model.hf_config.model_type=bert"],
-        "model family BertConfig is not supported; supported HF config classes: GPT2Config, LlamaConfig",
+        ["model.hf_config.model_type=t5"],
+        "model family T5Config is not supported; supported HF config classes: BertConfig, GPT2Config, GPTNeoXConfig",
     ),
     "stages > layers": (["pipeline.stages=9"], "pipeline.stages=9 exceeds the 7 pipeline layers"),
     "zero 2 with pipelines": (["zero.stage=2"], "zero.stage=2 cannot be combined with pipeline.stages=2"),
@@ -102,7 +102,23 @@ def test_cfg_job_prints_resolved_config():
     assert "model_type: llama" in proc.stdout
 
 
-@pytest.mark.parametrize("model,stages", [("llama_tiny", 3), ("gpt2_tiny", 4), ("qwen2_tiny", 2), ("mistral_tiny", 5)])
+@pytest.mark.parametrize(
+    "model,stages",
+    [
+        ("llama_tiny", 3),
+        ("gpt2_tiny", 4),
+        ("qwen2_tiny", 2),
+        ("mistral_tiny", 5),
+        ("qwen3_tiny", 3),
+        ("gemma_tiny", 2),
+        ("gemma2_tiny", 3),
+        ("phi3_tiny", 2),
+        ("gpt_neox_tiny", 3),
+        ("opt_tiny", 4),
+        ("bert_tiny", 3),
+        ("bert_cls_tiny", 2),
+    ],
+)
 def test_verify_passes_for_every_preset(model: str, stages: int, capsys: pytest.CaptureFixture[str]):
     assert cli_main(["verify", f"model={model}", f"pipeline.stages={stages}"]) == 0
     out = capsys.readouterr().out

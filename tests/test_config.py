@@ -23,6 +23,9 @@ REQUIRED_OVERRIDES: dict[str, list[str]] = {
     "model/local.yaml": ["model.path=/models/some-llama"],
     "data/text.yaml": ["data.data_files=[/data/a.txt,/data/b.txt]"],
     "data/json.yaml": ["data.data_files=[/data/train.jsonl]"],
+    "data/hub.yaml": ["data.path=/data/saved_dataset"],
+    "data/chat.yaml": ["data.data_files=[/data/chats.jsonl]"],
+    "data/instruction.yaml": ["data.data_files=[/data/sft.jsonl]"],
 }
 
 

@@ -31,9 +31,9 @@ LLAMA_32_1B = {
 }
 
 
-def _forward_backward(module, layer, batch: int, seq: int, hidden_size: int) -> torch.Tensor:
+def _forward_backward(module, layer, batch: int, seq: int, hidden_size: int, head_width: int) -> torch.Tensor:
     positions = torch.arange(seq).expand(batch, seq)
-    hidden = torch.randn(batch, seq, hidden_size, requires_grad=True)
+    hidden = torch.randn(batch, seq, head_width if layer.kind == "head" else hidden_size, requires_grad=True)
     if layer.kind == "embed":
         out = module((torch.randint(0, 100, (batch, seq)), positions))[0]
     elif layer.kind == "head":
@@ -57,22 +57,25 @@ def test_flops_match_flop_counter_on_real_layers(family: str) -> None:
     skeleton = make_skeleton(cfg)
     plan = layer_plan(skeleton)
     batch, seq = 2, 24
+    head_width = getattr(cfg, "word_embed_proj_dim", None) or cfg.hidden_size  # OPT's head sits after project_out
     checked = 0
     for layer in plan:
         module = build_layers(skeleton, layer.index, layer.index + 1)[0]
         with FlopCounterMode(display=False) as counter:
-            _forward_backward(module, layer, batch, seq, cfg.hidden_size)
+            _forward_backward(module, layer, batch, seq, cfg.hidden_size, head_width)
         measured = counter.get_total_flops()
         ours = layer_flops(cfg, layer, seq, batch, causal=False)
-        if layer.kind in ("embed", "norm"):
+        if layer.kind in ("embed", "norm") and family != "opt":
+            # Lookups and norms: no matmul (OPT's embedding and final norm layers hold projections).
             assert measured == 0 and ours.matmul == ours.attention == 0
             continue
+        assert measured > 0, (family, layer.kind)
         # Matmul and attention work: the counter's own kind of FLOPs, to 5 %.
         assert 3 * (ours.matmul + ours.attention) == pytest.approx(measured, rel=0.05), (family, layer.kind)
         # The total (with element-wise work the counter ignores) stays within 5 % as well.
         assert ours.total == pytest.approx(measured, rel=0.05), (family, layer.kind)
         checked += 1
-    assert checked == len(plan) - 2
+    assert checked == len(plan) - (0 if family == "opt" else 2)
 
 
 def test_gqa_gated_and_plain_mlp_counts_by_hand() -> None:
@@ -85,6 +88,40 @@ def test_gqa_gated_and_plain_mlp_counts_by_hand() -> None:
     gpt2 = tiny_hf_config("gpt2")  # plain MLP (up, down) with n_inner 128, fused qkv
     g = layer_flops(gpt2, layer_plan(make_skeleton(gpt2))[1], seq_len=10, micro_batch_size=1, causal=False)
     assert g.matmul == 2 * t * 64 * 3 * 64 + 2 * t * 64 * 64 + 2 * 2 * t * 64 * 128
+
+
+def test_new_family_shapes_by_hand() -> None:
+    t = 10
+    # OPT: embeddings at word_embed_proj_dim (64) projected to hidden (128) and back; the head at 64.
+    opt = tiny_hf_config("opt")
+    embed, block, norm, head = (layer_plan(make_skeleton(opt))[i] for i in (0, 1, -2, -1))
+    f = layer_flops(opt, embed, seq_len=t, micro_batch_size=1)
+    assert f.matmul == 2 * t * 64 * 128 and f.elementwise == t * 128  # project_in; learned positions added
+    assert f.backward == 2 * f.matmul + t * 64 + t * 128  # its gradient; scatter-adds into both tables
+    n = layer_flops(opt, norm, seq_len=t, micro_batch_size=1)
+    assert n.matmul == 2 * t * 128 * 64 and n.elementwise == costs.NORM_FLOPS_PER_ELEMENT * t * 128
+    assert layer_flops(opt, head, seq_len=t, micro_batch_size=1).matmul == 2 * t * 64 * 4096
+    b = layer_flops(opt, block, seq_len=t, micro_batch_size=1, causal=False)
+    assert b.matmul == 2 * t * 128 * 3 * 128 + 2 * t * 128 * 128 + 2 * 2 * t * 128 * 256  # plain fc1/fc2
+    # Gemma-2: 4 heads of 16 (q 64, kv 32) on a hidden size of 128, GeGLU, four norms, soft-caps.
+    gemma2 = tiny_hf_config("gemma2")
+    plan = layer_plan(make_skeleton(gemma2))
+    g = layer_flops(gemma2, plan[1], seq_len=t, micro_batch_size=1, causal=False)
+    assert g.matmul == 2 * t * 128 * (64 + 2 * 32) + 2 * t * 64 * 128 + 3 * 2 * t * 128 * 256
+    assert g.attention == 2 * 2 * 4 * 16 * t * t
+    shape = costs.ModelShape.from_config(gemma2)
+    assert (shape.norms_per_block, shape.attn_softcap, shape.final_softcap, shape.gated) == (4, True, True, True)
+    capped = layer_flops(gemma2, plan[-1], seq_len=t, micro_batch_size=1).elementwise
+    assert capped == (costs.CROSS_ENTROPY_FLOPS_PER_LOGIT + costs.SOFTCAP_FLOPS_PER_ELEMENT) * t * 4096
+    # Partial rotary (Phi-3, GPT-NeoX: half of each head) and QK-norm (Qwen3) are element-wise work.
+    for family in ("phi3", "gpt_neox"):
+        assert costs.ModelShape.from_config(tiny_hf_config(family)).rotary_fraction == 0.5
+    qwen3, llama = (
+        costs.ModelShape.from_config(tiny_hf_config("qwen3")),
+        costs.ModelShape.from_config(tiny_hf_config("llama")),
+    )
+    assert qwen3.qk_norm and not llama.qk_norm and llama.rotary_fraction == 1.0
+    assert not costs.ModelShape.from_config(tiny_hf_config("gpt_neox")).gated
 
 
 def test_causal_masking_halves_attention_and_windows_cut_it() -> None:
@@ -219,6 +256,16 @@ def test_profile_broadcast_gives_rank_zeros_figures(tmp_path: Path, monkeypatch)
     assert not (tmp_path / "r1").exists()
     with pytest.raises(ValueError, match=r"measure=False\) needs a broadcast"):
         costs.profile_layers(skeleton, plan, work, measure=False)
+
+
+def test_profile_measures_opt_whose_head_reads_the_projected_width(tmp_path: Path, monkeypatch) -> None:
+    calls = _count_measurements(monkeypatch)
+    cfg = tiny_hf_config("opt")  # the head reads word_embed_proj_dim (64), the blocks hidden_size (128)
+    skeleton = make_skeleton(cfg)
+    plan = layer_plan(skeleton)
+    profiles = costs.profile_layers(skeleton, plan, Workload(seq_len=8, micro_batch_size=1), cache_dir=tmp_path)
+    assert calls == ["embed", "block", "norm", "head"]
+    assert all(p.forward_s > 0 and p.backward_s > 0 for p in profiles)
 
 
 def test_profile_partition_through_boundaries_for(tmp_path: Path, monkeypatch) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipefit.config import ConfigError, OptimConfig, RunConfig, TrainConfig, ZeroConfig
+from pipefit.config import ConfigError, OptimConfig, PipelineConfig, RunConfig, TrainConfig, ZeroConfig
 from pipefit.ds_config import (
     apply_accelerate_settings,
     build_ds_config,
@@ -89,6 +89,36 @@ def test_precision_flags(precision: str, bf16: bool, fp16: bool) -> None:
     cfg = build_ds_config(make_run(precision=precision), dp=1, device_kind="cpu")
     assert cfg["bf16"] == {"enabled": bf16}
     assert cfg["fp16"] == {"enabled": fp16}
+
+
+@pytest.mark.parametrize(
+    ("precision", "zero", "data_types"),
+    [("bf16", 1, {"grad_accum_dtype": "fp32"}), ("bf16", 0, None), ("fp32", 1, None), ("fp16", 1, None)],
+)
+def test_bf16_with_zero1_accumulates_gradients_in_fp32(precision: str, zero: int, data_types: dict | None) -> None:
+    # bf16 + ZeRO-1 + fp32 accumulation is DeepSpeed's BF16_Optimizer; under ZeRO-0 DeepSpeed refuses
+    # a bf16 model with fp32 accumulation, so nothing is set there.
+    run = RunConfig(train=TrainConfig(precision=precision), zero=ZeroConfig(stage=zero))
+    assert build_ds_config(run, dp=1, device_kind="cpu").get("data_types") == data_types
+    # A DeepSpeed config file's own choice stays.
+    base = {"data_types": {"grad_accum_dtype": "bf16"}}
+    cfg = build_ds_config(run, dp=1, device_kind="cpu", base=base)
+    assert cfg["data_types"] == {"grad_accum_dtype": "bf16"}
+
+
+@pytest.mark.parametrize("interval", [0, 1, 3])
+def test_pipeline_block_asks_for_non_reentrant_activation_checkpointing(interval: int) -> None:
+    run = RunConfig(pipeline=PipelineConfig(activation_checkpoint_interval=interval))
+    cfg = build_ds_config(run, dp=1, device_kind="cpu")
+    assert cfg["pipeline"] == {"activation_checkpoint_interval": interval, "use_reentrant": False}
+    # A DeepSpeed config file's other pipeline keys stay; the derived ones win.
+    base = {"pipeline": {"use_reentrant": True, "activation_checkpoint_interval": 7, "pipe_partitioned": False}}
+    cfg = build_ds_config(run, dp=1, device_kind="cpu", base=base)
+    assert cfg["pipeline"] == {
+        "activation_checkpoint_interval": interval,
+        "use_reentrant": False,
+        "pipe_partitioned": False,
+    }
 
 
 def test_base_config_extra_keys_pass_through() -> None:

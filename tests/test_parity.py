@@ -6,6 +6,7 @@ built and loaded on its own, as a rank would), the loss function, and HF-like ra
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from pathlib import Path
 from typing import Any
@@ -44,21 +45,40 @@ def hf_logits(model: Any, inputs: tuple[torch.Tensor, torch.Tensor], **kwargs: A
 
 def test_every_registered_config_class_is_tested() -> None:
     tested = {type(tiny_hf_config(f)).__name__ for f in FAMILIES}
-    untested = set(adapters.supported_config_classes()) - tested
+    decoders = [a for a in adapters.registered_adapters() if getattr(a, "kind", "decoder") == "decoder"]
+    untested = {c for a in decoders for c in a.config_classes} - tested
     assert not untested, f"registered adapter config classes without a parity family in conftest: {sorted(untested)}"
+    # Encoder families (BERT) are covered by tests/test_encoder.py.
+    from test_encoder import TESTED_CONFIG_CLASSES
+
+    encoders = {c for a in adapters.registered_adapters() if a.kind == "encoder" for c in a.config_classes}
+    assert encoders <= TESTED_CONFIG_CLASSES, f"untested encoder classes: {sorted(encoders - TESTED_CONFIG_CLASSES)}"
     # Tied and untied heads, and a sliding window, are each exercised at least once.
     assert TIED_FAMILIES & set(FAMILIES) and set(FAMILIES) - TIED_FAMILIES
     assert any(getattr(tiny_hf_config(f), "sliding_window", None) for f in FAMILIES)
+    # Every adapter field a family sets away from its default is exercised by some tested family.
+    skeletons = {f: make_skeleton(tiny_hf_config(f)) for f in FAMILIES}
+    for field in dataclasses.fields(adapters.Adapter):
+        default = field.default
+        if field.name == "kind" or default is dataclasses.MISSING:
+            continue
+        used = {a.name for a in decoders if getattr(a, field.name) != default}
+        tested_with = {f for f, sk in skeletons.items() if getattr(sk.adapter, field.name) != default}
+        if used:
+            assert tested_with, f"Adapter.{field.name} is set by {sorted(used)} but no tested family exercises it"
+    # The optional submodules exist in the tested configs (OPT's projections, Gemma-2's soft-cap).
+    assert all(skeletons["opt"].has(p) for p in ("model.decoder.project_in", "model.decoder.project_out"))
+    assert skeletons["gemma2"].adapter.final_logit_softcap(skeletons["gemma2"].config) is not None
 
 
 def test_unknown_family_error_lists_supported_classes() -> None:
-    from transformers import BertConfig
+    from transformers import T5Config
 
     with pytest.raises(adapters.UnknownFamilyError) as info:
-        adapters.for_config(BertConfig())
+        adapters.for_config(T5Config())
     message = str(info.value)
     assert "\n" not in message
-    assert "BertConfig" in message
+    assert "T5Config" in message
     supported = adapters.supported_config_classes()
     assert len(supported) >= 4
     for cls_name in supported:
@@ -115,8 +135,10 @@ def test_every_stage_split_matches_hf_logits(tmp_path: Path, family: str) -> Non
                 assert hidden.dtype == torch.float32 and hidden.shape == (2, 20, model.config.hidden_size)
                 assert torch.equal(position_ids, inputs[1]), f"stage {stage} of {bounds} changed position ids"
             elif stop == n - 1:
-                # A stage ending with the final norm hands the head only the normalised hidden states.
-                assert isinstance(out, torch.Tensor) and out.shape == (2, 20, model.config.hidden_size)
+                # A stage ending with the final norm hands the head only the normalised hidden states
+                # (projected to the head's width where the family projects: OPT's project_out).
+                head_width = model.get_output_embeddings().weight.shape[1]
+                assert isinstance(out, torch.Tensor) and out.shape == (2, 20, head_width)
         torch.testing.assert_close(out, expected, **TOL, msg=lambda m, b=bounds: f"split {b}: {m}")
 
 
@@ -153,6 +175,86 @@ def test_mistral_sliding_window_is_exercised(tmp_path: Path) -> None:
     assert (windowed[:, cfg.sliding_window :] - unwindowed[:, cfg.sliding_window :]).abs().max() > 1e-3
 
 
+def _variant_parity(tmp_path: Path, family: str, splits: list[tuple[int, ...]], **overrides: Any) -> list[Any]:
+    """A family's tiny config with ``overrides``: HF logits vs the whole layer list and each split.
+
+    Returns the whole layer list (loaded).
+    """
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_hf_config(family)
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    folder = tmp_path / f"{family}-variant"
+    model.save_pretrained(folder)
+    skeleton = make_skeleton(cfg)
+    n = len(layer_plan(skeleton))
+    inputs = random_tokens(batch=2, seq=20)
+    expected = hf_logits(model, inputs)
+    whole = build_loaded(skeleton, folder, 0, n)
+    for bounds in [(0, n), *splits]:
+        out: Any = inputs
+        for start, stop in itertools.pairwise(bounds):
+            layers = whole if (start, stop) == (0, n) else build_loaded(skeleton, folder, start, stop)
+            with torch.no_grad():
+                out = run_layers(layers, out)
+        torch.testing.assert_close(out, expected, **TOL, msg=lambda m, b=bounds: f"split {b}: {m}")
+    return whole
+
+
+def test_gemma2_soft_caps_and_alternating_windows_are_exercised(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    folder, model = saved_model(tmp_path, "gemma2")
+    cfg = tiny_hf_config("gemma2")
+    inputs = random_tokens(batch=2, seq=20)
+    assert cfg.sliding_window < inputs[0].shape[1]
+    skeleton = make_skeleton(cfg)
+    n = len(layer_plan(skeleton))
+    layers = build_loaded(skeleton, folder, 0, n)
+    assert [b.attention_kind for b in layers if isinstance(b, BlockLayer)] == [
+        "sliding_attention",
+        "full_attention",
+    ] * 2
+    expected = hf_logits(model, inputs)
+    with torch.no_grad():
+        hidden = run_layers(layers[:-1], inputs)
+        (head,) = build_loaded(skeleton, folder, n - 1, n)  # the tied head on a stage of its own
+        capped = head(hidden)
+    torch.testing.assert_close(capped, expected, **TOL)
+    assert float(capped.abs().max()) < cfg.final_logit_softcapping
+    # Each feature moves HF's logits far beyond the parity tolerance, so the parity tests need it.
+    for override in ({"final_logit_softcapping": None}, {"attn_logit_softcapping": None}, {"sliding_window": 64}):
+        other = AutoModelForCausalLM.from_pretrained(folder, **override).eval()
+        assert (hf_logits(other, inputs) - expected).abs().max() > 1e-3, override
+    # An untied head soft-caps as well.
+    untied = _variant_parity(tmp_path, "gemma2", [(0, n - 1, n), (0, 3, n - 1, n)], tie_word_embeddings=False)
+    assert type(untied[-1]).__name__ == "HeadLayer" and untied[-1].final_logit_softcap == cfg.final_logit_softcapping
+
+
+def test_opt_without_final_norm_or_projections(tmp_path: Path) -> None:
+    # do_layer_norm_before=False (OPT-350m) drops the final norm; equal widths drop project_in/out.
+    cfg = tiny_hf_config("opt")
+    layers = _variant_parity(
+        tmp_path, "opt", [(0, 2, 6), (0, 4, 5, 6)], do_layer_norm_before=False, word_embed_proj_dim=cfg.hidden_size
+    )
+    embed, norm = layers[0], layers[-2]
+    assert embed.project_in is None and embed.position_embed is not None
+    assert norm.norm is None and norm.project_out is None and not list(norm.parameters())
+
+
+def test_sdpa_on_a_family_without_it_is_one_clear_line() -> None:
+    cfg = tiny_hf_config("gemma2")
+    cfg._attn_implementation = "sdpa"
+    with pytest.raises(ValueError) as info:
+        make_skeleton(cfg)
+    message = str(info.value)
+    assert "\n" not in message
+    assert "model.attn_implementation='sdpa'" in message and "Gemma2ForCausalLM" in message and "eager" in message
+
+
 def test_reset_position_ids_isolate_packed_documents(tmp_path: Path, family: str) -> None:
     # Position ids that restart mark packed documents: each stage rebuilds a mask that keeps
     # them apart, as HF does without a KV cache (use_cache=False, the training setting).
@@ -167,7 +269,12 @@ def test_reset_position_ids_isolate_packed_documents(tmp_path: Path, family: str
 
     torch.testing.assert_close(logits, hf_logits(model, (input_ids, position_ids), use_cache=False), **TOL)
     second_alone = hf_logits(model, (input_ids[:, 12:], position_ids[:, 12:]))
-    torch.testing.assert_close(logits[:, 12:], second_alone, **TOL)
+    if skeleton.adapter.mask_uses_position_ids:
+        torch.testing.assert_close(logits[:, 12:], second_alone, **TOL)
+    else:
+        # OPT's HF forward builds its mask without the position ids: the second document sees the
+        # first, in HF and (mirrored) in the pipeline alike.
+        assert (logits[:, 12:] - second_alone).abs().max() > 1e-4
 
 
 # -- loss ------------------------------------------------------------------------------------------
@@ -236,24 +343,35 @@ def _all_layers(family: str, seed: int = 0) -> tuple[Any, list[Any]]:
     return skeleton, build_layers(skeleton, 0, len(layer_plan(skeleton)))
 
 
+def _is_norm(module: nn.Module) -> bool:
+    return type(module).__name__.endswith(("RMSNorm", "LayerNorm"))
+
+
 def test_random_init_statistics(family: str) -> None:
+    from transformers import AutoModelForCausalLM
+
     cfg = tiny_hf_config(family)
-    _, layers = _all_layers(family)
+    init_std = getattr(cfg, "initializer_range", None) or cfg.init_std  # OPT calls it init_std
+    skeleton, layers = _all_layers(family)
     checked_random = checked_norms = 0
     for layer in stage_layers(nn.ModuleList(layers)):
         for name, module in layer.named_modules():
             if isinstance(module, nn.Linear | nn.Embedding):
                 std = float(module.weight.detach().std())
-                assert abs(std / cfg.initializer_range - 1) < 0.2, f"{name}: std {std} vs {cfg.initializer_range}"
-                assert abs(float(module.weight.detach().mean())) < 0.1 * cfg.initializer_range, name
+                assert abs(std / init_std - 1) < 0.2, f"{name}: std {std} vs {init_std}"
+                assert abs(float(module.weight.detach().mean())) < 0.1 * init_std, name
                 checked_random += 1
-            elif type(module).__name__.endswith(("RMSNorm", "LayerNorm")):
-                assert torch.equal(module.weight, torch.ones_like(module.weight)), name
+            elif _is_norm(module):
+                # Gemma's RMSNorm scales by (1 + weight): HF starts its weight at zero.
+                start = 0.0 if type(module).__name__.startswith("Gemma") else 1.0
+                assert torch.equal(module.weight, torch.full_like(module.weight, start)), name
                 if getattr(module, "bias", None) is not None:
                     assert torch.equal(module.bias, torch.zeros_like(module.bias)), name
                 checked_norms += 1
     assert checked_random >= 2  # at least the embedding and the head (or positions)
-    assert checked_norms == 2 * cfg.num_hidden_layers + 1
+    with torch.device("meta"):
+        hf_norms = sum(_is_norm(m) for m in AutoModelForCausalLM.from_config(cfg).modules())
+    assert checked_norms == hf_norms >= 2 * cfg.num_hidden_layers + 1
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ trains the unmodified HF model in this process on the same global batches
 
 from __future__ import annotations
 
+import email
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,8 @@ from pipefit.train import Prepared
 pytestmark = pytest.mark.slow
 
 STEPS = 5
+# Short lines of prose from the standard library, one document a line: rows of 32 tokens pack several.
+PACK_TEXT = Path(email.__file__).parent / "architecture.rst"
 
 
 def _overrides(folder: Path, out: Path, zero: int, extra: list[str]) -> list[str]:
@@ -47,12 +50,14 @@ def _overrides(folder: Path, out: Path, zero: int, extra: list[str]) -> list[str
         ("gpt2", 4, 1, ["pipeline.partition=uniform"]),
         ("qwen2", 4, 0, []),
         ("llama", 4, 1, ["pipeline.stages=4", "pipeline.partition=manual", "pipeline.boundaries=[0,1,3,5,6]"]),
+        ("llama", 2, 1, ["data=text", f"data.data_files=[{PACK_TEXT}]", "data.layout=pack"]),
     ],
     ids=[
         "llama-pp2-zero1-manual",
         "gpt2-pp2xdp2-zero1-tied",
         "qwen2-pp2xdp2-zero0-tied",
         "llama-pp4-zero1-embedding-alone",
+        "llama-pp2-packed-documents",
     ],
 )
 def test_pipeline_training_matches_single_process(tmp_path: Path, family: str, ranks: int, zero: int, extra: list[str]):

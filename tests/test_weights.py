@@ -287,6 +287,25 @@ def test_tied_checkpoint_holding_only_the_head_weight_loads_the_embedding(tmp_pa
     torch.testing.assert_close(embed.embed_tokens.weight, model.get_input_embeddings().weight, atol=0, rtol=0)
 
 
+def test_gpt_neox_checkpoint_naming_the_head_embed_out_loads(tmp_path: Path) -> None:
+    # GPT-NeoX's head is the module lm_head, saved as embed_out (Pythia's hub checkpoints, and
+    # transformers' own save_pretrained); from_pretrained maps one to the other, and so does pipefit.
+    folder, model = saved_model(tmp_path, "gpt_neox")
+
+    def rename(tensors: dict[str, torch.Tensor]) -> None:
+        if "lm_head.weight" in tensors:
+            tensors["embed_out.weight"] = tensors.pop("lm_head.weight")
+
+    _rewrite_checkpoint(folder, rename)
+    assert "lm_head.weight" not in SafetensorsReader(folder).weight_map
+    skeleton = make_skeleton(tiny_hf_config("gpt_neox"))
+    n = len(layer_plan(skeleton))
+    (head,) = build_layers(skeleton, n - 1, n)
+    load_weights(nn.ModuleList([head]), skeleton, folder)
+    torch.testing.assert_close(head.lm_head.weight, model.get_output_embeddings().weight, atol=0, rtol=0)
+    assert list(weights.hf_state_dict(head)) == ["lm_head.weight"]  # exported under today's name
+
+
 # -- sharded checkpoints ---------------------------------------------------------------------------
 
 

@@ -66,6 +66,10 @@ def load_hf_config(path: str | None, hf_overrides: dict[str, Any] | None) -> Any
 
 def make_skeleton(hf_config: Any, seed: int = 0) -> ModelSkeleton:
     adapter = for_config(hf_config)
+    if adapter.kind == "encoder":  # encoder families (BERT): pipefit.encoder
+        from pipefit import encoder
+
+        return encoder.EncoderSkeleton(hf_config, adapter, seed=seed)
     return ModelSkeleton(hf_config, adapter, seed=seed)
 
 
@@ -74,12 +78,20 @@ def _numel(module: nn.Module) -> int:
 
 
 def layer_plan(skeleton: ModelSkeleton) -> list[LayerInfo]:
-    """The ordered pipeline layers: embedding, each block, final norm, LM head."""
+    """The ordered pipeline layers: embedding, each block, final norm, LM head.
+
+    The embedding layer also holds learned positions and an input projection, the norm layer an
+    output projection, where the family has them (``hf_prefixes`` lists what each layer holds).
+    """
+    if skeleton.adapter.kind == "encoder":  # encoder families (BERT): pipefit.encoder
+        from pipefit import encoder
+
+        return encoder.layer_plan(skeleton)
     a: Adapter = skeleton.adapter
     cfg = skeleton.config
     model = skeleton.model
     tied = a.tied(cfg)
-    embed_prefixes = (a.embed,) + ((a.position_embed,) if a.position_embed else ())
+    embed_prefixes = tuple(p for p in (a.embed, a.project_in, a.position_embed) if skeleton.has(p))
     embed_params = sum(_numel(model.get_submodule(p)) for p in embed_prefixes)
     layers = [
         LayerInfo(
@@ -94,8 +106,10 @@ def layer_plan(skeleton: ModelSkeleton) -> list[LayerInfo]:
                 len(layers), "block", (prefix,), _numel(block), ("BlockLayer", type(block).__name__), block_index=b
             )
         )
-    norm = model.get_submodule(a.final_norm)
-    layers.append(LayerInfo(len(layers), "norm", (a.final_norm,), _numel(norm), ("NormLayer", type(norm).__name__)))
+    norm_prefixes = tuple(p for p in (a.final_norm, a.project_out) if skeleton.has(p))
+    norm_params = sum(_numel(model.get_submodule(p)) for p in norm_prefixes)
+    norm_type = type(model.get_submodule(norm_prefixes[0])).__name__ if norm_prefixes else "Identity"
+    layers.append(LayerInfo(len(layers), "norm", norm_prefixes, norm_params, ("NormLayer", norm_type)))
     if tied:
         # DeepSpeed counts the module each TiedLayerSpec builds; the head's (role="head") holds
         # only the token embedding, even where a family adds learned positions to the embedding.
@@ -147,6 +161,10 @@ def boundaries_for(
 
 def layer_specs(skeleton: ModelSkeleton, device: str = "cpu") -> list[Any]:
     """DeepSpeed layer specs in pipeline order (built lazily, only on the owning stage)."""
+    if skeleton.adapter.kind == "encoder":  # encoder families (BERT): pipefit.encoder
+        from pipefit import encoder
+
+        return encoder.layer_specs(skeleton, device)
     from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
     plan = layer_plan(skeleton)
@@ -188,6 +206,10 @@ def build_layers(skeleton: ModelSkeleton, start: int, stop: int, device: str = "
 
     A tied head whose embedding is in the same range reuses that module, as DeepSpeed does.
     """
+    if skeleton.adapter.kind == "encoder":  # encoder families (BERT): pipefit.encoder
+        from pipefit import encoder
+
+        return encoder.build_layers(skeleton, start, stop, device)
     plan = layer_plan(skeleton)
     shared: EmbedLayer | None = None
     out: list[Any] = []
@@ -235,10 +257,14 @@ def tied_aliases(skeleton: ModelSkeleton) -> dict[str, str]:
 
 def load_weights(module: nn.Module, skeleton: ModelSkeleton, model_path: str | os.PathLike) -> int:
     """Fill every stage layer in ``module`` from ``model_path``; returns the number of tensors read."""
+    if skeleton.adapter.kind == "encoder":  # encoder families (BERT): pipefit.encoder
+        from pipefit import encoder
+
+        return encoder.load_weights(module, skeleton, model_path)
     from pipefit.weights import hf_state_dict, load_layer
 
     reader = SafetensorsReader(model_path)
-    aliases = tied_aliases(skeleton)
+    aliases = {**dict(skeleton.adapter.checkpoint_aliases), **tied_aliases(skeleton)}
     count = 0
     for layer in stage_layers(module):
         load_layer(layer, reader, aliases)

@@ -290,6 +290,11 @@ def load_reshaped(engine: Any, ckpt: Path) -> int:
     state = read_state(ckpt)
     step = int(state["step"])
     load_layers(engine.module, ckpt)
+    # ZeRO-1 and the bf16 optimizer keep fp32 masters built at initialisation; they must start from
+    # the loaded weights, or the first update would be applied to the initial ones.
+    refresh = getattr(engine.optimizer, "refresh_fp32_params", None)
+    if refresh is not None:
+        refresh()
     engine.global_steps = step
     if engine.lr_scheduler is not None:
         for _ in range(step):
@@ -330,10 +335,15 @@ def export(ckpt_or_run: str | os.PathLike, out_dir: str | os.PathLike, max_shard
             written.append(sorted(current))
             current, size = {}, 0
 
+    from pipefit.trainable import add_lora, lora_from_checkpoint
+
+    lora = lora_from_checkpoint(state.get("config"))
     for info in plan:
         if info.kind == "head" and tied:
             continue  # the tied head is the embedding, already written
         (layer,) = build(skeleton, info.index, info.index + 1)
+        if lora is not None:  # layer files hold LoRA adapters: rebuilt here, merged by hf_state_dict
+            add_lora(stage_layers(torch.nn.ModuleList([layer])), skeleton, lora, seed=0)
         state_dict = safe_load(ckpt / f"layer_{info.index:02d}-model_states.pt", map_location="cpu")
         for sub in stage_layers(torch.nn.ModuleList([layer])):
             wanted = sub.state_dict()

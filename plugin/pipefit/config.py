@@ -18,6 +18,20 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULERS = ("cosine", "linear", "constant")
 OPTIMIZER_IMPLS = ("auto", "torch", "fused")
 DATA_SOURCES = ("pydoc", "text", "json", "hub")
+DATA_LAYOUTS = ("concat", "pack", "pad")
+DATA_TEMPLATES = ("chat", "instruction")
+# The chat template used when data.template=chat, data.chat_template is null and the tokenizer has none.
+# {% generation %} marks the tokens that are trained on (the assistant's replies, each with its EOS).
+DEFAULT_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{{- '<|assistant|>\\n' }}{% generation %}{{- message['content'] + eos_token }}{% endgeneration %}{{- '\\n' }}"
+    "{%- else %}"
+    "{{- '<|' + message['role'] + '|>\\n' + message['content'] + '\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|assistant|>\\n' }}{%- endif %}"
+)
 
 
 class ConfigError(ValueError):
@@ -40,14 +54,34 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     name: str = "pydoc"
-    # pydoc: CPython's bundled reference docs; text/json: local files via datasets; hub: datasets.load_dataset(path)
+    # pydoc: CPython's bundled reference docs; text/json: local files via datasets; hub: a datasets name
+    # (datasets.load_dataset(path, subset)) or a local folder (written by save_to_disk, or of data files)
     source: str = "pydoc"
     path: str | None = None
+    subset: str | None = None
     data_files: list[str] = field(default_factory=list)
     text_field: str = "text"
+    # Sequence classification (an encoder with architectures [...ForSequenceClassification]): the column
+    # holding each example's label, an integer in [0, num_labels) or a key of the model's label2id.
+    label_field: str = "label"
     split: str = "train"
     seq_len: int = 128
     append_eos: bool = True
+    # Rows of seq_len tokens: concat (documents joined with EOS, cut into equal blocks), pack (whole
+    # documents per row, attention kept inside each), pad (one document per row, truncated, right-padded).
+    layout: str = "concat"
+    # null: plain text (text_field). chat: messages_field, a list of {role, content}, through the chat
+    # template. instruction: prompt_field and response_field through instruction_format. Only the
+    # assistant's / response tokens are trained on; both need layout pack or pad.
+    template: str | None = None
+    messages_field: str = "messages"
+    # Jinja chat template marking trained text with {% generation %}; null: the tokenizer's own, or
+    # DEFAULT_CHAT_TEMPLATE when the tokenizer has none.
+    chat_template: str | None = None
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    # {prompt} and {response} are the fields' values; everything from {response} on is trained on (+ EOS).
+    instruction_format: str = "### Instruction:\n{prompt}\n\n### Response:\n{response}"
     # Held-out evaluation data: a split of the same source (data.eval_split, e.g. validation), or
     # else the last eval_fraction of the training rows (0: no evaluation data).
     eval_split: str | None = None
@@ -110,6 +144,18 @@ class TrainConfig:
     # End this launch after this many steps (e.g. a job time limit); it saves a checkpoint, and
     # train.resume=auto continues exactly where it stopped. null: run to train.max_steps.
     stop_after_steps: int | None = None
+    # Validation loss and perplexity on the held-out data (data.eval_split or data.eval_fraction) every
+    # eval_every optimizer steps and after the last one (0: off); each evaluation reads eval_batches
+    # rounds of micro_batch_size x data-parallel rows (0: every complete round the held-out data has).
+    eval_every: int = 0
+    eval_batches: int = 0
+    # Rank 0's tqdm bar (tokens/s, loss, ETA), shown only when stderr is a terminal; the log lines stay.
+    progress_bar: bool = True
+    # Rank 0 writes TensorBoard events to output_dir/tensorboard.
+    tensorboard: bool = False
+    # Regular expressions matched in full against Hugging Face parameter names (model.embed_tokens.weight,
+    # model.layers.0.*): those tensors keep their loaded values (see pipefit.trainable).
+    freeze: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -129,6 +175,18 @@ class HardwareConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters (peft) on decoder-block projections; every base weight frozen. See conf/lora/."""
+
+    enabled: bool = False
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    # Hugging Face module-name suffixes, matched as peft matches them: q_proj, v_proj (Llama family), c_attn (GPT-2).
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -137,6 +195,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     output_dir: str = "outputs/run"
 
 
@@ -156,6 +215,53 @@ def _positive(field_name: str, value: int | float | None, allow_zero: bool = Fal
     if value is None or value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigError(f"{field_name}={value!r} is not accepted; expected a number {bound}")
+
+
+def validate_data(d: DataConfig) -> None:
+    """The ``data.*`` checks of :func:`validate` (``pipefit.data`` runs them too, for direct callers)."""
+    _choice("data.source", d.source, DATA_SOURCES)
+    if not 0 <= d.eval_fraction < 1:
+        raise ConfigError(f"data.eval_fraction={d.eval_fraction} is not accepted; expected a number in [0, 1)")
+    if d.eval_split is not None and d.source == "pydoc":
+        raise ConfigError(
+            "data.eval_split is set but data.source=pydoc has one split; use data.eval_fraction to hold out rows"
+        )
+    if d.seq_len < 2:
+        raise ConfigError(f"data.seq_len={d.seq_len} is not accepted; expected an integer >= 2")
+    if d.source in ("text", "json") and not d.data_files:
+        raise ConfigError(f"data.data_files is empty for data.source={d.source}; give one or more local files")
+    if d.source == "hub" and not d.path:
+        raise ConfigError("data.path is empty for data.source=hub; give a datasets name or a local dataset folder")
+    _choice("data.layout", d.layout, DATA_LAYOUTS)
+    if d.template is not None and d.template not in DATA_TEMPLATES:
+        raise ConfigError(
+            f"data.template={d.template!r} is not accepted; accepted: null (plain text), chat, instruction"
+        )
+    if d.template is not None and d.layout == "concat":
+        raise ConfigError(
+            f"data.layout=concat is not accepted with data.template={d.template}: examples must stay whole to mask "
+            "their prompts; accepted: pack, pad"
+        )
+    if d.template == "instruction":
+        import string
+
+        try:
+            names = [f for _, f, _, _ in string.Formatter().parse(d.instruction_format) if f is not None]
+        except ValueError as err:
+            raise ConfigError(
+                f"data.instruction_format={d.instruction_format!r} is not a format string ({err}); "
+                "expected text with {prompt} and {response}"
+            ) from None
+        if (
+            names.count("response") != 1
+            or not set(names) <= {"prompt", "response"}
+            or "prompt" not in names
+            or "prompt" in names[names.index("response") :]
+        ):
+            raise ConfigError(
+                f"data.instruction_format={d.instruction_format!r} is not accepted; expected {{prompt}} (one or more "
+                "times) followed by {response} once, and no other {fields}"
+            )
 
 
 def to_run_config(cfg: DictConfig | RunConfig) -> RunConfig:
@@ -207,6 +313,13 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
     _positive("train.keep_last", t.keep_last, allow_zero=True)
     if t.stop_after_steps is not None:
         _positive("train.stop_after_steps", t.stop_after_steps)
+    _positive("train.eval_every", t.eval_every, allow_zero=True)
+    _positive("train.eval_batches", t.eval_batches, allow_zero=True)
+    if t.eval_every > 0 and d.eval_split is None and d.eval_fraction == 0:
+        raise ConfigError(
+            f"train.eval_every={t.eval_every} needs evaluation data; set data.eval_fraction (e.g. 0.05) or "
+            "data.eval_split, or train.eval_every=0"
+        )
     _positive("train.heartbeat_interval_s", t.heartbeat_interval_s)
     _positive("train.heartbeat_timeout_s", t.heartbeat_timeout_s, allow_zero=True)
     if 0 < t.heartbeat_timeout_s < 2 * t.heartbeat_interval_s:
@@ -232,19 +345,7 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
             "model.path is not set and model.hf_config has no model_type; give model.path=/local/hf/folder "
             "or a preset with hf_config.model_type (e.g. model=llama_tiny)"
         )
-    _choice("data.source", d.source, DATA_SOURCES)
-    if not 0 <= d.eval_fraction < 1:
-        raise ConfigError(f"data.eval_fraction={d.eval_fraction} is not accepted; expected a number in [0, 1)")
-    if d.eval_split is not None and d.source == "pydoc":
-        raise ConfigError(
-            "data.eval_split is set but data.source=pydoc has one split; use data.eval_fraction to hold out rows"
-        )
-    if d.seq_len < 2:
-        raise ConfigError(f"data.seq_len={d.seq_len} is not accepted; expected an integer >= 2")
-    if d.source in ("text", "json") and not d.data_files:
-        raise ConfigError(f"data.data_files is empty for data.source={d.source}; give one or more local files")
-    if d.source == "hub" and not d.path:
-        raise ConfigError("data.path is empty for data.source=hub; give a datasets name or a local dataset folder")
+    validate_data(d)
     return run
 
 

@@ -17,7 +17,7 @@ Constants (documented guesses, not measurements; ``profile`` replaces the comput
 - backward = 2 x forward for matmuls (gradient of the input and of the weight), attention and
   element-wise work;
 - element-wise FLOPs per element: norm 5, softmax 5, SiLU-gate 5, GELU 8, rotary 3 per rotated
-  element, cross-entropy 5 per logit, residual add 1;
+  element, cross-entropy 5 per logit, soft-cap 3 per capped score or logit, residual add 1;
 - :data:`OPTIMIZER_BYTES_PER_PARAM` bytes of memory traffic per trainable parameter per step
   for AdamW (read weight, gradient, two moments; write weight and moments; read gradient once more
   for the clipping norm), divided over data-parallel ranks under ZeRO-1;
@@ -65,10 +65,9 @@ GATED_ACT_FLOPS_PER_ELEMENT = 5.0
 GELU_FLOPS_PER_ELEMENT = 8.0
 ROTARY_FLOPS_PER_ELEMENT = 3.0
 CROSS_ENTROPY_FLOPS_PER_LOGIT = 5.0
+SOFTCAP_FLOPS_PER_ELEMENT = 3.0  # divide, tanh, multiply
 OPTIMIZER_BYTES_PER_PARAM = 32.0
 POSITION_ID_BYTES = 8
-# Families whose MLP is gate/up/down (SwiGLU); the others use up/down with GELU.
-GATED_MLP_FAMILIES = ("llama",)
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
@@ -121,7 +120,11 @@ class Workload:
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The figures of a decoder-only HF config that set its FLOPs."""
+    """The figures of a decoder-only HF config that set its FLOPs.
+
+    ``embed_dim`` is the token embedding's (and tied head's) width: the hidden size, except where
+    OPT's ``word_embed_proj_dim`` differs and ``project_in``/``project_out`` map between the two.
+    """
 
     hidden: int
     heads: int
@@ -131,6 +134,12 @@ class ModelShape:
     gated: bool
     vocab: int
     rotary: bool
+    embed_dim: int
+    rotary_fraction: float = 1.0
+    qk_norm: bool = False
+    norms_per_block: int = 2
+    attn_softcap: bool = False
+    final_softcap: bool = False
 
     @property
     def q_dim(self) -> int:
@@ -149,16 +158,30 @@ class ModelShape:
         heads = int(cfg.num_attention_heads)
         kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
         head_dim = int(getattr(cfg, "head_dim", None) or hidden // heads)
-        inter = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * hidden
+        inter = (
+            getattr(cfg, "intermediate_size", None)
+            or getattr(cfg, "n_inner", None)
+            or getattr(cfg, "ffn_dim", None)
+            or 4 * hidden
+        )
+        rope = getattr(cfg, "rope_parameters", None)
+        fraction = rope.get("partial_rotary_factor") if isinstance(rope, dict) else None
+        fraction = fraction or getattr(cfg, "partial_rotary_factor", None) or 1.0
         return cls(
             hidden=hidden,
             heads=heads,
             kv_heads=kv_heads,
             head_dim=head_dim,
             intermediate=int(inter),
-            gated=adapter.name in GATED_MLP_FAMILIES,
+            gated=adapter.gated_mlp,
             vocab=int(cfg.vocab_size),
             rotary=adapter.rotary is not None,
+            embed_dim=int(getattr(cfg, "word_embed_proj_dim", None) or hidden),
+            rotary_fraction=float(fraction),
+            qk_norm=adapter.qk_norm,
+            norms_per_block=adapter.norms_per_block,
+            attn_softcap=bool(getattr(cfg, "attn_logit_softcapping", None)),
+            final_softcap=adapter.final_logit_softcap(cfg) is not None,
         )
 
 
@@ -206,19 +229,27 @@ def layer_flops(hf_config: Any, layer: Any, seq_len: int, micro_batch_size: int,
     """
     from pipefit.adapters import for_config
 
-    shape = ModelShape.from_config(hf_config)
-    h, b, s = shape.hidden, micro_batch_size, seq_len
-    tokens = b * s
-    if layer.kind == "embed":
-        positions = 1 if len(layer.hf_prefixes) > 1 else 0
-        return LayerFlops(elementwise=positions * tokens * h, backward_override=(1 + positions) * tokens * h)
-    if layer.kind == "norm":
-        return LayerFlops(elementwise=NORM_FLOPS_PER_ELEMENT * tokens * h)
-    if layer.kind == "head":
-        return LayerFlops(
-            matmul=2.0 * tokens * h * shape.vocab, elementwise=CROSS_ENTROPY_FLOPS_PER_LOGIT * tokens * shape.vocab
-        )
     adapter = for_config(hf_config)
+    shape = ModelShape.from_config(hf_config)
+    h, e, b, s = shape.hidden, shape.embed_dim, micro_batch_size, seq_len
+    tokens = b * s
+    held = set(layer.hf_prefixes)
+    if layer.kind == "embed":
+        # Lookups are free; the backward scatter-adds into the tables. OPT's project_in is a matmul.
+        positions = tokens * h if adapter.position_embed in held else 0
+        project = 2.0 * tokens * e * h if adapter.project_in in held else 0.0
+        return LayerFlops(
+            matmul=project,
+            elementwise=positions,
+            backward_override=BACKWARD_FACTOR * project + tokens * e + positions,
+        )
+    if layer.kind == "norm":
+        norm = NORM_FLOPS_PER_ELEMENT * tokens * h if adapter.final_norm in held else 0.0
+        project = 2.0 * tokens * h * e if adapter.project_out in held else 0.0
+        return LayerFlops(matmul=project, elementwise=norm)
+    if layer.kind == "head":
+        per_logit = CROSS_ENTROPY_FLOPS_PER_LOGIT + (SOFTCAP_FLOPS_PER_ELEMENT if shape.final_softcap else 0.0)
+        return LayerFlops(matmul=2.0 * tokens * e * shape.vocab, elementwise=per_logit * tokens * shape.vocab)
     window = None
     if adapter.attention_kind(hf_config, layer.block_index) == "sliding_attention":
         window = getattr(hf_config, "sliding_window", None)
@@ -227,11 +258,13 @@ def layer_flops(hf_config: Any, layer: Any, seq_len: int, micro_batch_size: int,
     projections = 2.0 * tokens * h * (q + 2 * kv) + 2.0 * tokens * q * h
     mlp = (3 if shape.gated else 2) * 2.0 * tokens * h * inter
     attention = 2 * 2.0 * b * shape.heads * shape.head_dim * pairs  # QK^T and PV
+    score_flops = SOFTMAX_FLOPS_PER_ELEMENT + (SOFTCAP_FLOPS_PER_ELEMENT if shape.attn_softcap else 0.0)
     elementwise = (
-        2 * NORM_FLOPS_PER_ELEMENT * tokens * h
-        + SOFTMAX_FLOPS_PER_ELEMENT * b * shape.heads * pairs
+        shape.norms_per_block * NORM_FLOPS_PER_ELEMENT * tokens * h
+        + (NORM_FLOPS_PER_ELEMENT * tokens * (q + kv) if shape.qk_norm else 0.0)
+        + score_flops * b * shape.heads * pairs
         + (GATED_ACT_FLOPS_PER_ELEMENT if shape.gated else GELU_FLOPS_PER_ELEMENT) * tokens * inter
-        + (ROTARY_FLOPS_PER_ELEMENT * tokens * (q + kv) if shape.rotary else 0.0)
+        + (ROTARY_FLOPS_PER_ELEMENT * tokens * (q + kv) * shape.rotary_fraction if shape.rotary else 0.0)
         + 2.0 * tokens * h  # residual adds
     )
     return LayerFlops(matmul=projections + mlp, attention=attention, elementwise=elementwise)
@@ -255,9 +288,9 @@ def activation_bytes(hf_config: Any, layer: Any, workload: Workload) -> float:
     if layer.kind == "embed":
         return tokens * POSITION_ID_BYTES
     if layer.kind == "norm":
-        return 2 * tokens * shape.hidden * e  # input and output (RMSNorm saves both)
+        return 2 * tokens * shape.hidden * e  # input and output (RMSNorm saves both; a projection its input)
     if layer.kind == "head":
-        return tokens * (shape.hidden * e + shape.vocab * 4)
+        return tokens * (shape.embed_dim * e + shape.vocab * 4)
     mlp = 4 if shape.gated else 3
     return tokens * e * (4 * shape.hidden + 5 * shape.q_dim + 4 * shape.kv_dim + mlp * shape.intermediate)
 
@@ -441,7 +474,8 @@ def measure_layer(
     module.to(dtype=dtype)
     module.train()
     b, s = workload.micro_batch_size, workload.seq_len
-    h = int(skeleton.config.hidden_size)
+    # The head reads the embedding's width (OPT's word_embed_proj_dim, after project_out).
+    h = ModelShape.from_config(skeleton.config).embed_dim if layer.kind == "head" else int(skeleton.config.hidden_size)
     vocab = int(skeleton.config.vocab_size)
     position_ids = torch.arange(s, device=device).unsqueeze(0).expand(b, s)
     params = {p.untyped_storage().data_ptr() for p in module.parameters()}
@@ -592,6 +626,11 @@ def price_layers(
 ) -> LayerCosts:
     """:class:`LayerCosts` for ``method`` (``flops`` or ``profile``) over the skeleton's layer list."""
     from pipefit.build import layer_plan
+
+    if skeleton.adapter.kind == "encoder":  # encoder families (BERT) have no cost model: pipefit.encoder
+        from pipefit.encoder import cost_model_error
+
+        raise cost_model_error(skeleton.adapter, method)
 
     hw = hw or Hardware()
     plan = layer_plan(skeleton)

@@ -170,7 +170,38 @@ def build_ds_config(run: RunConfig, dp: int, device_kind: str, base: Mapping[str
         }
     )
     cfg["zero_optimization"] = zero
+    pipeline = dict(cfg.get("pipeline") or {})
+    # DeepSpeed's non-reentrant checkpoint: the first stage's inputs are integer ids (nothing requires
+    # grad), with which the reentrant one would cut the embedding and the first blocks off autograd.
+    pipeline.update(
+        {"activation_checkpoint_interval": run.pipeline.activation_checkpoint_interval, "use_reentrant": False}
+    )
+    cfg["pipeline"] = pipeline
+    if t.precision == "bf16" and run.zero.stage == 1:
+        # Gradients accumulate over micro-batches in fp32 (DeepSpeed's BF16_Optimizer, whose fp32 master
+        # weights and moments are sharded over data-parallel ranks, as ZeRO-1 shards them).
+        cfg["data_types"] = {"grad_accum_dtype": "fp32", **dict(cfg.get("data_types") or {})}
     return cfg
+
+
+def check_precision(precision: str, accelerator: Any = None) -> None:
+    """A one-line error when this machine's DeepSpeed accelerator cannot train in ``precision``.
+
+    Call before any process group exists; ``accelerator`` defaults to DeepSpeed's ``get_accelerator()``.
+    """
+    if precision == "fp32":
+        return
+    if accelerator is None:
+        from deepspeed.accelerator import get_accelerator
+
+        accelerator = get_accelerator()
+    supported = {"fp32": True, "bf16": accelerator.is_bf16_supported(), "fp16": accelerator.is_fp16_supported()}
+    if not supported.get(precision, False):
+        accepted = ", ".join(p for p, ok in supported.items() if ok)
+        raise ConfigError(
+            f"train.precision={precision} is not supported on this {accelerator.device_name()} device "
+            f"(DeepSpeed accelerator {type(accelerator).__name__}); accepted here: {accepted}"
+        )
 
 
 def load_base_config(settings: AccelerateSettings) -> dict[str, Any] | None:

@@ -3,10 +3,16 @@
 Same global batches (:class:`~pipefit.data.GlobalBatches`), the same token-weighted loss over
 each global batch, the same AdamW parameter groups, schedule and global-norm clipping. A pipeline
 run must reproduce its per-step losses and final weights to float tolerance.
+
+Packed and padded rows (``data.layout=pack|pad``) need no explicit mask: the model gets the rows'
+position ids and no cache (``use_cache=False``), so HF's mask builders read the restarting position
+ids as document starts and keep documents (and padding) apart, exactly as every pipeline block does.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -14,11 +20,25 @@ import torch
 from pipefit.config import RunConfig
 from pipefit.data import GlobalBatches
 from pipefit.schedule import scheduler_factory
-from pipefit.stages import causal_lm_loss
+from pipefit.stages import IGNORE_INDEX, causal_lm_loss
 
 
-def train_reference(model: Any, run: RunConfig, batches: GlobalBatches, steps: int) -> list[float]:
-    """Train ``model`` (a HF causal LM) in place for ``steps`` optimizer steps; returns per-step losses."""
+def train_reference(
+    model: Any,
+    run: RunConfig,
+    batches: GlobalBatches,
+    steps: int,
+    after_step: Callable[[int], None] | None = None,
+    grad_norms: list[float] | None = None,
+    start_step: int = 0,
+) -> list[float]:
+    """Train ``model`` (a HF causal LM) in place for ``steps`` optimizer steps; returns per-step losses.
+
+    ``after_step(k)`` runs after optimizer step ``k`` (1-based), e.g. :func:`evaluate_reference`;
+    ``grad_norms``, when given, receives each step's global gradient norm (before clipping).
+    ``start_step`` begins at that step's batch and learning rate with fresh optimizer moments, as a
+    resume on another pipeline shape does.
+    """
     from pipefit.train import weight_decay_groups
 
     o = run.optim
@@ -26,10 +46,12 @@ def train_reference(model: Any, run: RunConfig, batches: GlobalBatches, steps: i
         weight_decay_groups(list(model.named_parameters()), o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps
     )
     scheduler = scheduler_factory(o, run.train.max_steps)(optimizer)
+    for _ in range(start_step):
+        scheduler.step()
     lay = batches.layout
     model.train()
     losses = []
-    for step in range(steps):
+    for step in range(start_step, start_step + steps):
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for j in range(lay.grad_accum_steps):
@@ -40,9 +62,29 @@ def train_reference(model: Any, run: RunConfig, batches: GlobalBatches, steps: i
                 loss = causal_lm_loss(logits, (targets, scale)) / (lay.grad_accum_steps * lay.dp)
                 loss.backward()
                 total += float(loss.detach())
-        if o.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+        if o.grad_clip > 0 or grad_norms is not None:
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip if o.grad_clip > 0 else math.inf)
+            if grad_norms is not None:
+                grad_norms.append(float(norm))
         optimizer.step()
         scheduler.step()
         losses.append(total)
+        if after_step is not None:
+            after_step(step + 1)
+            model.train()
     return losses
+
+
+@torch.no_grad()
+def evaluate_reference(model: Any, batches: GlobalBatches, rounds: int) -> tuple[float, int]:
+    """Token-weighted mean loss over the first ``rounds`` global batches of ``batches`` (all ranks' rows)
+    and the number of target tokens: what a pipeline run with ``train.eval_every`` logs."""
+    model.eval()
+    total, tokens = 0.0, 0
+    for step in range(rounds):
+        for r in range(batches.layout.dp):
+            for (ids, pos), (targets, _) in batches.micro_batches(step, r):
+                logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+                total += float(causal_lm_loss(logits, (targets, torch.ones(1))))
+                tokens += int((targets != IGNORE_INDEX).sum())
+    return total / max(tokens, 1), tokens

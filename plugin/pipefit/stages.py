@@ -24,6 +24,21 @@ from pipefit.adapters import Adapter
 IGNORE_INDEX = -100
 
 
+def _check_attn_implementation(hf_config: Any) -> None:
+    """A one-line error for ``sdpa`` on a family HF builds without it (Gemma-2: soft-capped scores)."""
+    from transformers import AutoModelForCausalLM
+
+    impl = getattr(hf_config, "_attn_implementation", None)
+    if impl != "sdpa":
+        return
+    model_cls = AutoModelForCausalLM._model_mapping.get(type(hf_config), None)
+    if model_cls is not None and not getattr(model_cls, "_supports_sdpa", True):
+        raise ValueError(
+            f"model.attn_implementation='sdpa' is not supported by {model_cls.__name__}; "
+            "accepted for this family: eager (or flex_attention, flash_attention_2 where installed)"
+        )
+
+
 class ModelSkeleton:
     """The HF model built on the meta device: structure and config, no storage.
 
@@ -36,9 +51,20 @@ class ModelSkeleton:
 
         self.adapter = adapter
         self.seed = seed
+        _check_attn_implementation(hf_config)
         with torch.device("meta"):
             self.model = AutoModelForCausalLM.from_config(hf_config)
         self.config = self.model.config
+
+    def has(self, prefix: str | None) -> bool:
+        """Whether the HF model has submodule ``prefix`` (OPT builds ``project_in`` only when needed)."""
+        if not prefix:
+            return False
+        try:
+            self.model.get_submodule(prefix)
+        except AttributeError:
+            return False
+        return True
 
     def materialize(self, prefix: str, device: torch.device | str, seed_offset: int) -> nn.Module:
         """A real copy of submodule ``prefix``, randomly initialised as HF initialises it.
@@ -73,20 +99,41 @@ class StageLayer(nn.Module):
         self.hf_prefixes[local_name] = hf_prefix
 
 
-class EmbedLayer(StageLayer):
-    """Token embedding (+ learned positions, + dropout): ``(input_ids, position_ids)`` -> ``(hidden, position_ids)``.
+def _part_seed(layer_index: int, part: int) -> int:
+    """Seed offset of a layer's extra submodule (OPT's projections), distinct from every layer's own."""
+    return layer_index + part * 1_000_003
 
-    With tied embeddings this module is shared through ``TiedLayerSpec`` with the LM head; a rank
-    that only holds the head builds it with ``role="head"`` and so allocates only the tied weight.
+
+def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """``cap * tanh(logits / cap)``, in the order HF's Gemma-2 computes it; ``cap=None`` is the identity."""
+    if cap is None:
+        return logits
+    return torch.tanh(logits / cap) * cap
+
+
+class EmbedLayer(StageLayer):
+    """Token embedding: ``(input_ids, position_ids)`` -> ``(hidden, position_ids)``.
+
+    As the HF forward: tokens (HF's embedding module, so Gemma's scaling is its own), then the
+    input projection (OPT), plus learned positions looked up at ``position_ids + offset``, then
+    dropout. With tied embeddings this module is shared through ``TiedLayerSpec`` with the LM
+    head; a rank that only holds the head builds it with ``role="head"`` and so allocates only
+    the tied weight.
     """
 
     def __init__(self, skeleton: ModelSkeleton, layer_index: int, device: str = "cpu", role: str = "embed") -> None:
         super().__init__()
         adapter = skeleton.adapter
         self.adopt("embed_tokens", skeleton.materialize(adapter.embed, device, layer_index), adapter.embed)
+        self.final_logit_softcap = adapter.final_logit_softcap(skeleton.config)
+        self.position_offset = adapter.position_offset
         self.position_embed = None
+        self.project_in = None
         self.dropout = None
         if role == "embed":
+            if skeleton.has(adapter.project_in):
+                proj = skeleton.materialize(adapter.project_in, device, _part_seed(layer_index, 1))
+                self.adopt("project_in", proj, adapter.project_in)
             if adapter.position_embed:
                 pos = skeleton.materialize(adapter.position_embed, device, layer_index)
                 self.adopt("position_embed", pos, adapter.position_embed)
@@ -98,16 +145,19 @@ class EmbedLayer(StageLayer):
     def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         input_ids, position_ids = inputs
         hidden = self.embed_tokens(input_ids)
+        if self.project_in is not None:
+            hidden = self.project_in(hidden)
         if self.position_embed is not None:
-            hidden = hidden + self.position_embed(position_ids)
+            # The plain lookup: OPT's module adds its offset inside a forward that takes a mask first.
+            hidden = hidden + nn.Embedding.forward(self.position_embed, position_ids + self.position_offset)
         if self.dropout is not None:
             hidden = self.dropout(hidden)
         return hidden, position_ids
 
 
 def tied_head_forward(embed: EmbedLayer, hidden: torch.Tensor) -> torch.Tensor:
-    """LM head that reuses the token embedding's weight (``TiedLayerSpec`` forward_fn)."""
-    return F.linear(hidden, embed.embed_tokens.weight)
+    """LM head that reuses the token embedding's weight (``TiedLayerSpec`` forward_fn), soft-capped where HF is."""
+    return softcap(F.linear(hidden, embed.embed_tokens.weight), embed.final_logit_softcap)
 
 
 class BlockLayer(StageLayer):
@@ -118,6 +168,7 @@ class BlockLayer(StageLayer):
         adapter = skeleton.adapter
         self.config = skeleton.config
         self.attention_kind = adapter.attention_kind(skeleton.config, block_index)
+        self.mask_uses_position_ids = adapter.mask_uses_position_ids
         prefix = adapter.block_prefix(block_index)
         self.adopt("block", skeleton.materialize(prefix, device, layer_index), prefix)
         # Rotary tables hold only non-persistent buffers: never saved, never loaded.
@@ -127,9 +178,9 @@ class BlockLayer(StageLayer):
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
         make = create_sliding_window_causal_mask if self.attention_kind == "sliding_attention" else create_causal_mask
-        return make(
-            config=self.config, inputs_embeds=hidden, attention_mask=None, cache=None, position_ids=position_ids
-        )
+        # As the HF forward calls it: OPT's leaves out the position ids (no packed-document detection).
+        positions = position_ids if self.mask_uses_position_ids else None
+        return make(config=self.config, inputs_embeds=hidden, attention_mask=None, cache=None, position_ids=positions)
 
     def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         hidden, position_ids = inputs
@@ -143,28 +194,43 @@ class BlockLayer(StageLayer):
 
 
 class NormLayer(StageLayer):
-    """Final norm: ``(hidden, position_ids)`` -> ``hidden``."""
+    """Final norm, then the output projection (OPT): ``(hidden, position_ids)`` -> ``hidden``.
+
+    Either part is skipped where the HF model has none (OPT without ``do_layer_norm_before``
+    has no final norm); with neither, the layer only drops the position ids.
+    """
 
     def __init__(self, skeleton: ModelSkeleton, layer_index: int, device: str = "cpu") -> None:
         super().__init__()
-        prefix = skeleton.adapter.final_norm
-        self.adopt("norm", skeleton.materialize(prefix, device, layer_index), prefix)
+        adapter = skeleton.adapter
+        self.norm = None
+        self.project_out = None
+        if skeleton.has(adapter.final_norm):
+            self.adopt("norm", skeleton.materialize(adapter.final_norm, device, layer_index), adapter.final_norm)
+        if skeleton.has(adapter.project_out):
+            proj = skeleton.materialize(adapter.project_out, device, _part_seed(layer_index, 1))
+            self.adopt("project_out", proj, adapter.project_out)
 
     def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         hidden, _ = inputs
-        return self.norm(hidden)
+        if self.norm is not None:
+            hidden = self.norm(hidden)
+        if self.project_out is not None:
+            hidden = self.project_out(hidden)
+        return hidden
 
 
 class HeadLayer(StageLayer):
-    """Untied LM head: ``hidden`` -> ``logits``."""
+    """Untied LM head: ``hidden`` -> ``logits``, soft-capped where the HF model soft-caps them (Gemma-2)."""
 
     def __init__(self, skeleton: ModelSkeleton, layer_index: int, device: str = "cpu") -> None:
         super().__init__()
         prefix = skeleton.adapter.lm_head
         self.adopt("lm_head", skeleton.materialize(prefix, device, layer_index), prefix)
+        self.final_logit_softcap = skeleton.adapter.final_logit_softcap(skeleton.config)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+        return softcap(self.lm_head(hidden), self.final_logit_softcap)
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: Any) -> torch.Tensor:

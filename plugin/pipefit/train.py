@@ -2,16 +2,19 @@
 
 Everything that can be wrong with the inputs is checked before a process group exists. Every
 rank writes into one ``output_dir``; rank 0 writes ``config.yaml``, ``ds_config.json``,
-``metrics.jsonl`` (one JSON line per optimizer step, appended) and ``train.log``.
+``metrics.jsonl`` (one JSON line per optimizer step, appended; ``eval_loss``, ``eval_ppl`` and
+``eval_tokens`` on evaluated steps), ``train.log`` and, with ``train.tensorboard``, ``tensorboard/``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import socket
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -20,10 +23,17 @@ from typing import Any
 import torch
 
 from pipefit import build as build_mod
-from pipefit.config import RunConfig, check_world, validate
-from pipefit.data import BatchLayout, build_batches
-from pipefit.ds_config import apply_accelerate_settings, build_ds_config, load_base_config, read_accelerate_env
+from pipefit.config import ConfigError, RunConfig, check_world, validate
+from pipefit.data import BatchLayout, GlobalBatches, build_batches
+from pipefit.ds_config import (
+    apply_accelerate_settings,
+    build_ds_config,
+    check_precision,
+    load_base_config,
+    read_accelerate_env,
+)
 from pipefit.schedule import scheduler_factory
+from pipefit.stages import IGNORE_INDEX
 
 log = logging.getLogger("pipefit")
 
@@ -92,12 +102,19 @@ class Prepared:
     def __init__(self, run: RunConfig, world_size: int, base_ds_config: dict[str, Any] | None = None) -> None:
         self.run = run
         self.base_ds_config = base_ds_config  # keys of a user's --deepspeed_config_file pipefit does not derive
+        check_precision(run.train.precision)  # e.g. fp16 where the accelerator has none: one line, no ranks yet
         m = run.model
         overrides = dict(m.hf_config)
         self.hf_config = build_mod.load_hf_config(m.path, overrides)
         self.hf_config._attn_implementation = m.attn_implementation
         self.skeleton = build_mod.make_skeleton(self.hf_config, seed=run.train.seed)
         self.plan = build_mod.layer_plan(self.skeleton)
+        make_batches = build_batches
+        if self.skeleton.adapter.kind == "encoder":  # encoder tasks (BERT): checks, masked-LM/labelled batches
+            from pipefit import encoder
+
+            encoder.check_run(run, self.skeleton)
+            make_batches = encoder.make_batches_factory(self.hf_config)
         from pipefit import costs
 
         stages = run.pipeline.stages
@@ -140,8 +157,12 @@ class Prepared:
                 world_size,
                 self.resume_same_shape,
             )
+        from pipefit import trainable
+
+        trainable.check_prepared(self)  # train.freeze / lora: patterns, targets, every stage trainable
         self.layout = BatchLayout(run.train.micro_batch_size, run.train.grad_accum_steps, self.dp)
-        self.batches, self.eval_batches = build_batches(run.data, self.tokenizer, self.layout, run.train.seed)
+        self.batches, self.eval_batches = make_batches(run.data, self.tokenizer, self.layout, run.train.seed)
+        self.eval_rounds = eval_rounds(run.train.eval_batches, self.eval_batches)
 
 
 def explicit_keys(overrides: list[str]) -> set[str]:
@@ -163,7 +184,11 @@ def prepare(cfg: Any, overrides: list[str] | None = None, env: dict[str, str] | 
 
 
 def export_pipeline(engine: Any, prepared: Prepared, out_dir: Path, tag: str) -> None:
-    """Every stage writes its own shard (dp rank 0 only); rank 0 adds index, config, tokenizer; atomic."""
+    """Every stage writes its own shard (dp rank 0 only); rank 0 adds index, config, tokenizer; atomic.
+
+    Written are the trained weights in the model config's dtype (:func:`export_dtype`); under
+    bf16/fp16 those are the optimizer's fp32 master weights, cast once, not the rounded training copies.
+    """
     import torch.distributed as dist
 
     from pipefit.weights import finalize_export, hf_state_dict, staging_dir, write_shard
@@ -177,6 +202,8 @@ def export_pipeline(engine: Any, prepared: Prepared, out_dir: Path, tag: str) ->
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     dist.barrier()
+    masters = master_weights(engine)
+    dtype = export_dtype(prepared.hf_config)
     names: list[str] = []
     filename = f"model-{stage + 1:05d}-of-{num_stages:05d}.safetensors"
     if engine.grid.get_data_parallel_rank() == 0:
@@ -186,6 +213,9 @@ def export_pipeline(engine: Any, prepared: Prepared, out_dir: Path, tag: str) ->
             if id(layer) in tied_ids and stage != 0:
                 continue  # the tied embedding is saved once, by the stage that owns the embedding
             tensors.update(hf_state_dict(layer))
+        tensors = {
+            k: masters.get(v.data_ptr(), v).to(dtype) if v.is_floating_point() else v for k, v in tensors.items()
+        }
         write_shard(tensors, staging, filename)
         names = sorted(tensors)
     gathered: list[Any] = [None] * dist.get_world_size()
@@ -284,6 +314,9 @@ def _train_on_rank(
         raise RuntimeError(f"stage {stage_id} holds layers {local}, expected {wanted}; DeepSpeed version unsupported")
     if run.model.path:
         build_mod.load_weights(module, prepared.skeleton, run.model.path)
+    from pipefit import trainable
+
+    trainable.apply(module, prepared)  # train.freeze / lora, before the optimizer sees the parameters
     ds_cfg = build_ds_config(run, prepared.dp, device_kind, prepared.base_ds_config)
     if rank == 0:
         from omegaconf import OmegaConf
@@ -291,12 +324,18 @@ def _train_on_rank(
         write_atomic(output_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(run)))
         write_atomic(output_dir / "ds_config.json", json.dumps(ds_cfg, indent=2))
         _log_plan(prepared)
+    # bf16/fp16: DeepSpeed casts the parameters, then makes its fp32 master weights from the cast copies;
+    # the loaded fp32 values (kept on the host) become the masters instead.
+    mixed = run.train.precision != "fp32"
+    loaded = {n: p.data.to("cpu") for n, p in module.named_parameters()} if mixed else {}
     engine, _, _, _ = deepspeed.initialize(
         model=module,
         config=ds_cfg,
         model_parameters=weight_decay_groups(list(module.named_parameters()), run.optim.weight_decay),
         lr_scheduler=scheduler_factory(run.optim, run.train.max_steps),
     )
+    restore_fp32_masters(engine, loaded)
+    del loaded
     if run.zero.stage == 0 and run.optim.grad_clip > 0:
         install_global_norm_clipping(engine)
     if run.zero.stage == 1:
@@ -326,6 +365,7 @@ def _train_on_rank(
     if run.train.export:
         export_dir = output_dir / "hf_model"
         export_pipeline(engine, prepared, export_dir, tag=f"step{run.train.max_steps}")
+        trainable.export_adapter(engine, prepared, output_dir / trainable.ADAPTER_DIR)  # lora: peft folder
         save_probe_logits(engine, prepared, export_dir)
         if rank == 0:
             log.info("exported Hugging Face model to %s", export_dir)
@@ -411,6 +451,84 @@ def install_global_norm_clipping(engine: Any) -> None:
     engine.clip_fp32_gradients = clip_fp32_gradients
 
 
+def restore_fp32_masters(engine: Any, loaded: dict[str, torch.Tensor]) -> None:
+    """Make ``loaded`` (fp32 values by parameter name) the optimizer's fp32 master weights.
+
+    Under bf16/fp16 DeepSpeed would start its masters from the rounded copies; this keeps a loaded
+    (or freshly initialised) fp32 model exact. Each rank writes only its own shard: no collective.
+    """
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    for name, param in engine.module.named_parameters():
+        value = loaded.get(name)
+        if value is not None and value.dtype == torch.float32 and param.requires_grad:
+            safe_set_full_fp32_param(param, value.to(param.device))
+
+
+def master_weights(engine: Any) -> dict[int, torch.Tensor]:
+    """The fp32 master copy of each parameter under bf16/fp16, keyed by the parameter's ``data_ptr()``.
+
+    Collective over each stage's data-parallel group (ZeRO shards the masters): every rank calls it.
+    Empty under fp32, where the module's parameters are the masters.
+    """
+    if not (engine.bfloat16_enabled() or engine.fp16_enabled()):
+        return {}
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    out = {}
+    for param in engine.module.parameters():
+        full = safe_get_full_fp32_param(param)
+        if full is not None:
+            out[param.data_ptr()] = full.detach().to("cpu")
+    return out
+
+
+def export_dtype(hf_config: Any) -> torch.dtype:
+    """The dtype the export writes: the model config's ``dtype`` (fp32 when it names none)."""
+    dtype = getattr(hf_config, "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
+def eval_rounds(requested: int, batches: GlobalBatches | None) -> int:
+    """Rounds (``micro_batch_size x dp`` held-out rows each) one evaluation reads; ``train.eval_batches=0``: all."""
+    if batches is None:
+        return 0
+    available = batches.steps_per_epoch
+    if requested > available:
+        raise ConfigError(
+            f"train.eval_batches={requested} is more than the evaluation data holds: {available} rounds of "
+            f"{batches.layout.global_batch_size} rows; accepted: 0 (all) to {available}"
+        )
+    return requested or available
+
+
+def evaluate(engine: Any, batches: GlobalBatches, rounds: int) -> tuple[float, int]:
+    """Token-weighted mean loss over the first ``rounds`` evaluation rounds (every data-parallel rank's
+    rows) and the number of target tokens it covers; the same value on every rank. Collective.
+
+    ``engine.eval_batch`` averages the micro-batch losses over micro-batches and data-parallel ranks,
+    and each micro-batch's loss is its summed token loss times ``scale``. With
+    ``scale = micro-batches x dp / T`` (T: target tokens in every row read) that average is exactly
+    ``sum(token losses) / T``, however the targets are spread over rows and ranks.
+    """
+    dp = batches.layout.dp
+    dp_rank = engine.grid.get_data_parallel_rank()
+    tokens = 0
+    mine = []
+    for step in range(rounds):
+        for r in range(dp):
+            for inputs, (targets, _) in batches.micro_batches(step, r):
+                tokens += int((targets != IGNORE_INDEX).sum())
+                if r == dp_rank:
+                    mine.append((inputs, targets))
+    scale = torch.tensor([len(mine) * dp / max(tokens, 1)])
+    loss = engine.eval_batch(iter([(x, (y, scale)) for x, y in mine]), num_micro_batches=len(mine))
+    engine.module.train()
+    return float(loss), tokens
+
+
 def save_probe_logits(engine: Any, prepared: Prepared, export_dir: Path) -> None:
     """Run one micro-batch through the trained pipeline and keep its logits beside the export.
 
@@ -449,6 +567,7 @@ def _write_partition(engine: Any, prepared: Prepared, output_dir: Path, rank: in
         "layers": [module._local_start, module._local_stop],
         "params": sum(p.numel() for p in module.parameters()),
         "optimizer_state_bytes": optimizer_state_bytes(engine),
+        "param_dtype": str(next(module.parameters()).dtype).replace("torch.", ""),
     }
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, built)
@@ -474,11 +593,83 @@ def _log_plan(prepared: Prepared) -> None:
         )
 
 
+class _Reporter:
+    """What a step reports besides ``metrics.jsonl`` and the log: rank 0's tqdm bar and TensorBoard events.
+
+    With ``train.tensorboard`` every rank takes part in gathering the per-rank ``train_batch`` wall
+    times (one small all-gather a step); only rank 0 writes.
+    """
+
+    def __init__(self, engine: Any, run: RunConfig, output_dir: Path, rank: int, first: int) -> None:
+        t = run.train
+        self.engine = engine
+        self.gather = t.tensorboard
+        self.bar: Any = None
+        self.writer: Any = None
+        if rank != 0:
+            return
+        if t.progress_bar and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=t.max_steps, initial=first, unit="step", dynamic_ncols=True, file=sys.stderr)
+        if t.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # After a resume, TensorBoard drops what an earlier launch logged beyond the resumed step.
+            self.writer = SummaryWriter(str(output_dir / "tensorboard"), purge_step=first + 1 if first else None)
+
+    def stage_times(self, seconds: float) -> dict[int, float]:
+        """Each stage's ``train_batch`` wall time (its slowest data-parallel replica). Collective."""
+        import torch.distributed as dist
+
+        if not self.gather:
+            return {}
+        mine = torch.tensor([float(self.engine.stage_id), seconds], dtype=torch.float64, device=self.engine.device)
+        every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(every, mine)
+        out: dict[int, float] = {}
+        for stage, sec in (x.tolist() for x in every):
+            out[int(stage)] = max(out.get(int(stage), 0.0), sec)
+        return out
+
+    def step(self, record: dict[str, Any], stage_times: dict[int, float]) -> None:
+        step = record["step"]
+        if self.bar is not None:
+            shown = {"loss": f"{record['loss']:.4f}", "tok/s": f"{record['tokens_per_s'] or 0:.0f}"}
+            if "eval_loss" in record:
+                shown["eval"] = f"{record['eval_loss']:.4f}"
+            self.bar.set_postfix(shown, refresh=False)
+            self.bar.update(1)
+        if self.writer is not None:
+            for key, tag in (
+                ("loss", "train/loss"),
+                ("lr", "train/lr"),
+                ("grad_norm", "train/grad_norm"),
+                ("tokens_per_s", "train/tokens_per_s"),
+                ("step_time_s", "train/step_time_s"),
+                ("eval_loss", "eval/loss"),
+                ("eval_ppl", "eval/ppl"),
+            ):
+                if record.get(key) is not None:
+                    self.writer.add_scalar(tag, record[key], step)
+            for stage, sec in stage_times.items():
+                self.writer.add_scalar(f"stage_step_time_s/stage{stage}", sec, step)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
 def _loop(engine: Any, prepared: Prepared, output_dir: Path, rank: int, first: int = 0) -> tuple[list[float], int]:
     """Steps ``first+1`` to ``train.max_steps`` (at most ``train.stop_after_steps`` of them).
 
-    Returns the losses and the last step run.
+    Evaluates every ``train.eval_every`` steps and after step ``train.max_steps``. Returns the
+    losses and the last step run.
     """
+    from contextlib import ExitStack
+
     from pipefit import checkpoint
 
     run = prepared.run
@@ -489,37 +680,56 @@ def _loop(engine: Any, prepared: Prepared, output_dir: Path, rank: int, first: i
     last = run.train.max_steps
     if run.train.stop_after_steps is not None:
         last = min(last, first + run.train.stop_after_steps)
+    every_eval = run.train.eval_every
+    reporter = _Reporter(engine, run, output_dir, rank, first)
     step = first
-    for step in range(first + 1, last + 1):
-        lr = float(engine.get_lr()[0])  # the rate this step's update uses
-        t0 = time.time()
-        loss = engine.train_batch()
-        dt = time.time() - t0
-        value = float(loss.detach().float().cpu())
-        losses.append(value)
-        if rank == 0:
-            norm = engine.get_global_grad_norm()
-            record = {
-                "step": step,
-                "loss": value,
-                "lr": lr,
-                "grad_norm": None if norm is None else float(norm),
-                "tokens_per_s": tokens / dt if dt > 0 else None,
-                "step_time_s": dt,
-                "wall_time_s": time.time() - start,
-                "time": time.time(),
-            }
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            if step % run.train.log_every == 0 or step == run.train.max_steps:
-                log.info(
-                    "step %d/%d loss %.4f lr %.2e tokens/s %.0f", step, run.train.max_steps, value, lr, tokens / dt
-                )
-        every = run.train.save_every
-        if (every and step % every == 0) or (step == last and (every or last < run.train.max_steps)):
-            path = checkpoint.save(engine, prepared, output_dir, step, rank)
+    with ExitStack() as stack:
+        stack.callback(reporter.close)
+        if reporter.bar is not None:
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            stack.enter_context(logging_redirect_tqdm())  # log lines print above the bar
+        for step in range(first + 1, last + 1):
+            lr = float(engine.get_lr()[0])  # the rate this step's update uses
+            t0 = time.time()
+            loss = engine.train_batch()
+            dt = time.time() - t0
+            value = float(loss.detach().float().cpu())
+            losses.append(value)
+            stage_times = reporter.stage_times(dt)
+            evaluated = None
+            if every_eval and (step % every_eval == 0 or step == run.train.max_steps):
+                assert prepared.eval_batches is not None  # validate() requires evaluation data
+                evaluated = evaluate(engine, prepared.eval_batches, prepared.eval_rounds)
             if rank == 0:
-                log.info("saved checkpoint %s", path)
+                norm = engine.get_global_grad_norm()
+                record: dict[str, Any] = {
+                    "step": step,
+                    "loss": value,
+                    "lr": lr,
+                    "grad_norm": None if norm is None else float(norm),
+                    "tokens_per_s": tokens / dt if dt > 0 else None,
+                    "step_time_s": dt,
+                }
+                if evaluated is not None:
+                    eval_loss, eval_tokens = evaluated
+                    ppl = math.exp(eval_loss) if eval_loss < 700 else math.inf
+                    record.update({"eval_loss": eval_loss, "eval_ppl": ppl, "eval_tokens": eval_tokens})
+                record.update({"wall_time_s": time.time() - start, "time": time.time()})
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+                if step % run.train.log_every == 0 or step == run.train.max_steps:
+                    log.info(
+                        "step %d/%d loss %.4f lr %.2e tokens/s %.0f", step, run.train.max_steps, value, lr, tokens / dt
+                    )
+                if evaluated is not None:
+                    log.info("step %d eval loss %.4f ppl %.3f (%d tokens)", step, eval_loss, ppl, eval_tokens)
+                reporter.step(record, stage_times)
+            every = run.train.save_every
+            if (every and step % every == 0) or (step == last and (every or last < run.train.max_steps)):
+                path = checkpoint.save(engine, prepared, output_dir, step, rank)
+                if rank == 0:
+                    log.info("saved checkpoint %s", path)
     return losses, step
 
 
@@ -532,8 +742,6 @@ def user_error_types() -> tuple[type[BaseException], ...]:
 
 def main(cfg: Any, overrides: list[str]) -> dict[str, Any]:
     """Recipe entry: prepare (all checks, no process group), then train. Bad input: one line, exit 2."""
-    import sys
-
     try:
         _ensure_single_process_env()
         prepared = prepare(cfg, overrides)

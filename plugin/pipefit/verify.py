@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from pipefit import build as build_mod
+from pipefit.adapters import for_config
 from pipefit.config import RunConfig
 from pipefit.stages import IGNORE_INDEX, causal_lm_loss
 
@@ -52,10 +53,9 @@ def _inputs_to_layers(
     handles = []
     for idx in indices:
         layer = plan[idx]
-        if layer.kind == "block":
-            prefix = a.block_prefix(layer.block_index)
-        elif layer.kind == "norm":
-            prefix = a.final_norm
+        if layer.kind in ("block", "norm") and layer.hf_prefixes:
+            # The first HF module the layer runs (a block; the final norm, or OPT's project_out without one).
+            prefix = layer.hf_prefixes[0]
         else:
             prefix = a.lm_head
 
@@ -69,6 +69,10 @@ def _inputs_to_layers(
 def verify(run: RunConfig, batch_size: int = 2, seq_len: int = 32, seed: int = 0) -> VerifyReport:
     hf_config = build_mod.load_hf_config(run.model.path, dict(run.model.hf_config))
     hf_config._attn_implementation = run.model.attn_implementation
+    if for_config(hf_config).kind == "encoder":  # encoder families: compared with their task's HF model
+        from pipefit import encoder
+
+        return encoder.verify(run, hf_config, batch_size, seq_len, seed)
     skeleton = build_mod.make_skeleton(hf_config, seed=run.train.seed)
     plan = build_mod.layer_plan(skeleton)
     boundaries = build_mod.boundaries_for(

@@ -80,10 +80,12 @@ class SafetensorsReader:
 
 
 def hf_state_dict(layer: StageLayer) -> dict[str, torch.Tensor]:
-    """The layer's persistent tensors under their HF names."""
+    """The layer's persistent tensors under their HF names (LoRA adapters merged into their base weights)."""
+    from pipefit.trainable import plain_state_dict
+
     out: dict[str, torch.Tensor] = {}
     for local, prefix in layer.hf_prefixes.items():
-        for key, tensor in getattr(layer, local).state_dict().items():
+        for key, tensor in plain_state_dict(getattr(layer, local)).items():
             out[f"{prefix}.{key}"] = tensor
     return out
 
