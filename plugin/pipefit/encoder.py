@@ -682,7 +682,7 @@ def verify(run: RunConfig, hf_config: Any, batch_size: int = 2, seq_len: int = 3
     from pipefit import build as build_mod
     from pipefit.build import stage_layers
     from pipefit.stages import causal_lm_loss
-    from pipefit.verify import VerifyReport
+    from pipefit.verify import VerifyReport, run_stages
     from pipefit.weights import SafetensorsReader, hf_state_dict
 
     skeleton = build_mod.make_skeleton(hf_config, seed=run.train.seed)
@@ -750,15 +750,7 @@ def verify(run: RunConfig, hf_config: Any, batch_size: int = 2, seq_len: int = 3
     try:
         with torch.no_grad():
             ref = model(input_ids=ids, attention_mask=real, labels=targets)
-            x: Any = (ids, pos)
-            crossing: dict[int, torch.Tensor] = {}
-            for s, layers in enumerate(stages):
-                for layer in layers:
-                    layer.eval()
-                    x = layer(x)
-                if s < len(stages) - 1:
-                    crossing[boundaries[s + 1]] = x[0] if isinstance(x, tuple) else x
-            logits = x.float()
+            logits, crossing = run_stages(stages, boundaries, (ids, pos))
     finally:
         for h in handles:
             h.remove()

@@ -12,6 +12,7 @@ ids as document starts and keep documents (and padding) apart, exactly as every 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -46,8 +47,10 @@ def train_reference(
         weight_decay_groups(list(model.named_parameters()), o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps
     )
     scheduler = scheduler_factory(o, run.train.max_steps)(optimizer)
-    for _ in range(start_step):
-        scheduler.step()
+    with warnings.catch_warnings():  # stepping the schedule ahead, before any optimizer step, is the point
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(start_step):
+            scheduler.step()
     lay = batches.layout
     model.train()
     losses = []

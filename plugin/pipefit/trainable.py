@@ -26,9 +26,7 @@ optimizer over no parameters.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import sys
 import uuid
 import zlib
@@ -413,13 +411,9 @@ def write_adapter_folder(
     )
     config.save_pretrained(str(staging))
     json.loads((staging / "adapter_config.json").read_text())  # written whole
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out_dir, old)
-        os.replace(staging, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, out_dir)
+    from pipefit.weights import replace_dir
+
+    replace_dir(staging, out_dir)
 
 
 def export_adapter(engine: Any, prepared: Any, out_dir: Path) -> None:

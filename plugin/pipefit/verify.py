@@ -66,6 +66,26 @@ def _inputs_to_layers(
     return captured, handles
 
 
+def run_stages(
+    stages: list[list[Any]], boundaries: list[int], inputs: Any
+) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """Feed ``inputs`` through every stage's layers in order (eval mode, no grad).
+
+    Returns the float logits and the hidden state leaving each stage, keyed by the first layer
+    index of the next stage.
+    """
+    x: Any = inputs
+    crossing: dict[int, torch.Tensor] = {}
+    with torch.no_grad():
+        for s, layers in enumerate(stages):
+            for layer in layers:
+                layer.eval()
+                x = layer(x)
+            if s < len(stages) - 1:
+                crossing[boundaries[s + 1]] = x[0] if isinstance(x, tuple) else x
+    return x.float(), crossing
+
+
 def verify(run: RunConfig, batch_size: int = 2, seq_len: int = 32, seed: int = 0) -> VerifyReport:
     hf_config = build_mod.load_hf_config(run.model.path, dict(run.model.hf_config))
     hf_config._attn_implementation = run.model.attn_implementation
@@ -100,15 +120,7 @@ def verify(run: RunConfig, batch_size: int = 2, seq_len: int = 32, seed: int = 0
     try:
         with torch.no_grad():
             ref_logits = model(input_ids=ids, position_ids=pos).logits.float()
-            x: Any = (ids, pos)
-            crossing: dict[int, torch.Tensor] = {}
-            for s, layers in enumerate(stages):
-                for layer in layers:
-                    layer.eval()
-                    x = layer(x)
-                if s < len(stages) - 1:
-                    crossing[boundaries[s + 1]] = x[0] if isinstance(x, tuple) else x
-            logits = x.float()
+            logits, crossing = run_stages(stages, boundaries, (ids, pos))
     finally:
         for h in handles:
             h.remove()

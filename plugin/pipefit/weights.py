@@ -169,6 +169,12 @@ def finalize_export(
     if tokenizer is not None:
         tokenizer.save_pretrained(staging)
     _fsync_dir(staging)
+    replace_dir(staging, out_dir)
+
+
+def replace_dir(staging: Path, out_dir: Path) -> None:
+    """Put the finished folder ``staging`` at ``out_dir``, replacing any old one by renames only:
+    a reader sees the old folder or the new one, never a mix."""
     if out_dir.exists():
         old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
         os.replace(out_dir, old)
