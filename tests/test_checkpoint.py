@@ -182,7 +182,11 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path: Path):
     moved = max(float((reference.state_dict()[k] - before[k]).abs().max()) for k in before)
     assert moved > 1e-4
     for k, v in reference.state_dict().items():
-        torch.testing.assert_close(got[k], v, atol=2e-6, rtol=0, msg=k)
+        # A fresh Adam's first update is lr * g / (|g| + eps): elements whose gradient is near eps
+        # move by a few 1e-6 with the summation order (threads); the mean shows the weights'
+        # origin (about 1e-9 from the reference, 1e-3 if the update started from other weights).
+        diff = (got[k] - v).abs()
+        assert float(diff.mean()) <= 1e-7 and float(diff.max()) <= 1e-4, (k, float(diff.mean()), float(diff.max()))
 
 
 def _real_checkpoint(tmp_path: Path) -> tuple[Path, list[str]]:
