@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import saved_model
 from launching import REPO, compose, metrics, run_recipe, tail
+from pipefit import trainable
 from pipefit.config import ConfigError, RunConfig, validate
 from pipefit.data import BatchLayout, GlobalBatches
 from pipefit.reference import evaluate_reference, train_reference
@@ -262,7 +263,11 @@ def test_bf16_run_tracks_the_fp32_reference(tmp_path: Path) -> None:
     folder, initial = saved_model(tmp_path, "llama")
     out = tmp_path / "run"
     # grad_clip below the gradient norm (~1.4), so clipping by the global norm is exercised.
-    overrides = _overrides(folder, out, ["train.precision=bf16", "optim.grad_clip=0.5", "zero.stage=1"])
+    # One frozen matrix: it has no fp32 master, and must still be exported exactly as loaded.
+    frozen = "model.layers.0.mlp.down_proj.weight"
+    overrides = _overrides(
+        folder, out, ["train.precision=bf16", "optim.grad_clip=0.5", "zero.stage=1", f"train.freeze=[{frozen}]"]
+    )
     proc = run_recipe(overrides, num_processes=2)
     assert proc.returncode == 0, tail(proc)
     part = json.loads((out / "partition.json").read_text())
@@ -272,6 +277,8 @@ def test_bf16_run_tracks_the_fp32_reference(tmp_path: Path) -> None:
     run = validate(compose([o for o in overrides if o != "train.precision=bf16"]))
     prepared = Prepared(run, 2)
     reference = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa")
+    reference = trainable.reference_model(reference, run)
+    assert not reference.get_parameter(frozen).requires_grad
     norms: list[float] = []
     ref_losses = train_reference(reference, run, prepared.batches, STEPS, grad_norms=norms)
     records = metrics(out)
@@ -301,4 +308,5 @@ def test_bf16_run_tracks_the_fp32_reference(tmp_path: Path) -> None:
         f"update rel error {math.sqrt(err / update):.3f}"
     )
     assert int((~seen).sum()) > 1000 and unseen_diff <= 1e-7
+    assert torch.equal(exported[frozen], init_sd[frozen])  # not a bf16-rounded copy
     assert math.sqrt(err / update) <= 0.05

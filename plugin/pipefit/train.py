@@ -8,6 +8,7 @@ rank writes into one ``output_dir``; rank 0 writes ``config.yaml``, ``ds_config.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -16,6 +17,7 @@ import shutil
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -183,11 +185,15 @@ def prepare(cfg: Any, overrides: list[str] | None = None, env: dict[str, str] | 
     return Prepared(run, world, load_base_config(settings))
 
 
-def export_pipeline(engine: Any, prepared: Prepared, out_dir: Path, tag: str) -> None:
+def export_pipeline(
+    engine: Any, prepared: Prepared, out_dir: Path, tag: str, frozen_fp32: dict[int, torch.Tensor] | None = None
+) -> None:
     """Every stage writes its own shard (dp rank 0 only); rank 0 adds index, config, tokenizer; atomic.
 
     Written are the trained weights in the model config's dtype (:func:`export_dtype`); under
-    bf16/fp16 those are the optimizer's fp32 master weights, cast once, not the rounded training copies.
+    bf16/fp16 those are the optimizer's fp32 master weights and, for frozen parameters (which have
+    no master), their fp32 values as loaded (``frozen_fp32``, by ``id(param)``), cast once, never the
+    rounded training copies. LoRA adapters are merged in fp32 too.
     """
     import torch.distributed as dist
 
@@ -202,7 +208,7 @@ def export_pipeline(engine: Any, prepared: Prepared, out_dir: Path, tag: str) ->
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     dist.barrier()
-    masters = master_weights(engine)
+    fp32 = {**(frozen_fp32 or {}), **master_weights(engine)}
     dtype = export_dtype(prepared.hf_config)
     names: list[str] = []
     filename = f"model-{stage + 1:05d}-of-{num_stages:05d}.safetensors"
@@ -212,10 +218,10 @@ def export_pipeline(engine: Any, prepared: Prepared, out_dir: Path, tag: str) ->
         for layer in build_mod.stage_layers(module):
             if id(layer) in tied_ids and stage != 0:
                 continue  # the tied embedding is saved once, by the stage that owns the embedding
-            tensors.update(hf_state_dict(layer))
-        tensors = {
-            k: masters.get(v.data_ptr(), v).to(dtype) if v.is_floating_point() else v for k, v in tensors.items()
-        }
+            with fp32_parameters(layer, fp32):
+                tensors.update(
+                    {k: v.to(dtype) if v.is_floating_point() else v for k, v in hf_state_dict(layer).items()}
+                )
         write_shard(tensors, staging, filename)
         names = sorted(tensors)
     gathered: list[Any] = [None] * dist.get_world_size()
@@ -335,6 +341,8 @@ def _train_on_rank(
         lr_scheduler=scheduler_factory(run.optim, run.train.max_steps),
     )
     restore_fp32_masters(engine, loaded)
+    # Frozen parameters have no fp32 master: keep their loaded values for an exact export.
+    frozen_fp32 = {id(p): loaded[n] for n, p in engine.module.named_parameters() if n in loaded and not p.requires_grad}
     del loaded
     if run.zero.stage == 0 and run.optim.grad_clip > 0:
         install_global_norm_clipping(engine)
@@ -364,7 +372,7 @@ def _train_on_rank(
         return {"losses": losses, "boundaries": prepared.boundaries, "stage": engine.stage_id, "last_step": last}
     if run.train.export:
         export_dir = output_dir / "hf_model"
-        export_pipeline(engine, prepared, export_dir, tag=f"step{run.train.max_steps}")
+        export_pipeline(engine, prepared, export_dir, f"step{run.train.max_steps}", frozen_fp32)
         trainable.export_adapter(engine, prepared, output_dir / trainable.ADAPTER_DIR)  # lora: peft folder
         save_probe_logits(engine, prepared, export_dir)
         if rank == 0:
@@ -465,8 +473,24 @@ def restore_fp32_masters(engine: Any, loaded: dict[str, torch.Tensor]) -> None:
             safe_set_full_fp32_param(param, value.to(param.device))
 
 
+@contextlib.contextmanager
+def fp32_parameters(layer: torch.nn.Module, values: dict[int, torch.Tensor]) -> Iterator[None]:
+    """Within the block, each parameter of ``layer`` found in ``values`` (by ``id``) holds that fp32 value."""
+    swapped = []
+    for param in layer.parameters():
+        value = values.get(id(param))
+        if value is not None:
+            swapped.append((param, param.data))
+            param.data = value.to(param.device)
+    try:
+        yield
+    finally:
+        for param, data in swapped:
+            param.data = data
+
+
 def master_weights(engine: Any) -> dict[int, torch.Tensor]:
-    """The fp32 master copy of each parameter under bf16/fp16, keyed by the parameter's ``data_ptr()``.
+    """The fp32 master copy of each parameter under bf16/fp16, keyed by ``id(param)``.
 
     Collective over each stage's data-parallel group (ZeRO shards the masters): every rank calls it.
     Empty under fp32, where the module's parameters are the masters.
@@ -479,7 +503,7 @@ def master_weights(engine: Any) -> dict[int, torch.Tensor]:
     for param in engine.module.parameters():
         full = safe_get_full_fp32_param(param)
         if full is not None:
-            out[param.data_ptr()] = full.detach().to("cpu")
+            out[id(param)] = full.detach().to("cpu")
     return out
 
 
