@@ -488,3 +488,17 @@ def test_saved_dataset_split_errors(tmp_path: Path, tokenizer: Any) -> None:
     datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["one"]})}).save_to_disk(str(tmp_path / "dict"))
     err = _build_error(tmp_path, tokenizer, None, source="hub", path=str(tmp_path / "dict"), split="dev")
     assert err == f"data.split='dev' is not a split of data.path={str(tmp_path / 'dict')!r}; splits: train"
+
+
+def test_pack_is_refused_for_a_family_whose_mask_ignores_positions() -> None:
+    """OPT's HF mask is built without position ids: packed documents would see each other."""
+    from launching import compose
+    from pipefit.train import Prepared
+
+    with pytest.raises(ConfigError) as info:
+        Prepared(validate(compose(["model=opt_tiny", "data.layout=pack"])), 2)
+    message = str(info.value)
+    assert "\n" not in message
+    assert "data.layout=pack" in message and "OPTConfig" in message and "data.layout=pad" in message
+    # The families that rebuild masks from position ids pack as usual.
+    assert Prepared(validate(compose(["model=llama_tiny", "data.layout=pack"])), 2).batches.rows.layout == "pack"

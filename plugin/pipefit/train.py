@@ -111,6 +111,11 @@ class Prepared:
         self.hf_config._attn_implementation = m.attn_implementation
         self.skeleton = build_mod.make_skeleton(self.hf_config, seed=run.train.seed)
         self.plan = build_mod.layer_plan(self.skeleton)
+        if run.data.layout == "pack" and not self.skeleton.adapter.mask_uses_position_ids:
+            raise ConfigError(
+                f"data.layout=pack is not accepted for {type(self.hf_config).__name__}: its attention mask ignores "
+                "position ids (as in HF), so packed documents would attend to each other; use data.layout=pad"
+            )
         make_batches = build_batches
         if self.skeleton.adapter.kind == "encoder":  # encoder tasks (BERT): checks, masked-LM/labelled batches
             from pipefit import encoder
