@@ -33,6 +33,21 @@ def run_recipe(
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
+def local_run(folder: Path, out: Path, steps: int, *extra: str, accum: int = 2, warmup: int = 1) -> list[str]:
+    """Overrides for a short run of the saved model in ``folder``: 32-token rows, micro-batches of 2."""
+    return [
+        "model=local",
+        f"model.path={folder}",
+        "data.seq_len=32",
+        f"train.max_steps={steps}",
+        "train.micro_batch_size=2",
+        f"train.grad_accum_steps={accum}",
+        f"optim.warmup_steps={warmup}",
+        f"output_dir={out}",
+        *extra,
+    ]
+
+
 def metrics(output_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 

@@ -22,7 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import saved_model
-from launching import REPO, compose, metrics, run_recipe, tail
+from launching import REPO, compose, local_run, metrics, run_recipe, tail
 from pipefit import trainable
 from pipefit.config import ConfigError, RunConfig, validate
 from pipefit.data import BatchLayout, GlobalBatches
@@ -152,19 +152,7 @@ STEPS = 4
 
 
 def _overrides(folder: Path, out: Path, extra: list[str]) -> list[str]:
-    return [
-        "model=local",
-        f"model.path={folder}",
-        "data.seq_len=32",
-        f"train.max_steps={STEPS}",
-        "train.micro_batch_size=2",
-        "train.grad_accum_steps=2",
-        "optim.warmup_steps=1",
-        "pipeline.partition=manual",
-        "pipeline.boundaries=[0,2,6]",
-        f"output_dir={out}",
-        *extra,
-    ]
+    return local_run(folder, out, STEPS, "pipeline.partition=manual", "pipeline.boundaries=[0,2,6]", *extra)
 
 
 @pytest.mark.slow

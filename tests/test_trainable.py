@@ -22,7 +22,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from conftest import random_tokens, run_layers, saved_model, tiny_hf_config
-from launching import compose, metrics, run_recipe, tail
+from launching import compose, local_run, metrics, run_recipe, tail
 from pipefit import trainable
 from pipefit.build import build_layers, layer_plan, load_weights, make_skeleton, stage_layers, tied_aliases
 from pipefit.config import ConfigError, LoraConfig, RunConfig, TrainConfig, validate
@@ -241,20 +241,9 @@ STEPS = 4
 
 
 def _overrides(folder: Path, out: Path, zero: int, extra: list[str]) -> list[str]:
-    return [
-        "model=local",
-        f"model.path={folder}",
-        "data.seq_len=32",
-        f"train.max_steps={STEPS}",
-        "train.micro_batch_size=2",
-        "train.grad_accum_steps=2",
-        "optim.warmup_steps=1",
-        f"zero.stage={zero}",
-        "pipeline.partition=manual",
-        "pipeline.boundaries=[0,3,6]",
-        f"output_dir={out}",
-        *extra,
-    ]
+    return local_run(
+        folder, out, STEPS, f"zero.stage={zero}", "pipeline.partition=manual", "pipeline.boundaries=[0,3,6]", *extra
+    )
 
 
 def _reference(folder: Path, overrides: list[str]) -> tuple[object, object, list[float]]:

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import saved_model
-from launching import compose, metrics, run_recipe, tail
+from launching import compose, local_run, metrics, run_recipe, tail
 from pipefit.config import validate
 from pipefit.reference import train_reference
 from pipefit.train import Prepared
@@ -29,18 +29,7 @@ PACK_TEXT = Path(email.__file__).parent / "architecture.rst"
 
 
 def _overrides(folder: Path, out: Path, zero: int, extra: list[str]) -> list[str]:
-    return [
-        "model=local",
-        f"model.path={folder}",
-        "data.seq_len=32",
-        f"train.max_steps={STEPS}",
-        "train.micro_batch_size=2",
-        "train.grad_accum_steps=3",
-        "optim.warmup_steps=2",
-        f"zero.stage={zero}",
-        f"output_dir={out}",
-        *extra,
-    ]
+    return local_run(folder, out, STEPS, f"zero.stage={zero}", *extra, accum=3, warmup=2)
 
 
 @pytest.mark.parametrize(
