@@ -4,8 +4,9 @@ Masked LM (tied and untied decoder) and sequence classification: every 2- and 3-
 equals ``BertForMaskedLM`` / ``BertForSequenceClassification`` on a right-padded batch (HF fed the
 attention mask), losses included; documents packed in one row attend only within themselves;
 weights load from task, other-task and bare ``BertModel`` checkpoints; exports reload with
-``from_pretrained``; masked-LM masks are the same for any data-parallel split. The slow test trains
-a masked LM as a 2-stage pipeline through the recipe and compares it with one-process training.
+``from_pretrained``; masked-LM masks are the same for any data-parallel split. The slow tests train
+a masked LM (2 stages) and a sequence classifier (2 stages x 2 data-parallel ranks, ZeRO-1) through
+the recipe and compare them with one-process training.
 """
 
 from __future__ import annotations
@@ -513,3 +514,122 @@ def test_masked_lm_pipeline_training_matches_single_process_and_exports(tmp_path
     with torch.no_grad():
         relogits = BertForMaskedLM.from_pretrained(again).eval()(input_ids=probe["input_ids"]).logits
     torch.testing.assert_close(relogits, probe["logits"], **TOL)
+
+
+# Three topics, one label each; texts of 4 to 35 tokens, so rows of 16 are padded or truncated.
+TOPICS = [
+    "the cat sat on the warm mat and purred",
+    "stock prices fell sharply as markets closed lower today",
+    "rain and strong wind are expected over the northern hills",
+]
+
+
+def classification_jsonl(path: Path, n: int = 48) -> list[dict[str, Any]]:
+    """``n`` distinct short texts (lengths vary row to row), labelled by topic 0..2, written as JSON Lines."""
+    examples = []
+    for i in range(n):
+        label = i % 3
+        words = TOPICS[label].split()
+        text = f"item {i}: " + " ".join(words[: 1 + (i * 5) % len(words)]) + " again" * (i % 11 if i % 4 == 3 else 0)
+        examples.append({"text": text, "label": label})
+    path.write_text("".join(json.dumps(e) + "\n" for e in examples))
+    return examples
+
+
+class _AttentionMasked(nn.Module):
+    """The HF classifier fed HF's own padding mask (``input_ids != pad``) and default positions:
+    nothing of pipefit's position-id padding scheme reaches the reference."""
+
+    def __init__(self, model: nn.Module, pad_id: int) -> None:
+        super().__init__()
+        self.model = model
+        self.pad_id = pad_id
+
+    def forward(self, input_ids: torch.Tensor, position_ids: Any = None, use_cache: bool = False) -> Any:
+        return self.model(input_ids=input_ids, attention_mask=(input_ids != self.pad_id).long())
+
+
+@pytest.mark.slow
+def test_classification_pipeline_training_matches_single_process_and_exports(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
+
+    from launching import compose, metrics, run_recipe, tail
+    from pipefit.config import validate
+    from pipefit.reference import train_reference
+    from pipefit.train import Prepared
+
+    steps, seq, ranks = 4, 16, 4
+    folder, initial = saved_bert(tmp_path, "cls")
+    data = tmp_path / "train.jsonl"
+    examples = classification_jsonl(data)
+    out = tmp_path / "run"
+    overrides = [
+        "model=local",
+        f"model.path={folder}",
+        "data=json",
+        f"data.data_files=[{data}]",
+        f"data.seq_len={seq}",
+        f"train.max_steps={steps}",
+        "train.micro_batch_size=2",
+        "train.grad_accum_steps=2",
+        "zero.stage=1",
+        "pipeline.stages=2",
+        "optim.warmup_steps=2",
+        f"output_dir={out}",
+    ]
+    proc = run_recipe(overrides, num_processes=ranks)
+    assert proc.returncode == 0, tail(proc)
+
+    # The reference's batches come from HF's tokenizer (padding="max_length" + attention mask) and the
+    # JSONL's labels; only the order of examples is read from pipefit's batches (matched by content).
+    run_cfg = validate(compose(overrides))
+    prepared = Prepared(run_cfg, ranks)
+    lay = prepared.batches.layout
+    assert (lay.dp, lay.grad_accum_steps) == (2, 2)
+    tokenizer = _tokenizer()
+    hf = tokenizer(
+        [e["text"] for e in examples], truncation=True, max_length=seq, padding="max_length", return_tensors="pt"
+    )
+    pad_id = int(tokenizer.pad_token_id)
+    assert torch.equal(hf["attention_mask"].bool(), hf["input_ids"] != pad_id)
+    lengths = hf["attention_mask"].sum(1)
+    assert int(lengths.min()) <= 5 and int(lengths.max()) == seq and (lengths < seq).sum() >= 30
+    index = {tuple(row.tolist()): i for i, row in enumerate(hf["input_ids"])}
+    assert len(index) == len(examples)
+    labels = torch.tensor([e["label"] for e in examples])
+
+    class HFBatches:
+        layout = lay
+
+        @staticmethod
+        def micro_batches(step: int, dp_rank: int) -> list[Any]:
+            # scale: the mean over the global batch's examples, times the grad_accum x dp DeepSpeed divides by.
+            scale = torch.tensor([1.0 / lay.micro_batch_size])
+            batches = []
+            for (ids, _), _ in prepared.batches.micro_batches(step, dp_rank):
+                rows = [index[tuple(r.tolist())] for r in ids]
+                batches.append(((hf["input_ids"][rows], None), (labels[rows], scale)))
+            return batches
+
+    reference = BertForSequenceClassification.from_pretrained(folder, attn_implementation="sdpa")
+    ref_losses = train_reference(_AttentionMasked(reference, pad_id), run_cfg, HFBatches(), steps)
+    pipe_losses = [m["loss"] for m in metrics(out)]
+    assert len(pipe_losses) == steps
+    rel = [abs(a - b) / abs(b) for a, b in zip(pipe_losses, ref_losses, strict=True)]
+    assert max(rel) <= 1e-5, (pipe_losses, ref_losses)
+    print("classification losses, pipeline vs one process, max relative difference:", max(rel))
+
+    exported = AutoModelForSequenceClassification.from_pretrained(out / "hf_model").eval()
+    assert type(exported).__name__ == "BertForSequenceClassification"
+    ref_sd, exp_sd, init_sd = reference.state_dict(), exported.state_dict(), initial.state_dict()
+    assert set(ref_sd) == set(exp_sd)
+    assert max(float((ref_sd[k] - init_sd[k]).abs().max()) for k in ref_sd) > 1e-3
+    weight_diff = {k: float((exp_sd[k] - ref_sd[k]).abs().max()) for k in ref_sd}
+    assert max(weight_diff.values()) <= 2e-5, max(weight_diff.items(), key=lambda kv: kv[1])
+    print("classification weights, exported vs one process, max absolute difference:", max(weight_diff.values()))
+    # The pipeline's own logits on its first micro-batch (padded rows) are HF's with HF's attention mask.
+    probe = load_file(out / "hf_model" / "pipeline_probe.safetensors")
+    with torch.no_grad():
+        logits = _AttentionMasked(exported, pad_id)(probe["input_ids"]).logits
+    torch.testing.assert_close(logits, probe["logits"], **TOL)
