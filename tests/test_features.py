@@ -1,9 +1,9 @@
-"""Training features: activation checkpointing, bf16, evaluation every N steps, progress bar, TensorBoard.
+"""Training features: activation checkpointing, bf16/fp16, evaluation every N steps, progress bar, TensorBoard.
 
-The two multi-process runs (``slow``) compare with the single-process HF reference
+The multi-process runs (``slow``) compare with the single-process HF reference
 (:mod:`pipefit.reference`): a Llama pp=2 x dp=2 run with activation checkpointing at every layer,
 evaluation every 2 steps on padded rows (so the token weighting matters) and TensorBoard; and a
-bf16 run against the fp32 reference.
+bf16 and an fp16 run (one matrix frozen) against the fp32 reference.
 """
 
 from __future__ import annotations
@@ -247,22 +247,24 @@ def test_checkpointing_evaluation_and_tensorboard_match_single_process(tmp_path:
 
 
 @pytest.mark.slow
-def test_bf16_run_tracks_the_fp32_reference(tmp_path: Path) -> None:
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precision_run_tracks_the_fp32_reference(tmp_path: Path, precision: str) -> None:
     folder, initial = saved_model(tmp_path, "llama")
     out = tmp_path / "run"
     # grad_clip below the gradient norm (~1.4), so clipping by the global norm is exercised.
     # One frozen matrix: it has no fp32 master, and must still be exported exactly as loaded.
     frozen = "model.layers.0.mlp.down_proj.weight"
     overrides = _overrides(
-        folder, out, ["train.precision=bf16", "optim.grad_clip=0.5", "zero.stage=1", f"train.freeze=[{frozen}]"]
+        folder, out, [f"train.precision={precision}", "optim.grad_clip=0.5", "zero.stage=1", f"train.freeze=[{frozen}]"]
     )
     proc = run_recipe(overrides, num_processes=2)
     assert proc.returncode == 0, tail(proc)
     part = json.loads((out / "partition.json").read_text())
-    assert {r["param_dtype"] for r in part["ranks"]} == {"bfloat16"}
-    assert json.loads((out / "ds_config.json").read_text())["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert {r["param_dtype"] for r in part["ranks"]} == {"bf16": {"bfloat16"}, "fp16": {"float16"}}[precision]
+    if precision == "bf16":
+        assert json.loads((out / "ds_config.json").read_text())["data_types"] == {"grad_accum_dtype": "fp32"}
 
-    run = validate(compose([o for o in overrides if o != "train.precision=bf16"]))
+    run = validate(compose([o for o in overrides if o != f"train.precision={precision}"]))
     prepared = Prepared(run, 2)
     reference = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa")
     reference = trainable.reference_model(reference, run)
@@ -272,8 +274,8 @@ def test_bf16_run_tracks_the_fp32_reference(tmp_path: Path) -> None:
     records = metrics(out)
     loss_rel = max(abs(m["loss"] - b) / b for m, b in zip(records, ref_losses, strict=True))
     norm_rel = max(abs(m["grad_norm"] - n) / n for m, n in zip(records, norms, strict=True))
-    print(f"bf16 vs fp32 reference: loss rel diff {loss_rel:.2e}, grad norm rel diff {norm_rel:.2e}")
-    assert 0 < loss_rel <= 1e-3  # bf16 really computed, and close
+    print(f"{precision} vs fp32 reference: loss rel diff {loss_rel:.2e}, grad norm rel diff {norm_rel:.2e}")
+    assert 0 < loss_rel <= 1e-3  # half precision really computed, and close
     assert norm_rel <= 1e-2  # the norm covers both stages (one stage's share would be far off)
 
     # The export holds the fp32 master weights (the config's dtype, float32), and those started from the
@@ -296,5 +298,5 @@ def test_bf16_run_tracks_the_fp32_reference(tmp_path: Path) -> None:
         f"update rel error {math.sqrt(err / update):.3f}"
     )
     assert int((~seen).sum()) > 1000 and unseen_diff <= 1e-7
-    assert torch.equal(exported[frozen], init_sd[frozen])  # not a bf16-rounded copy
+    assert torch.equal(exported[frozen], init_sd[frozen])  # not a rounded half-precision copy
     assert math.sqrt(err / update) <= 0.05
