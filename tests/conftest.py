@@ -172,6 +172,19 @@ def random_tokens(batch: int = 2, seq: int = 20, seed: int = 1) -> tuple[torch.T
     return input_ids, position_ids
 
 
+def build_loaded(skeleton: Any, folder: Path, start: int, stop: int) -> list[Any]:
+    """Layers ``[start, stop)`` built by one ``build_layers`` call and filled from ``folder``, like one rank."""
+    from torch import nn
+
+    from pipefit.build import build_layers, load_weights
+
+    layers = build_layers(skeleton, start, stop)
+    load_weights(nn.ModuleList(layers), skeleton, folder)
+    for layer in layers:
+        layer.eval()
+    return layers
+
+
 def run_layers(layers: list[Any], inputs: Any) -> Any:
     """Feed ``inputs`` through pipeline layers in order, as a single stage would."""
     out = inputs

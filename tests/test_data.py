@@ -15,10 +15,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
-from conftest import VOCAB_SIZE, run_layers, saved_model, tiny_hf_config
-from pipefit.build import build_layers, layer_plan, load_tokenizer, load_weights, make_skeleton, resolve_tokenizer_path
+from conftest import VOCAB_SIZE, build_loaded, run_layers, saved_model, tiny_hf_config
+from pipefit.build import layer_plan, load_tokenizer, make_skeleton, resolve_tokenizer_path
 from pipefit.config import DEFAULT_CHAT_TEMPLATE, ConfigError, DataConfig, ModelConfig, RunConfig, validate
 from pipefit.data import (
     BatchLayout,
@@ -171,11 +170,7 @@ def test_scale_counts_targets_of_the_whole_global_batch() -> None:
 
 def _layers(folder: Path, family: str) -> list[Any]:
     skeleton = make_skeleton(tiny_hf_config(family))
-    layers = build_layers(skeleton, 0, len(layer_plan(skeleton)))
-    load_weights(nn.ModuleList(layers), skeleton, folder)
-    for layer in layers:
-        layer.eval()
-    return layers
+    return build_loaded(skeleton, folder, 0, len(layer_plan(skeleton)))
 
 
 PARITY_FAMILIES = ["llama", "gpt2", "mistral"]

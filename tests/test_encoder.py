@@ -21,8 +21,9 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import build_loaded
 from pipefit import encoder, weights
-from pipefit.build import boundaries_for, build_layers, layer_plan, load_weights, make_skeleton, stage_layers
+from pipefit.build import boundaries_for, build_layers, layer_plan, make_skeleton, stage_layers
 from pipefit.config import ConfigError
 from pipefit.data import BatchLayout, GlobalBatches, Rows
 from pipefit.stages import IGNORE_INDEX, causal_lm_loss
@@ -83,14 +84,6 @@ def padded_batch(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     mask = torch.ones(2, SEQ, dtype=torch.long)
     mask[1, SEQ - PAD :] = 0
     return ids, pos, mask
-
-
-def build_loaded(skeleton: Any, folder: Path, start: int, stop: int) -> list[Any]:
-    layers = build_layers(skeleton, start, stop)
-    load_weights(nn.ModuleList(layers), skeleton, folder)
-    for layer in layers:
-        layer.eval()
-    return layers
 
 
 def run(layers: list[Any], x: Any) -> Any:
@@ -464,7 +457,7 @@ def test_masked_lm_pipeline_training_matches_single_process_and_exports(tmp_path
     from safetensors.torch import load_file
     from transformers import BertForMaskedLM
 
-    from launching import compose, metrics, run_recipe, tail
+    from launching import compose, local_run, metrics, run_recipe, tail
     from pipefit import checkpoint
     from pipefit.config import validate
     from pipefit.reference import train_reference
@@ -473,17 +466,7 @@ def test_masked_lm_pipeline_training_matches_single_process_and_exports(tmp_path
     steps = 4
     folder, initial = saved_bert(tmp_path, "mlm")
     out = tmp_path / "run"
-    overrides = [
-        "model=local",
-        f"model.path={folder}",
-        "data.seq_len=32",
-        f"train.max_steps={steps}",
-        "train.micro_batch_size=2",
-        "train.grad_accum_steps=2",
-        f"train.save_every={steps}",
-        "optim.warmup_steps=2",
-        f"output_dir={out}",
-    ]
+    overrides = local_run(folder, out, steps, f"train.save_every={steps}", warmup=2)
     proc = run_recipe(overrides, num_processes=2)
     assert proc.returncode == 0, tail(proc)
 

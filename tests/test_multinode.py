@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import saved_model
-from launching import REPO, metrics, run_pids, run_recipe, tail
+from launching import REPO, local_run, metrics, run_pids, run_recipe, tail
 
 pytestmark = pytest.mark.slow
 
@@ -26,16 +26,7 @@ FAIL_BOUND_S = 60
 
 
 def _overrides(folder: Path, out: Path, steps: int) -> list[str]:
-    return [
-        "model=local",
-        f"model.path={folder}",
-        "data.seq_len=32",
-        f"train.max_steps={steps}",
-        "train.micro_batch_size=2",
-        "train.grad_accum_steps=2",
-        "optim.warmup_steps=1",
-        f"output_dir={out}",
-    ]
+    return local_run(folder, out, steps)
 
 
 def _loopback(per_node: int, overrides: list[str], **kwargs) -> subprocess.Popen[str]:

@@ -16,22 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import FAMILIES, TIED_FAMILIES, random_tokens, run_layers, saved_model, tiny_hf_config
+from conftest import FAMILIES, TIED_FAMILIES, build_loaded, random_tokens, run_layers, saved_model, tiny_hf_config
 from pipefit import adapters
-from pipefit.build import build_layers, layer_plan, load_weights, make_skeleton, stage_layers
+from pipefit.build import build_layers, layer_plan, make_skeleton, stage_layers
 from pipefit.stages import IGNORE_INDEX, BlockLayer, EmbedLayer, causal_lm_loss
 from pipefit.weights import hf_state_dict
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
-
-
-def build_loaded(skeleton: Any, folder: Path, start: int, stop: int) -> list[Any]:
-    """Layers ``[start, stop)`` built by one ``build_layers`` call and filled from ``folder``, like one rank."""
-    layers = build_layers(skeleton, start, stop)
-    load_weights(nn.ModuleList(layers), skeleton, folder)
-    for layer in layers:
-        layer.eval()
-    return layers
 
 
 def hf_logits(model: Any, inputs: tuple[torch.Tensor, torch.Tensor], **kwargs: Any) -> torch.Tensor:

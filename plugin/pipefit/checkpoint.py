@@ -296,9 +296,10 @@ def load_reshaped(engine: Any, ckpt: Path) -> int:
     if refresh is not None:
         refresh()
     engine.global_steps = step
-    if engine.lr_scheduler is not None:
-        for _ in range(step):
-            engine.lr_scheduler.step()
+    if engine.lr_scheduler is not None and step:
+        # The schedule is a closed form of the step (LambdaLR): jump straight to it.
+        engine.lr_scheduler.last_epoch = step - 1
+        engine.lr_scheduler.step()
     torch.manual_seed(int(state.get("config", {}).get("train", {}).get("seed", 0)) + step)
     return step
 

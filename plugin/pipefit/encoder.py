@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import tempfile
 from types import SimpleNamespace
 from typing import Any
 
@@ -682,7 +681,7 @@ def verify(run: RunConfig, hf_config: Any, batch_size: int = 2, seq_len: int = 3
     from pipefit import build as build_mod
     from pipefit.build import stage_layers
     from pipefit.stages import causal_lm_loss
-    from pipefit.verify import VerifyReport, run_stages
+    from pipefit.verify import VerifyReport, loaded_stages, run_stages
     from pipefit.weights import SafetensorsReader, hf_state_dict
 
     skeleton = build_mod.make_skeleton(hf_config, seed=run.train.seed)
@@ -692,16 +691,7 @@ def verify(run: RunConfig, hf_config: Any, batch_size: int = 2, seq_len: int = 3
         skeleton, run.pipeline.partition, run.pipeline.stages, run.pipeline.boundaries
     )
     model = reference_model(hf_config, run.model.path, run.train.seed).eval()
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = run.model.path
-        if not folder:
-            model.save_pretrained(tmp)
-            folder = tmp
-        stages = []
-        for s in range(len(boundaries) - 1):
-            layers = build_layers(skeleton, boundaries[s], boundaries[s + 1])
-            load_weights(nn.ModuleList(layers), skeleton, folder)
-            stages.append(layers)
+    with loaded_stages(model, skeleton, boundaries, run.model.path) as (stages, folder):
         # A task head the folder lacks is random in both models: give HF the pipeline's (seeded) one.
         names = CheckpointNames(skeleton, SafetensorsReader(folder).weight_map)
         fresh = {

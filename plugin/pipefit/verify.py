@@ -7,7 +7,9 @@ stage), on the logits and on the loss.
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +68,24 @@ def _inputs_to_layers(
     return captured, handles
 
 
+@contextlib.contextmanager
+def loaded_stages(
+    model: Any, skeleton: Any, boundaries: list[int], folder: str | None
+) -> Iterator[tuple[list[list[Any]], str]]:
+    """Each stage's layers built on their own and loaded from ``folder`` (else from ``model``, saved to a
+    temporary folder), as ranks would; yields ``(stages, folder)`` while the folder exists."""
+    with tempfile.TemporaryDirectory() as tmp:
+        if not folder:
+            model.save_pretrained(tmp)
+            folder = tmp
+        stages = []
+        for s in range(len(boundaries) - 1):
+            layers = build_mod.build_layers(skeleton, boundaries[s], boundaries[s + 1])
+            build_mod.load_weights(torch.nn.ModuleList(layers), skeleton, folder)
+            stages.append(layers)
+        yield stages, folder
+
+
 def run_stages(
     stages: list[list[Any]], boundaries: list[int], inputs: Any
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
@@ -99,16 +119,8 @@ def verify(run: RunConfig, batch_size: int = 2, seq_len: int = 32, seed: int = 0
         skeleton, run.pipeline.partition, run.pipeline.stages, run.pipeline.boundaries
     )
     model = _reference_model(run, hf_config, run.model.path).eval()
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = run.model.path
-        if not folder:
-            model.save_pretrained(tmp)
-            folder = tmp
-        stages = []
-        for s in range(len(boundaries) - 1):
-            layers = build_mod.build_layers(skeleton, boundaries[s], boundaries[s + 1])
-            build_mod.load_weights(torch.nn.ModuleList(layers), skeleton, folder)
-            stages.append(layers)
+    with loaded_stages(model, skeleton, boundaries, run.model.path) as (stages, _):
+        pass
     gen = torch.Generator().manual_seed(seed)
     max_pos = int(getattr(hf_config, "max_position_embeddings", seq_len) or seq_len)
     seq = min(seq_len, max_pos)
