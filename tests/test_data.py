@@ -457,13 +457,22 @@ def test_bad_data_is_a_one_line_error_before_training(tmp_path: Path, tokenizer:
     no_reply = [{"messages": [{"role": "user", "content": "anyone?"}]}]
     err = _build_error(tmp_path, tokenizer, no_reply, template="chat", layout="pack")
     assert "none of its 1 examples has an assistant message to train on" in err
-    (tmp_path / "empty.jsonl").write_text("")
-    err = _build_error(tmp_path, tokenizer, None, data_files=[str(tmp_path / "empty.jsonl")], layout="pad")
-    assert err.startswith(f"data.data_files=[{str(tmp_path / 'empty.jsonl')!r}] could not be loaded (")
-    assert err.endswith("; give readable json files")
-    (tmp_path / "broken.jsonl").write_text('{"text": "fine"}\n{"text": oops}\n')
-    err = _build_error(tmp_path, tokenizer, None, data_files=[str(tmp_path / "broken.jsonl")], layout="pad")
-    assert "could not be loaded (DatasetGenerationError" in err
+    # The file, the line and what is wrong, not the loader's exception.
+    jsonl = "expected one JSON object per line (JSON Lines) or one JSON array"
+    empty, broken, listed = (str(tmp_path / n) for n in ("empty.jsonl", "broken.jsonl", "listed.jsonl"))
+    Path(empty).write_text("")
+    err = _build_error(tmp_path, tokenizer, None, data_files=[empty], layout="pad")
+    assert err == f"data.data_files: {empty!r} is empty; {jsonl}"
+    Path(broken).write_text('{"text": "fine"}\n\n{"text": oops}\n')
+    err = _build_error(tmp_path, tokenizer, None, data_files=[broken], layout="pad")
+    assert err == f"data.data_files: {broken!r} line 3 is not valid JSON (Expecting value at column 10); {jsonl}"
+    Path(listed).write_text('{"text": "fine"}\n["a", "b"]\n')
+    err = _build_error(tmp_path, tokenizer, None, data_files=[listed], layout="pad")
+    assert err == f"data.data_files: {listed!r} line 2 holds a JSON list, not an object; {jsonl}"
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("one line\nzwei Stra\u00dfen\n".encode("latin-1"))
+    err = _build_error(tmp_path, tokenizer, None, source="text", data_files=[str(latin1)], layout="pad")
+    assert err == f"data.data_files: {str(latin1)!r} line 2 is not UTF-8 text (byte 0xdf at column 10); expected UTF-8 text"
     err = _build_error(tmp_path, tokenizer, None, data_files=[str(tmp_path / "missing.jsonl")])
     assert err == f"data.data_files: {str(tmp_path / 'missing.jsonl')!r} does not exist; give local json files"
     err = _build_error(tmp_path, tokenizer, text, eval_split="validation", layout="pad")

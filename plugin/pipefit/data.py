@@ -100,6 +100,9 @@ def load_raw_dataset(cfg: DataConfig, split: str | None = None, split_field: str
             reason = f"{type(err).__name__}: {_first_line(err)}"
             if isinstance(err, ValueError) and "split" in str(err).lower():
                 raise ConfigError(f"{split_field}={split!r} is not a split of {_describe(cfg)} ({reason})") from None
+            if cfg.source in ("text", "json"):
+                for f in cfg.data_files:  # name the file, the line and what is wrong with it
+                    _check_data_file(Path(f).expanduser(), f, cfg.source)
             hint = (
                 f"give readable {cfg.source} files"
                 if cfg.source in ("text", "json")
@@ -124,6 +127,56 @@ def load_raw_dataset(cfg: DataConfig, split: str | None = None, split_field: str
     if len(ds) == 0:
         raise ConfigError(f"{split_field}={split!r} of {_describe(cfg)} has no rows; give a dataset with examples")
     return ds
+
+
+def _check_data_file(path: Path, shown: str, source: str) -> None:
+    """Raise one line naming ``path``, the line and the fault, for the first thing in it ``datasets`` cannot read:
+    bytes that are not UTF-8, no content at all, or (``json``) a line that is not one JSON object. A JSON file
+    whose first character is ``[`` is read as one JSON array instead of JSON Lines."""
+    import json
+
+    expected = "one JSON object per line (JSON Lines) or one JSON array" if source == "json" else "UTF-8 text"
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ConfigError(
+            f"data.data_files: {shown!r} line {line} is not UTF-8 text (byte 0x{data[exc.start]:02x} at column "
+            f"{column}); expected UTF-8 {'JSON Lines' if source == 'json' else 'text'}"
+        ) from None
+    if not text.strip():
+        raise ConfigError(f"data.data_files: {shown!r} is empty; expected {expected}")
+    if source != "json":
+        return
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(
+                f"data.data_files: {shown!r} line {exc.lineno} is not valid JSON ({exc.msg} at column {exc.colno}); "
+                f"expected {expected}"
+            ) from None
+        bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None) if isinstance(rows, list) else 0
+        if bad is not None:
+            raise ConfigError(f"data.data_files: {shown!r} element {bad} of its array is not a JSON object")
+        return
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(
+                f"data.data_files: {shown!r} line {number} is not valid JSON ({exc.msg} at column {exc.colno}); "
+                f"expected {expected}"
+            ) from None
+        if not isinstance(row, dict):
+            raise ConfigError(
+                f"data.data_files: {shown!r} line {number} holds a JSON {type(row).__name__}, not an object; "
+                f"expected {expected}"
+            )
 
 
 def _first_line(err: BaseException) -> str:
