@@ -472,7 +472,8 @@ def test_bad_data_is_a_one_line_error_before_training(tmp_path: Path, tokenizer:
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("one line\nzwei Stra\u00dfen\n".encode("latin-1"))
     err = _build_error(tmp_path, tokenizer, None, source="text", data_files=[str(latin1)], layout="pad")
-    assert err == f"data.data_files: {str(latin1)!r} line 2 is not UTF-8 text (byte 0xdf at column 10); expected UTF-8 text"
+    not_utf8 = "line 2 is not UTF-8 text (byte 0xdf at column 10); expected UTF-8 text"
+    assert err == f"data.data_files: {str(latin1)!r} {not_utf8}"
     err = _build_error(tmp_path, tokenizer, None, data_files=[str(tmp_path / "missing.jsonl")])
     assert err == f"data.data_files: {str(tmp_path / 'missing.jsonl')!r} does not exist; give local json files"
     err = _build_error(tmp_path, tokenizer, text, eval_split="validation", layout="pad")
