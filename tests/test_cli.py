@@ -174,3 +174,72 @@ def test_verify_detects_a_one_ulp_free_mismatch_in_boundaries():
     assert all(d > 1e-3 for _, _, d in bad.boundary_diffs)
     assert bad.logits_diff > 1e-3
     assert torch.isfinite(torch.tensor(bad.worst))
+
+
+def test_verify_of_a_damaged_folder_is_bad_input_not_a_verdict(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """A truncated shard or an unreadable config.json: exit 2 and one line naming the folder (1 means FAIL)."""
+    folder, _ = saved_model(tmp_path, "llama")
+    capsys.readouterr()  # the save's progress bar
+    shard = folder / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[:4000])
+    assert cli_main(["verify", "model=local", f"model.path={folder}", "pipeline.stages=2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"pipefit: error: model.path={str(folder)!r} "), err
+    (folder / "config.json").write_text("{not json")
+    assert cli_main(["verify", "model=local", f"model.path={folder}", "pipeline.stages=2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"pipefit: error: model.path={str(folder)!r} "), err
+
+
+def test_plan_png_says_where_it_wrote(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["plan", "pipeline.stages=2", "--png", "plan.png"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == f"wrote the plan picture to {tmp_path.resolve() / 'plan.png'}"
+    assert (tmp_path / "plan.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _fake_run(tmp_path: Path) -> tuple[Path, Path]:
+    """A run folder whose checkpoint ``pipefit export`` accepts as a source (it is refused before any read)."""
+    run = tmp_path / "run"
+    ckpt = run / "checkpoints" / "step_00000004"
+    ckpt.mkdir(parents=True)
+    (ckpt / "pipefit_state.json").write_text('{"format": 1, "step": 4}')
+    for i in range(5):
+        (ckpt / f"layer_{i:02d}-model_states.pt").write_bytes(bytes([i]) * 100)
+    (run / "checkpoints" / "latest").write_text("step_00000004")
+    (run / "metrics.jsonl").write_text('{"step": 4, "loss": 6.0}\n')
+    (run / "train.log").write_text("step 4/4 loss 6.0\n")
+    return run, ckpt
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_export_never_replaces_its_source_or_a_folder_that_is_not_an_export(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    run, ckpt = _fake_run(tmp_path)
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "a.txt").write_text("mine")
+    before = {p: _files(p) for p in (run, other)}
+    assert len(before[run]) == 9
+    tail = "which this export reads; nothing was written; give a destination outside it"
+    cases = [
+        ([str(ckpt), str(ckpt)], f"out_dir={str(ckpt)!r} is checkpoint={str(ckpt)!r}, {tail}"),
+        ([str(ckpt), str(run)], f"out_dir={str(run)!r} holds checkpoint={str(ckpt)!r}, {tail}"),
+        ([str(run), str(run)], f"out_dir={str(run)!r} is checkpoint={str(run)!r}, {tail}"),
+        ([str(run), str(tmp_path)], f"out_dir={str(tmp_path)!r} holds checkpoint={str(run)!r}, {tail}"),
+        (
+            [str(ckpt), str(other)],
+            f"out_dir={str(other)!r} is not empty (1 entry) and is not a previous pipefit export "
+            "(no pipefit_export.json); nothing was written; give a new or empty folder, or move its contents away",
+        ),
+    ]
+    for args, message in cases:
+        assert cli_main(["export", *args]) == 2, args
+        assert capsys.readouterr().err.splitlines() == [f"pipefit: error: {message}"]
+    assert {p: _files(p) for p in (run, other)} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes", "run"]  # no staging folder left either

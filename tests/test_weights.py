@@ -187,13 +187,54 @@ def test_second_export_replaces_the_folder_completely(tmp_path: Path) -> None:
     assert {f for f in files if f.endswith(".safetensors")} == {
         f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)
     }
-    assert leftovers(out_dir) == []
+    assert leftovers(out_dir) == [] and weights.is_previous_export(out_dir)
     model = AutoModelForCausalLM.from_pretrained(out_dir).eval()
     inputs = random_tokens(batch=2, seq=20, seed=4)
     with torch.no_grad():
         reloaded = model(input_ids=inputs[0], position_ids=inputs[1]).logits
     torch.testing.assert_close(reloaded, pipeline_logits(second, inputs), **TOL)
     assert (reloaded - pipeline_logits(first, inputs)).abs().max() > 1e-2
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (relative path -> bytes)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_every_export_carries_the_marker_and_an_empty_folder_is_a_destination(tmp_path: Path) -> None:
+    out_dir = tmp_path / "export"
+    out_dir.mkdir()
+    skeleton, stages = perturbed_stages("llama", [0, 3, len(layer_plan(make_skeleton(tiny_hf_config("llama"))))], 1)
+    export_stages(stages, skeleton.config, out_dir, token="t")
+    assert json.loads((out_dir / weights.EXPORT_MARKER).read_text()) == {"format": 1, "written_by": "pipefit"}
+    assert weights.is_previous_export(out_dir) and leftovers(out_dir) == []
+
+
+def test_export_over_a_folder_that_is_not_an_export_is_refused_and_nothing_touched(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_00000004").mkdir(parents=True)
+    (run / "checkpoints" / "step_00000004" / "layer_00-model_states.pt").write_bytes(b"\x00" * 1000)
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 8.4}\n')
+    (run / "train.log").write_text("step 1/4 loss 8.4\n")
+    before = snapshot(run)
+    skeleton, stages = perturbed_stages("llama", [0, 3, len(layer_plan(make_skeleton(tiny_hf_config("llama"))))], 1)
+    with pytest.raises(weights.ExportDestinationError) as info:
+        export_stages(stages, skeleton.config, run, token="t")
+    assert str(info.value) == (
+        f"out_dir={str(run)!r} is not empty (3 entries) and is not a previous pipefit export "
+        "(no pipefit_export.json); nothing was written; give a new or empty folder, or move its contents away"
+    )
+    assert snapshot(run) == before and len(before) == 3
+    assert leftovers(run) == []  # the staging folder is gone too
+    afile = tmp_path / "notes.txt"
+    afile.write_text("keep me")
+    with pytest.raises(weights.ExportDestinationError) as info:
+        weights.check_export_destination(afile)
+    assert str(info.value) == (
+        f"out_dir={str(afile)!r} is a file; nothing was written; expected a new folder, an empty one, "
+        "or a previous pipefit export (with pipefit_export.json)"
+    )
+    assert afile.read_text() == "keep me"
 
 
 # -- checkpoint errors -----------------------------------------------------------------------------

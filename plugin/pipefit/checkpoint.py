@@ -310,10 +310,12 @@ def export(ckpt_or_run: str | os.PathLike, out_dir: str | os.PathLike, max_shard
 
     from pipefit.build import build_layers as build
     from pipefit.build import layer_plan, load_tokenizer, make_skeleton, stage_layers
-    from pipefit.weights import finalize_export, hf_state_dict, staging_dir, write_shard
+    from pipefit.weights import check_export_destination, finalize_export, hf_state_dict, staging_dir, write_shard
 
     ckpt = find_checkpoint(str(ckpt_or_run), "/nonexistent")
     assert ckpt is not None
+    # Before anything is read or written: never over the checkpoint itself, its run, or a user's folder.
+    check_export_destination(out_dir, "out_dir", [("checkpoint", str(ckpt_or_run)), ("checkpoint", ckpt)])
     state = read_state(ckpt)
     hf_config = AutoConfig.from_pretrained(ckpt / "hf_config")
     skeleton = make_skeleton(hf_config)

@@ -40,7 +40,20 @@ def _verify(args: argparse.Namespace) -> int:
     from pipefit.verify import format_report, verify
 
     run = validate(compose(args.overrides, args.config_dir))
-    report = verify(run, batch_size=args.batch_size, seq_len=args.seq_len)
+    try:
+        report = verify(run, batch_size=args.batch_size, seq_len=args.seq_len)
+    except Exception as exc:  # a damaged model folder is bad input (exit 2), not a verdict (exit 1)
+        from safetensors import SafetensorError
+
+        from pipefit.weights import CheckpointError
+
+        if not isinstance(exc, (SafetensorError, OSError)) or isinstance(exc, FileNotFoundError):
+            raise
+        where = f"model.path={run.model.path!r}" if run.model.path else f"model={run.model.name}"
+        raise CheckpointError(
+            f"{where} could not be read ({type(exc).__name__}: {str(exc).strip().splitlines()[0]}); "
+            "expected a complete Hugging Face model folder (config.json + *.safetensors)"
+        ) from None
     print(format_report(report))
     ok = report.worst <= args.tol
     print(f"{'PASS' if ok else 'FAIL'}: tolerance {args.tol:.1e}")
@@ -57,6 +70,8 @@ def _plan(args: argparse.Namespace) -> int:
     print(to_json(report) if args.json else format_plan(report))
     if args.png:
         write_png(report, args.png)
+        # stdout stays pure JSON with --json
+        print(f"wrote the plan picture to {Path(args.png).resolve()}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 

@@ -26,6 +26,14 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
+# Written into every exported folder: the mark of a folder an export may replace.
+EXPORT_MARKER = "pipefit_export.json"
+
+
+class ExportDestinationError(ValueError):
+    """An export destination that cannot be replaced without losing data; nothing was written."""
+
+
 class CheckpointError(ValueError):
     """A model folder that cannot be used; the message names the folder and what is missing."""
 
@@ -174,7 +182,18 @@ def finalize_export(
 
 def replace_dir(staging: Path, out_dir: Path) -> None:
     """Put the finished folder ``staging`` at ``out_dir``, replacing any old one by renames only:
-    a reader sees the old folder or the new one, never a mix."""
+    a reader sees the old folder or the new one, never a mix.
+
+    ``staging`` gets the export marker (:data:`EXPORT_MARKER`). ``out_dir`` may be absent, an empty
+    folder or a previous export (it holds the marker); anything else is refused with one line and
+    left untouched (the staging folder is removed).
+    """
+    try:
+        check_export_destination(out_dir, field="out_dir")
+    except ExportDestinationError:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    (staging / EXPORT_MARKER).write_text(json.dumps({"format": 1, "written_by": "pipefit"}) + "\n")
     if out_dir.exists():
         old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
         os.replace(out_dir, old)
@@ -183,3 +202,45 @@ def replace_dir(staging: Path, out_dir: Path) -> None:
     else:
         os.replace(staging, out_dir)
     _fsync_dir(out_dir.parent)
+
+
+def is_previous_export(folder: Path) -> bool:
+    """Whether ``folder`` is a folder pipefit exported (it holds :data:`EXPORT_MARKER`)."""
+    return (folder / EXPORT_MARKER).is_file()
+
+
+def check_export_destination(
+    out_dir: str | os.PathLike,
+    field: str = "out_dir",
+    sources: Iterable[tuple[str, str | os.PathLike | None]] = (),
+) -> None:
+    """Refuse, with one line and before anything is written, an export destination whose replacement
+    would lose data: a file, a non-empty folder that is not a previous pipefit export, or a folder
+    that is (or holds) one of ``sources`` (``(field name, path)`` pairs: what the export or run reads).
+    """
+    out = Path(out_dir).expanduser()
+    shown = f"{field}={str(out_dir)!r}"
+    target = out.resolve()
+    for name, src in sources:
+        if not src:
+            continue
+        resolved = Path(src).expanduser().resolve()
+        if resolved == target or target in resolved.parents:
+            what = "is" if resolved == target else "holds"
+            raise ExportDestinationError(
+                f"{shown} {what} {name}={str(src)!r}, which this export reads; nothing was written; "
+                "give a destination outside it"
+            )
+    if out.exists() and not out.is_dir():
+        raise ExportDestinationError(
+            f"{shown} is a file; nothing was written; expected a new folder, an empty one, or a previous "
+            f"pipefit export (with {EXPORT_MARKER})"
+        )
+    if out.is_dir() and not is_previous_export(out):
+        entries = sum(1 for _ in out.iterdir())
+        if entries:
+            raise ExportDestinationError(
+                f"{shown} is not empty ({entries} {'entry' if entries == 1 else 'entries'}) and is not a previous "
+                f"pipefit export (no {EXPORT_MARKER}); "
+                "nothing was written; give a new or empty folder, or move its contents away"
+            )
