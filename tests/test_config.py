@@ -320,3 +320,146 @@ def test_heartbeat_settings_are_validated() -> None:
         compose_run("train.heartbeat_timeout_s=3", "train.heartbeat_interval_s=2")
     with pytest.raises(ConfigError, match=r"train\.heartbeat_interval_s=0\.0 is not accepted"):
         compose_run("train.heartbeat_interval_s=0")
+
+
+# --- output_dir: checked before any rank starts --------------------------------------------------
+
+
+def _prepare(out: Path, *overrides: str, corpus: Path | None = None) -> Any:
+    """``Prepared`` of the default model on a small JSON Lines corpus, writing into ``out`` (2 ranks)."""
+    from launching import compose
+    from pipefit.train import Prepared
+
+    data = corpus or out.parent / "corpus.jsonl"
+    if not data.exists():
+        line = '{"text": "Pipelines split a model into stages; each stage runs on its own rank."}\n'
+        data.write_text(line * 60)
+    base = ["data=json", f"data.data_files=[{data}]", "data.seq_len=16", f"output_dir={out}"]
+    return Prepared(validate(compose([*base, *overrides])), 2)
+
+
+def _other_run(out: Path, *overrides: str) -> dict[str, bytes]:
+    """A finished run of gpt2_tiny in ``out`` (config.yaml, metrics to step 4, checkpoints 2 and 4); its files."""
+    from launching import compose
+
+    run = validate(compose(["model=gpt2_tiny", f"output_dir={out}", *overrides]))
+    out.mkdir(parents=True)
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(run)))
+    (out / "metrics.jsonl").write_text("".join(f'{{"step": {s}, "loss": {9 - s}.0}}\n' for s in range(1, 5)))
+    (out / "train.log").write_text("step 4/4 loss 5.0\n")
+    for step in (2, 4):
+        ckpt = out / "checkpoints" / f"step_{step:08d}"
+        ckpt.mkdir(parents=True)
+        (ckpt / "pipefit_state.json").write_text(f'{{"format": 1, "step": {step}}}')
+        (ckpt / "layer_00-model_states.pt").write_bytes(bytes([step]) * 64)
+    (out / "checkpoints" / "latest").write_text("step_00000004")
+    return _files(out)
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_output_dir_holding_another_run_is_refused_and_left_alone(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    before = _other_run(out)
+    with pytest.raises(ConfigError) as info:
+        _prepare(out)
+    assert str(info.value) == (
+        f"output_dir={str(out)!r} holds another run (model gpt2_tiny, trained to step 4) than this one "
+        "(model llama_tiny, train.max_steps=80), differing in model.hf_config, model.name, data.data_files, "
+        "data.name and 2 more; accepted: train.resume=auto to continue it, another output_dir, or "
+        "train.overwrite_output_dir=true to replace it"
+    )
+    assert _files(out) == before and len(before) == 8
+
+
+def test_output_dir_of_a_run_without_checkpoints_does_not_offer_resume(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    _other_run(out)
+    shutil.rmtree(out / "checkpoints")
+    with pytest.raises(ConfigError, match=r"differing in .*; accepted: another output_dir, or train\.overwrite"):
+        _prepare(out, "train.resume=auto")  # auto finds no checkpoint: a fresh run, and not the same one
+
+
+def test_rerun_of_the_same_run_is_accepted_and_overwrite_replaces_another(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    first = _prepare(out)  # nothing there yet
+    # The same run again, launched differently (launch-only fields): accepted, the folder untouched.
+    from pipefit.weights import EXPORT_MARKER
+
+    out.mkdir()
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(first.run)))
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 8.0}\n')
+    before = _files(out)
+    _prepare(out, "train.progress_bar=false", "train.stop_after_steps=1", "train.save_every=5")
+    assert _files(out) == before
+    # Another run, with train.overwrite_output_dir=true: its files go; what a run does not write stays.
+    shutil.rmtree(out)
+    _other_run(out)
+    (out / "hf_model").mkdir()
+    (out / "hf_model" / EXPORT_MARKER).write_text("{}")
+    (out / "hf_model" / "model.safetensors").write_bytes(b"old")
+    (out / "notes.txt").write_text("keep")
+    _prepare(out, "train.overwrite_output_dir=true")
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_overwrite_never_deletes_what_the_run_reads(tmp_path: Path) -> None:
+    from conftest import saved_model
+
+    out = tmp_path / "run"
+    _other_run(out)
+    folder, _ = saved_model(out / "models", "llama")
+    before = _files(out)
+    with pytest.raises(ConfigError) as info:
+        _prepare(out, "model=local", f"model.path={folder}", "train.overwrite_output_dir=true")
+    assert str(info.value) == (
+        f"train.overwrite_output_dir=true would delete model.path={str(folder)!r}, which this run reads, with the "
+        f"old run in output_dir={str(out)!r}; accepted: another output_dir, or train.overwrite_output_dir=false"
+    )
+    assert _files(out) == before
+
+
+def test_output_dir_that_is_a_file_or_not_writable_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import os
+
+    afile = tmp_path / "run.txt"
+    afile.write_text("a file")
+    with pytest.raises(ConfigError) as info:
+        _prepare(afile, corpus=tmp_path / "corpus.jsonl")
+    assert str(info.value) == f"output_dir={str(afile)!r} is a file; expected a folder (a new one, or this run's own)"
+    with pytest.raises(ConfigError) as info:
+        _prepare(afile / "run", corpus=tmp_path / "corpus.jsonl")
+    assert str(info.value) == (
+        f"output_dir={str(afile / 'run')!r} cannot be created: {str(afile)!r} is a file; expected a folder"
+    )
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    real_access = os.access
+    # root ignores permission bits: make os.access answer as the bits say
+    monkeypatch.setattr(os, "access", lambda p, mode: real_access(p, mode) and not (Path(p) == locked and mode & 2))
+    try:
+        with pytest.raises(ConfigError) as info:
+            _prepare(locked / "a" / "run", corpus=tmp_path / "corpus.jsonl")
+    finally:
+        locked.chmod(0o755)
+    assert str(info.value) == (
+        f"output_dir={str(locked / 'a' / 'run')!r} is not writable (no write permission on {str(locked)!r}); "
+        "give a folder you can write to"
+    )
+    assert list(locked.iterdir()) == []
+
+
+def test_export_folder_holding_other_data_is_refused_before_training(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    (out / "hf_model").mkdir(parents=True)
+    (out / "hf_model" / "weights.bin").write_bytes(b"mine")
+    with pytest.raises(ValueError) as info:
+        _prepare(out)
+    assert str(info.value) == (
+        f"the export folder output_dir/hf_model={str(out / 'hf_model')!r} is not empty (1 entry) and is not a "
+        "previous pipefit export (no pipefit_export.json); nothing was written; give a new or empty folder, or "
+        "move its contents away"
+    )

@@ -141,6 +141,8 @@ class TrainConfig:
     keep_last: int = 2
     # null: start fresh; auto: newest complete checkpoint in output_dir (fresh if none); or a checkpoint/run path.
     resume: str | None = None
+    # An output_dir holding another run is refused; true: that run's files are removed first (see pipefit.outputs).
+    overwrite_output_dir: bool = False
     # End this launch after this many steps (e.g. a job time limit); it saves a checkpoint, and
     # train.resume=auto continues exactly where it stopped. null: run to train.max_steps.
     stop_after_steps: int | None = None

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from pipefit import build as build_mod
+from pipefit import outputs
 from pipefit.config import ConfigError, RunConfig, check_world, validate
 from pipefit.data import BatchLayout, GlobalBatches, build_batches
 from pipefit.ds_config import (
@@ -164,12 +165,14 @@ class Prepared:
                 world_size,
                 self.resume_same_shape,
             )
+        outputs.check_output_dir(self)  # a file, read-only, another run in it, an export over user data
         from pipefit import trainable
 
         trainable.check_prepared(self)  # train.freeze / lora: patterns, targets, every stage trainable
         self.layout = BatchLayout(run.train.micro_batch_size, run.train.grad_accum_steps, self.dp)
         self.batches, self.eval_batches = make_batches(run.data, self.tokenizer, self.layout, run.train.seed)
         self.eval_rounds = eval_rounds(run.train.eval_batches, self.eval_batches)
+        outputs.clear_previous_run(self)  # train.overwrite_output_dir, once every check has passed
 
 
 def explicit_keys(overrides: list[str]) -> set[str]:
