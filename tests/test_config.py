@@ -463,3 +463,30 @@ def test_export_folder_holding_other_data_is_refused_before_training(tmp_path: P
         "previous pipefit export (no pipefit_export.json); nothing was written; give a new or empty folder, or "
         "move its contents away"
     )
+
+
+def test_run_folders_are_neither_linted_nor_committed(tmp_path: Path) -> None:
+    """Run folders (outputs/, runs/, exported/) hold DeepSpeed's zero_to_fp32.py: ruff and git must skip them."""
+    import subprocess
+    import sys
+
+    ruff = shutil.which("ruff") or str(Path(sys.executable).with_name("ruff"))
+    if not Path(ruff).is_file():
+        pytest.skip("ruff is not installed")
+    repo = CONF.parent
+    shutil.copy(repo / "pyproject.toml", tmp_path / "pyproject.toml")
+    unused = "import os\nimport sys\n"
+    for folder in ("outputs/llama_tiny/checkpoints/step_00000004", "runs/a/checkpoints/step_00000002", "exported/b"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "zero_to_fp32.py").write_text(unused)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "zero_to_fp32.py").write_text(unused)
+    lint = [ruff, "check", "--no-cache", "."]
+    assert subprocess.run(lint, cwd=tmp_path, capture_output=True, text=True).returncode == 0
+    (tmp_path / "elsewhere" / "mine.py").write_text(unused)  # the same lint errors in project code are found
+    assert subprocess.run(lint, cwd=tmp_path, capture_output=True, text=True).returncode == 1
+    git = shutil.which("git")
+    if git is not None:
+        paths = ["outputs/x/train.log", "runs/x/metrics.jsonl", "exported/x/config.json"]
+        proc = subprocess.run([git, "check-ignore", "--no-index", *paths], cwd=repo, capture_output=True, text=True)
+        assert proc.stdout.split() == paths, proc.stderr
