@@ -81,6 +81,29 @@ def test_unsupported_precision_is_a_one_line_error_before_any_rank(monkeypatch: 
         Prepared(validate(compose(["train.precision=bf16"])), world_size=2)
 
 
+def require_precision(precision: str, accelerator: object = None) -> None:
+    """Skip the calling test, with pipefit's own one-line reason, where this machine's DeepSpeed
+    accelerator cannot train in ``precision`` (pipefit refuses it there, rightly)."""
+    from pipefit.ds_config import check_precision
+
+    try:
+        check_precision(precision, accelerator)
+    except ConfigError as exc:
+        pytest.skip(str(exc))
+
+
+def test_a_precision_this_machine_lacks_skips_its_run_with_the_reason() -> None:
+    lacks_fp16 = _Accelerator(fp16=False, bf16=True)
+    with pytest.raises(pytest.skip.Exception) as skipped:
+        require_precision("fp16", lacks_fp16)
+    assert skipped.value.msg == (
+        "train.precision=fp16 is not supported on this cpu device (DeepSpeed accelerator _Accelerator); "
+        "accepted here: fp32, bf16"
+    )
+    require_precision("bf16", lacks_fp16)  # supported: the test runs
+    require_precision("fp32", _Accelerator(fp16=False, bf16=False))
+
+
 def test_export_dtype_follows_the_model_config() -> None:
     from transformers import LlamaConfig
 
@@ -249,6 +272,7 @@ def test_checkpointing_evaluation_and_tensorboard_match_single_process(tmp_path:
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_half_precision_run_tracks_the_fp32_reference(tmp_path: Path, precision: str) -> None:
+    require_precision(precision)  # e.g. fp16 on a CPU whose DeepSpeed accelerator has none: skipped, reason given
     folder, initial = saved_model(tmp_path, "llama")
     out = tmp_path / "run"
     # grad_clip below the gradient norm (~1.4), so clipping by the global norm is exercised.
