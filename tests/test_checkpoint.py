@@ -88,6 +88,62 @@ class _Payload:
         return (print, ("arbitrary code ran",))
 
 
+class _SavingEngine:
+    """What ``checkpoint.save`` asks of DeepSpeed's engine: write the layer files under ``root/tag``."""
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+
+    def save_checkpoint(self, root: str, tag: str, client_state: dict, save_latest: bool) -> None:
+        (Path(root) / tag).mkdir(parents=True, exist_ok=True)
+        (Path(root) / tag / "layer_00-model_states.pt").write_bytes(self.payload)
+
+
+def test_saving_over_an_existing_step_never_loses_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A later launch of the same run saves a step that exists: the old one stays until the new one is in place."""
+    import os
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+    from transformers import AutoTokenizer
+
+    from pipefit.build import resolve_tokenizer_path
+    from pipefit.config import RunConfig
+
+    prepared = SimpleNamespace(
+        run=RunConfig(),
+        layout=SimpleNamespace(global_batch_size=16),
+        boundaries=[0, 7],
+        dp=1,
+        hf_config=tiny_hf_config("llama"),
+        tokenizer=AutoTokenizer.from_pretrained(resolve_tokenizer_path(None, None)),
+    )
+    out = tmp_path / "run"
+    old = _fake_checkpoint(checkpoint.checkpoint_root(out), 2)
+    (old / "layer_00-model_states.pt").write_bytes(b"old weights")
+    real_replace = os.replace
+
+    def failing_replace(src, dst):  # the move of the finished save into place fails (disk full, ...)
+        if Path(src).name == ".partial-step_00000002" and Path(dst).name == "step_00000002":
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(os, "replace", failing_replace)
+            with pytest.raises(OSError, match="No space left"):
+                checkpoint.save(_SavingEngine(b"new weights"), prepared, out, 2, rank=0)
+        assert (old / "layer_00-model_states.pt").read_bytes() == b"old weights"
+        assert json.loads((old / checkpoint.STATE_FILE).read_text())["pipefit_version"] == "0.1.0"
+        assert checkpoint.complete_checkpoints(checkpoint.checkpoint_root(out)) == [old]
+        path = checkpoint.save(_SavingEngine(b"new weights"), prepared, out, 2, rank=0)
+    finally:
+        dist.destroy_process_group()
+    assert path == old and (old / "layer_00-model_states.pt").read_bytes() == b"new weights"
+    assert sorted(p.name for p in checkpoint.checkpoint_root(out).iterdir()) == ["latest", "step_00000002"]
+
+
 def test_loading_never_unpickles_arbitrary_objects(tmp_path: Path):
     engine = checkpoint.SafeTorchCheckpointEngine()
     good = tmp_path / "good.pt"

@@ -227,9 +227,7 @@ def save(engine: Any, prepared: Any, output_dir: Path, step: int, rank: int) -> 
         tmp = staging / f".{STATE_FILE}.tmp"
         tmp.write_text(json.dumps(state, indent=2))
         os.replace(tmp, staging / STATE_FILE)
-        if final.exists():  # a previous run's checkpoint of the same step: replaced whole
-            shutil.rmtree(final)
-        os.replace(staging, final)
+        replace_step(staging, final)
         latest_tmp = root / ".latest.tmp"
         latest_tmp.write_text(tag)
         os.replace(latest_tmp, root / "latest")
@@ -239,6 +237,24 @@ def save(engine: Any, prepared: Any, output_dir: Path, step: int, rank: int) -> 
                 shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
+
+
+def replace_step(staging: Path, final: Path) -> None:
+    """Move the finished save ``staging`` to ``final``. An existing ``final`` (the same run's checkpoint of
+    this step, from an earlier launch) is set aside first and removed only once the new one is in place;
+    if the move fails it is put back, so a step never goes missing."""
+    if not final.exists():
+        os.replace(staging, final)
+        return
+    old = final.with_name(f".replaced-{final.name}")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(final, old)
+    try:
+        os.replace(staging, final)
+    except BaseException:
+        os.replace(old, final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def load(engine: Any, ckpt: Path, rank: int) -> int:
