@@ -103,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     pl.add_argument("--config-dir", default=None, help="Hydra config folder (default: the repository's conf/)")
     ex = sub.add_parser("export", help="write a Hugging Face folder from a checkpoint (or a run's newest one)")
     ex.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its newest complete checkpoint)")
-    ex.add_argument("out_dir", help="the Hugging Face folder to write (replaced atomically if it exists)")
+    ex.add_argument(
+        "out_dir", help="the Hugging Face folder to write: new, empty, or a previous export (replaced atomically)"
+    )
     ex.add_argument("--max-shard-gb", type=float, default=2.0, help="safetensors shard size (default 2 GB)")
     args = parser.parse_args(argv)
     from pipefit.train import user_error_types
