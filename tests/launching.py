@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +54,16 @@ def metrics(output_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+# In-process configs write nowhere; without an output_dir of their own they point at a folder that does
+# not exist, never at the repository's outputs/ (where the README's first command leaves a run).
+UNUSED_OUTPUT_DIR = Path(tempfile.gettempdir()) / f"pipefit-tests-no-output-{uuid.uuid4().hex[:8]}"
+
+
 def compose(overrides: list[str]) -> Any:
     from pipefit.cli import compose as pipefit_compose
 
+    if not any(o.lstrip("+").startswith("output_dir=") for o in overrides):
+        overrides = [*overrides, f"output_dir={UNUSED_OUTPUT_DIR}"]
     return pipefit_compose(overrides, str(CONF))
 
 

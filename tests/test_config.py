@@ -490,3 +490,13 @@ def test_run_folders_are_neither_linted_nor_committed(tmp_path: Path) -> None:
         paths = ["outputs/x/train.log", "runs/x/metrics.jsonl", "exported/x/config.json"]
         proc = subprocess.run([git, "check-ignore", "--no-index", *paths], cwd=repo, capture_output=True, text=True)
         assert proc.stdout.split() == paths, proc.stderr
+
+
+def test_in_process_configs_never_point_at_the_repository_outputs() -> None:
+    """The README's first command leaves a run in outputs/llama_tiny; in-process tests must not meet it there."""
+    from launching import REPO
+    from launching import compose as launching_compose
+
+    out = Path(launching_compose([]).output_dir)
+    assert out.is_absolute() and REPO not in out.parents and not out.exists()
+    assert launching_compose(["output_dir=/tmp/x"]).output_dir == "/tmp/x"
