@@ -288,7 +288,11 @@ def test_half_precision_run_tracks_the_fp32_reference(tmp_path: Path, precision:
     if precision == "bf16":
         assert json.loads((out / "ds_config.json").read_text())["data_types"] == {"grad_accum_dtype": "fp32"}
 
-    run = validate(compose([o for o in overrides if o != f"train.precision={precision}"]))
+    # The fp32 reference is another run than the one in ``out`` (which it may not be prepared into).
+    reference_overrides = [
+        o for o in overrides if o != f"train.precision={precision}" and not o.startswith("output_dir=")
+    ]
+    run = validate(compose(reference_overrides))
     prepared = Prepared(run, 2)
     reference = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa")
     reference = trainable.reference_model(reference, run)
