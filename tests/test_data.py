@@ -469,6 +469,13 @@ def test_bad_data_is_a_one_line_error_before_training(tmp_path: Path, tokenizer:
     Path(listed).write_text('{"text": "fine"}\n["a", "b"]\n')
     err = _build_error(tmp_path, tokenizer, None, data_files=[listed], layout="pad")
     assert err == f"data.data_files: {listed!r} line 2 holds a JSON list, not an object; {jsonl}"
+    array = tmp_path / "rows.json"  # one JSON array: its line numbers come from the whole document
+    array.write_text('[\n  {"text": "a"},\n  {"text": }\n]')
+    err = _build_error(tmp_path, tokenizer, None, data_files=[str(array)], layout="pad")
+    assert err == f"data.data_files: {str(array)!r} line 3 is not valid JSON (Expecting value at column 12); {jsonl}"
+    array.write_text('[{"text": "a"}, 3]')
+    err = _build_error(tmp_path, tokenizer, None, data_files=[str(array)], layout="pad")
+    assert err == f"data.data_files: {str(array)!r} element 1 of its JSON array is not an object; {jsonl}"
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("one line\nzwei Stra\u00dfen\n".encode("latin-1"))
     err = _build_error(tmp_path, tokenizer, None, source="text", data_files=[str(latin1)], layout="pad")

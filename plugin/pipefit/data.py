@@ -160,7 +160,9 @@ def _check_data_file(path: Path, shown: str, source: str) -> None:
             ) from None
         bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None) if isinstance(rows, list) else 0
         if bad is not None:
-            raise ConfigError(f"data.data_files: {shown!r} element {bad} of its array is not a JSON object")
+            raise ConfigError(
+                f"data.data_files: {shown!r} element {bad} of its JSON array is not an object; expected {expected}"
+            )
         return
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
