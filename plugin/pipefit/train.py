@@ -116,6 +116,7 @@ class Prepared:
                 f"data.layout=pack is not accepted for {type(self.hf_config).__name__}: its attention mask ignores "
                 "position ids (as in HF), so packed documents would attend to each other; use data.layout=pad"
             )
+        check_positions(run, self.skeleton)
         make_batches = build_batches
         if self.skeleton.adapter.kind == "encoder":  # encoder tasks (BERT): checks, masked-LM/labelled batches
             from pipefit import encoder
@@ -170,6 +171,27 @@ class Prepared:
         self.layout = BatchLayout(run.train.micro_batch_size, run.train.grad_accum_steps, self.dp)
         self.batches, self.eval_batches = make_batches(run.data, self.tokenizer, self.layout, run.train.seed)
         self.eval_rounds = eval_rounds(run.train.eval_batches, self.eval_batches)
+
+
+def check_positions(run: RunConfig, skeleton: Any) -> None:
+    """``data.seq_len`` against the positions the model has: rows longer than a learned position table
+    would index past it in the first step (an error here); rotary positions extrapolate (a warning).
+    Encoders check their own table (:func:`pipefit.encoder.check_run`)."""
+    limit = getattr(skeleton.config, "max_position_embeddings", None)
+    seq_len = run.data.seq_len
+    if skeleton.adapter.kind == "encoder" or not isinstance(limit, int) or seq_len <= limit:
+        return
+    if skeleton.adapter.position_embed:
+        raise ConfigError(
+            f"data.seq_len={seq_len} exceeds the model's {limit} learned positions (max_position_embeddings of "
+            f"{type(skeleton.config).__name__}); accepted: data.seq_len <= {limit}"
+        )
+    log.warning(
+        "data.seq_len=%d exceeds the model's max_position_embeddings=%d: its positions will extrapolate beyond "
+        "the length it was trained for",
+        seq_len,
+        limit,
+    )
 
 
 def explicit_keys(overrides: list[str]) -> set[str]:
