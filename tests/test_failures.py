@@ -79,3 +79,110 @@ def test_deepspeed_file_blocks_are_refused_before_any_rank_starts(tmp_path: Path
         f"accelerate --deepspeed_config_file={str(path)!r} sets {block!r}; pipefit derives it from the Hydra "
         f"config: remove it from the file and set {instead}"
     )
+
+
+def _tiny_run(folder: Path, out: Path, steps: int, *extra: str) -> list[str]:
+    return [
+        "model=local",
+        f"model.path={folder}",
+        "data.seq_len=32",
+        f"train.max_steps={steps}",
+        "train.micro_batch_size=2",
+        "train.grad_accum_steps=2",
+        f"output_dir={out}",
+        *extra,
+    ]
+
+
+@pytest.mark.slow
+def test_a_ranks_own_error_is_one_line_naming_it_at_once(tmp_path: Path):
+    """Stage 1's weights do not fit (found only when that rank loads them): one line naming rank 1,
+    not a traceback per rank after the watchdog's wait (heartbeat_timeout_s x 1.5 = 90 s here)."""
+    import time
+
+    from safetensors.torch import load_file, save_file
+
+    from launching import run_pids, run_recipe, tail
+
+    folder, _ = saved_model(tmp_path, "llama")
+    tensors = load_file(folder / "model.safetensors")
+    tensors["model.norm.weight"] = tensors["model.norm.weight"][:-1].clone()
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "run"
+    started = time.monotonic()
+    proc = run_recipe(_tiny_run(folder, out, 3, "train.heartbeat_timeout_s=60"))
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 1, tail(proc)
+    console = proc.stdout + proc.stderr
+    (line,) = [x for x in console.splitlines() if x.startswith("pipefit:")]
+    assert line == (
+        f"pipefit: error: rank 1 (stage 1, data 0): CheckpointError: model.path={str(folder)!r}: model.norm.weight: "
+        "checkpoint shape (63,) != model shape (64,); the folder's weights do not match its config.json "
+        f"(traceback in {out}/train.log)"
+    ), tail(proc)
+    assert "[rank1]" not in console and "[rank0]" not in console
+    assert elapsed < 60, elapsed
+    log = (out / "train.log").read_text()
+    assert "[rank 1 (stage 1, data 0)] failed:\nTraceback (most recent call last):" in log
+    assert run_pids(out) == []
+
+
+def _interrupt(cmd: list[str], out: Path, after_steps: int) -> tuple[int, str]:
+    """Start ``cmd`` in a session of its own, send SIGINT to its process group (as Ctrl-C in a
+    terminal does) once ``after_steps`` steps are logged; its exit status and console."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from launching import REPO
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env
+    )
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= after_steps:
+            os.killpg(proc.pid, signal.SIGINT)
+            break
+        time.sleep(0.05)
+    console, _ = proc.communicate(timeout=120)
+    return proc.returncode, console
+
+
+@pytest.mark.slow
+def test_ctrl_c_is_one_line_and_leaves_no_process(tmp_path: Path):
+    import sys
+
+    from launching import CPU_LAUNCH, RECIPE, accelerate_bin, metrics, run_pids
+
+    folder, _ = saved_model(tmp_path, "llama")
+    out = tmp_path / "run"
+    overrides = _tiny_run(folder, out, 1000, "train.save_every=2")
+    rc, console = _interrupt(
+        [accelerate_bin(), "launch", "--config_file", str(CPU_LAUNCH), str(RECIPE), *overrides], out, 3
+    )
+    assert run_pids(out) == []
+    step = metrics(out)[-1]["step"]
+    newest = out / "checkpoints" / f"step_{step // 2 * 2:08d}"
+    (line,) = [x for x in console.splitlines() if x.startswith("pipefit:")]
+    assert line == (
+        f"pipefit: interrupted at step {step}; newest complete checkpoint: {newest}; resume with train.resume=auto"
+    ), console
+    # What remains is the launcher's own report of the signal (torchrun, in the launcher process).
+    assert "KeyboardInterrupt" not in console and "[rank0]" not in console and "[rank1]" not in console
+    assert console.count("Traceback (most recent call last)") <= 1
+    assert rc != 0
+
+    # One process (no launcher): the rank's own exit status is Ctrl-C's, 130.
+    single = tmp_path / "single"
+    overrides = _tiny_run(folder, single, 1000, "pipeline.stages=1", "train.heartbeat_timeout_s=0")
+    rc, console = _interrupt([sys.executable, str(RECIPE), *overrides], single, 2)
+    assert rc == 130, console
+    step = metrics(single)[-1]["step"]
+    assert console.strip().splitlines()[-1] == (
+        f"pipefit: interrupted at step {step}; no complete checkpoint to resume from (train.save_every=0)"
+    ), console
+    assert "Traceback" not in console
