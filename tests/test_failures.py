@@ -186,3 +186,32 @@ def test_ctrl_c_is_one_line_and_leaves_no_process(tmp_path: Path):
         f"pipefit: interrupted at step {step}; no complete checkpoint to resume from (train.save_every=0)"
     ), console
     assert "Traceback" not in console
+
+
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        (
+            ["optim.lrr=1e-4"],
+            "Could not override 'optim.lrr': Key 'lrr' not in 'OptimConfig'; to append to your config use "
+            "+optim.lrr=1e-4",
+        ),
+        (["train=fast"], "In 'config': Could not find 'train/fast'; accepted: default"),
+        (
+            ["data=json", "data.data_files=rows.jsonl"],
+            "Error merging override data.data_files=rows.jsonl: Invalid value assigned: str is not a ListConfig, "
+            "list or tuple.",
+        ),
+    ],
+)
+def test_hydra_composition_errors_are_one_line(argv: list[str], line: str, capsys: pytest.CaptureFixture[str]):
+    from launching import CONF
+    from pipefit.train import check_overrides
+
+    with pytest.raises(SystemExit) as exit_:
+        check_overrides(argv, CONF)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == f"pipefit: error: {line}\n"
+    check_overrides(["optim.lr=1e-4", "model=gpt2_tiny"], CONF)  # good overrides: nothing said
+    check_overrides(["--cfg", "job", "optim.lrr=1"], CONF)  # Hydra's own flags: left to Hydra
+    assert capsys.readouterr().err == ""

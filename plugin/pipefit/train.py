@@ -1007,6 +1007,47 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     return (ValueError, FileNotFoundError)
 
 
+def _user_error_exit(message: str) -> None:
+    """Rank 0 prints ``pipefit: error: message``; every rank exits 2. The other ranks, which find the
+    same error, let rank 0 say it once before the launcher, seeing the first exit, stops the rest."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"pipefit: error: {message}", file=sys.stderr, flush=True)
+    else:
+        time.sleep(3)
+    raise SystemExit(2)
+
+
+def composition_error_line(exc: BaseException) -> str:
+    """Hydra's multi-line composition error (a typo'd key, an unknown preset, a value of the wrong
+    type) as one line: what failed, why, and what is accepted."""
+    lines = [x.strip().rstrip(".") for x in str(exc).splitlines() if x.strip()]
+    options = getattr(exc, "options", None)
+    if options:
+        return f"{lines[0]}; accepted: {', '.join(options)}"
+    cause = str(exc.__cause__ or "").strip().splitlines()
+    line = lines[0] + (f": {cause[0]}" if cause else "")
+    for extra in lines[1:]:
+        line += f"; {extra[0].lower()}{extra[1:]}"
+    return line
+
+
+def check_overrides(argv: list[str], config_dir: str | os.PathLike) -> None:
+    """Compose the recipe's config from plain ``key=value`` arguments before Hydra does, so that an
+    error in them is one line (exit 2) rather than Hydra's report. Arguments with Hydra flags or
+    ``hydra.*`` keys are left to Hydra."""
+    if any(a.startswith("-") or a.lstrip("+~").startswith("hydra.") for a in argv):
+        return
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from pipefit.cli import compose
+
+    try:
+        compose(argv, str(config_dir))
+    except (HydraException, OmegaConfBaseException) as exc:
+        _user_error_exit(composition_error_line(exc))
+
+
 def main(cfg: Any, overrides: list[str]) -> dict[str, Any]:
     """Recipe entry: prepare (all checks, no process group), then train. Bad input: one line, exit 2.
 
@@ -1022,11 +1063,5 @@ def main(cfg: Any, overrides: list[str]) -> dict[str, Any]:
             print("pipefit: interrupted before training started", file=sys.stderr, flush=True)
         raise SystemExit(130) from None
     except user_error_types() as exc:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"pipefit: error: {exc}", file=sys.stderr, flush=True)
-        else:
-            # Every rank finds the same error; the others let rank 0 say it once before the
-            # launcher, seeing the first exit, stops the rest.
-            time.sleep(3)
-        raise SystemExit(2) from None
+        _user_error_exit(str(exc))
     return train(prepared)
