@@ -215,3 +215,52 @@ def test_hydra_composition_errors_are_one_line(argv: list[str], line: str, capsy
     check_overrides(["optim.lr=1e-4", "model=gpt2_tiny"], CONF)  # good overrides: nothing said
     check_overrides(["--cfg", "job", "optim.lrr=1"], CONF)  # Hydra's own flags: left to Hydra
     assert capsys.readouterr().err == ""
+
+
+@pytest.fixture
+def fresh_logging():
+    """Rank 0's logging set up in this process, undone afterwards."""
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level, list(logging.getLogger("DeepSpeed").filters))
+    for h in saved[0]:
+        root.removeHandler(h)
+    yield
+    for h in list(root.handlers):
+        root.removeHandler(h)
+        h.close()
+    for h in saved[0]:
+        root.addHandler(h)
+    root.setLevel(saved[1])
+    logging.getLogger("DeepSpeed").filters[:] = saved[2]
+    logging.captureWarnings(False)
+
+
+def test_console_shows_pipefit_lines_and_train_log_keeps_the_chatter(tmp_path: Path, capsys, fresh_logging):
+    import warnings
+
+    from pipefit.train import _ChatterWriter, console_above_bar, quiet_console, setup_logging
+
+    def chatter(n: int) -> None:
+        logging.getLogger("pipefit").info("step 1/2 loss 8.0000")
+        logging.getLogger("DeepSpeed").warning("Setting accelerator to CPU.")
+        warnings.warn(f"all_gather_into_tensor is deprecated ({n})", FutureWarning, stacklevel=1)
+        logging.getLogger("transformers.tokenization_utils_base").warning("a tokenizer remark")
+        _ChatterWriter().write("SEED_LAYERS=False BASE_SEED=1234\n")
+
+    quiet_console(0)
+    chatter(1)  # before output_dir exists: kept in memory
+    setup_logging(tmp_path, 0)
+    with console_above_bar():  # the progress bar's handler (a terminal) keeps the console's filter
+        chatter(2)
+    err = capsys.readouterr().err.splitlines()
+    assert [x.split("] ", 1)[-1] for x in err] == ["step 1/2 loss 8.0000"] * 2
+    log = (tmp_path / "train.log").read_text()
+    for line in (
+        "[pipefit][INFO] step 1/2 loss 8.0000",
+        "[pipefit.library][DEBUG] [DeepSpeed] Setting accelerator to CPU.",
+        "[pipefit.library][DEBUG] [py.warnings] ",
+        "FutureWarning: all_gather_into_tensor is deprecated",
+        "[pipefit.library][DEBUG] SEED_LAYERS=False BASE_SEED=1234",
+        "[transformers.tokenization_utils_base][WARNING] a tokenizer remark",
+    ):
+        assert log.count(line) == 2, (line, log)
