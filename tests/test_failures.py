@@ -238,7 +238,9 @@ def fresh_logging():
 def test_console_shows_pipefit_lines_and_train_log_keeps_the_chatter(tmp_path: Path, capsys, fresh_logging):
     import warnings
 
-    from pipefit.train import _ChatterWriter, console_above_bar, quiet_console, setup_logging
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from pipefit.train import _ChatterWriter, quiet_console, setup_logging
 
     def chatter(n: int) -> None:
         logging.getLogger("pipefit").info("step 1/2 loss 8.0000")
@@ -250,7 +252,7 @@ def test_console_shows_pipefit_lines_and_train_log_keeps_the_chatter(tmp_path: P
     quiet_console(0)
     chatter(1)  # before output_dir exists: kept in memory
     setup_logging(tmp_path, 0)
-    with console_above_bar():  # the progress bar's handler (a terminal) keeps the console's filter
+    with logging_redirect_tqdm():  # as under the progress bar (a terminal): tqdm's handler keeps the filter
         chatter(2)
     err = capsys.readouterr().err.splitlines()
     assert [x.split("] ", 1)[-1] for x in err] == ["step 1/2 loss 8.0000"] * 2

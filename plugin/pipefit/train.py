@@ -162,24 +162,6 @@ def quiet_console(rank: int) -> None:
         root.addHandler(h)
 
 
-@contextlib.contextmanager
-def console_above_bar() -> Iterator[None]:
-    """tqdm's ``logging_redirect_tqdm`` (log lines print above the bar), keeping the console's level
-    and filters: tqdm's handler copies only the formatter, which would let library chatter through."""
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
-    root = logging.getLogger()
-    console = next((h for h in root.handlers if type(h) is logging.StreamHandler and h.stream is sys.stderr), None)
-    with logging_redirect_tqdm():
-        if console is not None:
-            for h in root.handlers:
-                if type(h).__name__ == "_TqdmLoggingHandler":
-                    h.setLevel(console.level)
-                    for f in console.filters:
-                        h.addFilter(f)
-        yield
-
-
 def setup_logging(output_dir: Path, rank: int) -> None:
     """Rank 0 adds ``output_dir/train.log`` (what the console shows, plus library chatter and
     tracebacks at debug level), starting with what was kept before the folder existed."""
@@ -971,7 +953,9 @@ def _loop(engine: Any, prepared: Prepared, output_dir: Path, rank: int, first: i
     with ExitStack() as stack:
         stack.callback(reporter.close)
         if reporter.bar is not None:
-            stack.enter_context(console_above_bar())  # log lines print above the bar
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            stack.enter_context(logging_redirect_tqdm())  # log lines print above the bar
         for step in range(first + 1, last + 1):
             lr = float(engine.get_lr()[0])  # the rate this step's update uses
             t0 = time.time()
