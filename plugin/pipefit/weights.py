@@ -87,15 +87,14 @@ class SafetensorsReader:
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
             self.weight_map: dict[str, str] = dict(weight_map)
+            for filename in sorted(set(self.weight_map.values())):
+                check_shard(self.folder, filename, str(folder))
         elif single.is_file():
             self.weight_map = {k: SINGLE_FILE for k in check_shard(self.folder, SINGLE_FILE, str(folder))}
         else:
             raise CheckpointError(
                 f"model.path={str(folder)!r} has no {SINGLE_FILE} or {INDEX_FILE}; pipefit loads safetensors only"
             )
-        if index.is_file():
-            for filename in sorted(set(self.weight_map.values())):
-                check_shard(self.folder, filename, str(folder))
 
     def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
         names = list(names)
