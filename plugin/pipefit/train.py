@@ -121,9 +121,12 @@ def quiet_console(rank: int) -> None:
     else is kept (in memory until ``output_dir`` exists, then in ``train.log``) or, on other ranks,
     dropped (rank 0 holds the same). Idempotent.
 
-    torch's "c10d::broadcast_: an autograd kernel was not registered" warning, one of those kept
-    out of the console, is harmless here: DeepSpeed broadcasts parameter values once at
-    initialisation under ``no_grad``; no backward pass ever runs through that broadcast.
+    torch's "c10d::broadcast_: an autograd kernel was not registered ... silently incorrect
+    behavior" warning, one of those kept out of the console, is harmless here: it comes from
+    DeepSpeed's ``PipelineModule._synchronize_tied_weights``, which broadcasts the tied embedding's
+    parameter itself (it requires grad) when the module is built and when a checkpoint is loaded.
+    That copies values outside any forward pass; no backward ever runs through the broadcast, so the
+    missing autograd kernel is never used.
     """
     import logging.handlers
 
