@@ -123,10 +123,11 @@ def quiet_console(rank: int) -> None:
 
     torch's "c10d::broadcast_: an autograd kernel was not registered ... silently incorrect
     behavior" warning, one of those kept out of the console, is harmless here: it comes from
-    DeepSpeed's ``PipelineModule._synchronize_tied_weights``, which broadcasts the tied embedding's
-    parameter itself (it requires grad) when the module is built and when a checkpoint is loaded.
-    That copies values outside any forward pass; no backward ever runs through the broadcast, so the
-    missing autograd kernel is never used.
+    DeepSpeed's ``PipelineModule._synchronize_tied_weights``, which broadcasts a tied embedding's
+    parameter in place when the module is built (and when a checkpoint is loaded), before any
+    forward pass uses it. torch records that in-place op with a node that warns in the first
+    backward and passes the gradient through unchanged, which is the right gradient for a value
+    overwritten before use; the tied GPT-2 pipeline-vs-one-process parity test checks the result.
     """
     import logging.handlers
 
