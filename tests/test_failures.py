@@ -97,7 +97,7 @@ def _tiny_run(folder: Path, out: Path, steps: int, *extra: str) -> list[str]:
 @pytest.mark.slow
 def test_a_ranks_own_error_is_one_line_naming_it_at_once(tmp_path: Path):
     """Stage 1's weights do not fit (found only when that rank loads them): one line naming rank 1,
-    not a traceback per rank after the watchdog's wait (heartbeat_timeout_s x 1.5 = 90 s here)."""
+    not a traceback per rank after the watchdog's wait (heartbeat_timeout_s x 1.5 = 180 s here)."""
     import time
 
     from safetensors.torch import load_file, save_file
@@ -110,7 +110,7 @@ def test_a_ranks_own_error_is_one_line_naming_it_at_once(tmp_path: Path):
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     out = tmp_path / "run"
     started = time.monotonic()
-    proc = run_recipe(_tiny_run(folder, out, 3, "train.heartbeat_timeout_s=60"))
+    proc = run_recipe(_tiny_run(folder, out, 3, "train.heartbeat_timeout_s=120"))
     elapsed = time.monotonic() - started
     assert proc.returncode == 1, tail(proc)
     console = proc.stdout + proc.stderr
@@ -121,7 +121,7 @@ def test_a_ranks_own_error_is_one_line_naming_it_at_once(tmp_path: Path):
         f"(traceback in {out}/train.log)"
     ), tail(proc)
     assert "[rank1]" not in console and "[rank0]" not in console
-    assert elapsed < 60, elapsed
+    assert elapsed < 90, elapsed  # launch included; the line itself comes at once
     log = (out / "train.log").read_text()
     assert "[rank 1 (stage 1, data 0)] failed:\nTraceback (most recent call last):" in log
     assert run_pids(out) == []
