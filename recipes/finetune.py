@@ -17,11 +17,15 @@ Several nodes, one launch per node (num_processes counts all nodes)::
         recipes/finetune.py pipeline.stages=2
 """
 
+import sys
+from pathlib import Path
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 import pipefit.config  # noqa: F401  (registers the schema with Hydra's ConfigStore)
+from pipefit.train import check_overrides
 from pipefit.train import main as train_main
 
 
@@ -31,4 +35,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_overrides(sys.argv[1:], Path(__file__).resolve().parent.parent / "conf")  # typo'd key: one line
     main()

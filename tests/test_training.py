@@ -8,6 +8,7 @@ trains the unmodified HF model in this process on the same global batches
 from __future__ import annotations
 
 import email
+import re
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,18 @@ def test_default_recipe_learns_and_exports_loadable_folder(tmp_path: Path):
     out = tmp_path / "run"
     proc = run_recipe(["train.max_steps=12", f"output_dir={out}"])
     assert proc.returncode == 0, tail(proc)
+    # The console: the plan (2 stages), one line per step, the result. Besides, only what the launcher
+    # process prints before any rank runs: DeepSpeed's accelerator line (once, was 3x: the ranks' go to
+    # train.log) and accelerate's notice when port 29500 is taken by another run.
+    lines = (proc.stdout + proc.stderr).splitlines()
+    launcher = ("real_accelerator.py", "Port `29500` is already in use", "  warnings.warn(")
+    ours = [x for x in lines if not any(m in x for m in launcher)]
+    assert len(ours) == 2 + 12 + 1, ours
+    assert all(re.fullmatch(r"\[[-0-9 :,]+\]\[pipefit\]\[INFO\] (stage|step|exported) .*", x) for x in ours), ours
+    assert sum("Setting accelerator" in x for x in lines) == 1, lines
+    log = (out / "train.log").read_text()
+    assert "[pipefit.library][DEBUG] SEED_LAYERS=False" in log and "Using topology" in log
+    assert log.count("][pipefit][INFO] step ") == 12
     losses = [m["loss"] for m in metrics(out)]
     assert len(losses) == 12
     assert losses[-1] < losses[0] - 0.5, losses

@@ -204,7 +204,19 @@ def check_precision(precision: str, accelerator: Any = None) -> None:
         )
 
 
+# Blocks of a user's DeepSpeed file that pipefit derives itself -> the Hydra fields that set them.
+REFUSED_DS_BLOCKS = {"optimizer": "optim.*", "scheduler": "optim.scheduler/optim.warmup_steps"}
+
+
 def load_base_config(settings: AccelerateSettings) -> dict[str, Any] | None:
+    """The user's ``--deepspeed_config_file`` (keys pipefit does not derive), checked before any rank starts."""
     if not settings.config_file:
         return None
-    return json.loads(Path(settings.config_file).read_text())
+    cfg = json.loads(Path(settings.config_file).read_text())
+    for key, instead in REFUSED_DS_BLOCKS.items():
+        if key in cfg:
+            raise ConfigError(
+                f"accelerate --deepspeed_config_file={settings.config_file!r} sets {key!r}; pipefit derives it from "
+                f"the Hydra config: remove it from the file and set {instead}"
+            )
+    return cfg

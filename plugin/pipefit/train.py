@@ -61,24 +61,136 @@ def _ensure_single_process_env() -> None:
         )
 
 
-def setup_logging(output_dir: Path, rank: int) -> None:
+CHATTER = "pipefit.library"  # what libraries print or warn: train.log only, at debug level
+
+
+class _ToLogFile(logging.Filter):
+    """``train.log``: pipefit's records at any level, library chatter, and other libraries' warnings."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name.startswith("pipefit") or record.levelno >= logging.WARNING
+
+
+class _ToConsole(logging.Filter):
+    """The console: pipefit's own lines only (the plan, steps, the result, its warnings)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name == "pipefit" or (record.name.startswith("pipefit.") and record.name != CHATTER)
+
+
+class _Demote(logging.Filter):
+    """On a library logger with a console handler of its own (DeepSpeed's ``Setting accelerator to
+    CPU``, Python warnings such as DeepSpeed's ``all_gather_into_tensor`` FutureWarning): hand the
+    record to pipefit's handlers as debug chatter instead, so it reaches ``train.log`` only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = f"[{record.name}] {record.getMessage()}"
+        record.args = None
+        record.levelno, record.levelname, record.name = logging.DEBUG, "DEBUG", CHATTER
+        logging.getLogger(CHATTER).handle(record)
+        return False
+
+
+_DEMOTE = _Demote()
+_FORMAT = logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] %(message)s")
+
+
+class _ChatterWriter:
+    """A ``sys.stdout`` stand-in: libraries' ``print`` lines (DeepSpeed's ``SEED_LAYERS=``, ``Using
+    topology``, BF16_Optimizer memory printouts, op builds) become debug records in ``train.log``."""
+
+    def __init__(self) -> None:
+        self._partial = ""
+
+    def write(self, text: str) -> int:
+        lines = (self._partial + text).split("\n")
+        self._partial = lines.pop()
+        for line in lines:
+            if line.strip():
+                logging.getLogger(CHATTER).debug("%s", line)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+
+def quiet_console(rank: int) -> None:
+    """Before anything else runs on a rank: rank 0's console shows pipefit's lines only; everything
+    else is kept (in memory until ``output_dir`` exists, then in ``train.log``) or, on other ranks,
+    dropped (rank 0 holds the same). Idempotent.
+
+    torch's "c10d::broadcast_: an autograd kernel was not registered ... silently incorrect
+    behavior" warning, one of those kept out of the console, is harmless here: it comes from
+    DeepSpeed's ``PipelineModule._synchronize_tied_weights``, which broadcasts a tied embedding's
+    parameter in place when the module is built (and when a checkpoint is loaded), before any
+    forward pass uses it. torch records that in-place op with a node that warns in the first
+    backward and passes the gradient through unchanged, which is the right gradient for a value
+    overwritten before use; the tied GPT-2 pipeline-vs-one-process parity test checks the result.
+    """
+    import logging.handlers
+
     root = logging.getLogger()
+    if any(getattr(h, "_pipefit", False) for h in root.handlers):
+        return
     for h in list(root.handlers):
         root.removeHandler(h)
-    fmt = logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] %(message)s")
+    root.setLevel(logging.INFO)
+    logging.getLogger("pipefit").setLevel(logging.DEBUG)
+    logging.captureWarnings(True)
+    for name in ("DeepSpeed", "py.warnings"):
+        logging.getLogger(name).addFilter(_DEMOTE)
+    with contextlib.suppress(ImportError):
+        from datasets.utils import logging as datasets_logging
+
+        datasets_logging.disable_progress_bar()  # both ranks' "Map:" bars
+        datasets_logging.get_logger().propagate = True
+    with contextlib.suppress(ImportError):
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_default_handler()
+        transformers_logging.enable_propagation()
     if rank == 0:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        for handler in (logging.StreamHandler(), logging.FileHandler(output_dir / "train.log")):
-            handler.setFormatter(fmt)
-            root.addHandler(handler)
-        root.setLevel(logging.INFO)
+        console = logging.StreamHandler(sys.stderr)
+        console.setLevel(logging.INFO)
+        console.addFilter(_ToConsole())
+        console.setFormatter(_FORMAT)
+        buffer = logging.handlers.MemoryHandler(100_000, flushLevel=logging.CRITICAL + 1, flushOnClose=False)
+        buffer.addFilter(_ToLogFile())
+        handlers: list[logging.Handler] = [console, buffer]
     else:
-        handler = logging.StreamHandler()
-        handler.setFormatter(fmt)
-        root.addHandler(handler)
-        root.setLevel(logging.WARNING)
-    for noisy in ("DeepSpeed", "deepspeed", "datasets", "transformers"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+        handlers = [logging.NullHandler()]
+    for h in handlers:
+        h._pipefit = True  # type: ignore[attr-defined]
+        root.addHandler(h)
+
+
+def setup_logging(output_dir: Path, rank: int) -> None:
+    """Rank 0 adds ``output_dir/train.log`` (what the console shows, plus library chatter and
+    tracebacks at debug level), starting with what was kept before the folder existed."""
+    import logging.handlers
+
+    quiet_console(rank)
+    if rank != 0:
+        return
+    root = logging.getLogger()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    file_handler = logging.FileHandler(output_dir / "train.log")
+    file_handler.setLevel(logging.DEBUG)
+    file_handler.addFilter(_ToLogFile())
+    file_handler.setFormatter(_FORMAT)
+    file_handler._pipefit = True  # type: ignore[attr-defined]
+    for h in list(root.handlers):
+        if isinstance(h, logging.handlers.MemoryHandler) and getattr(h, "_pipefit", False):
+            h.setTarget(file_handler)
+            h.flush()
+            root.removeHandler(h)
+        elif isinstance(h, logging.FileHandler) and getattr(h, "_pipefit", False):
+            root.removeHandler(h)
+            h.close()
+    root.addHandler(file_handler)
 
 
 def weight_decay_groups(params: list[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list[dict[str, Any]]:
@@ -117,6 +229,7 @@ class Prepared:
                 f"data.layout=pack is not accepted for {type(self.hf_config).__name__}: its attention mask ignores "
                 "position ids (as in HF), so packed documents would attend to each other; use data.layout=pad"
             )
+        check_positions(run, self.skeleton)
         make_batches = build_batches
         if self.skeleton.adapter.kind == "encoder":  # encoder tasks (BERT): checks, masked-LM/labelled batches
             from pipefit import encoder
@@ -173,6 +286,27 @@ class Prepared:
         self.batches, self.eval_batches = make_batches(run.data, self.tokenizer, self.layout, run.train.seed)
         self.eval_rounds = eval_rounds(run.train.eval_batches, self.eval_batches)
         outputs.clear_previous_run(self)  # train.overwrite_output_dir, once every check has passed
+
+
+def check_positions(run: RunConfig, skeleton: Any) -> None:
+    """``data.seq_len`` against the positions the model has: rows longer than a learned position table
+    would index past it in the first step (an error here); rotary positions extrapolate (a warning).
+    Encoders check their own table (:func:`pipefit.encoder.check_run`)."""
+    limit = getattr(skeleton.config, "max_position_embeddings", None)
+    seq_len = run.data.seq_len
+    if skeleton.adapter.kind == "encoder" or not isinstance(limit, int) or seq_len <= limit:
+        return
+    if skeleton.adapter.position_embed:
+        raise ConfigError(
+            f"data.seq_len={seq_len} exceeds the model's {limit} learned positions (max_position_embeddings of "
+            f"{type(skeleton.config).__name__}); accepted: data.seq_len <= {limit}"
+        )
+    log.warning(
+        "data.seq_len=%d exceeds the model's max_position_embeddings=%d: its positions will extrapolate beyond "
+        "the length it was trained for",
+        seq_len,
+        limit,
+    )
 
 
 def explicit_keys(overrides: list[str]) -> set[str]:
@@ -264,33 +398,141 @@ def train(prepared: Prepared) -> dict[str, Any]:
         coord = topo.get_coord(r)
         return f"rank {r} (stage {coord.pipe}, data {coord.data})"
 
-    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=run.train.dist_timeout_s))
     watchdog = None
+    interrupts = _InterruptFlag()
     try:
-        if run.train.heartbeat_timeout_s > 0 and world > 1:
-            from pipefit.watchdog import PeerWatchdog
+        with contextlib.redirect_stdout(_ChatterWriter()), interrupts:  # type: ignore[type-var]
+            deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=run.train.dist_timeout_s))
+            if run.train.heartbeat_timeout_s > 0 and world > 1:
+                from pipefit.watchdog import PeerWatchdog
 
-            watchdog = PeerWatchdog(
-                rank,
-                world,
-                os.environ["MASTER_ADDR"],
-                int(os.environ["MASTER_PORT"]),
-                run.train.heartbeat_interval_s,
-                run.train.heartbeat_timeout_s,
-                describe,
-            ).start()
-        try:
+                watchdog = PeerWatchdog(
+                    rank,
+                    world,
+                    os.environ["MASTER_ADDR"],
+                    int(os.environ["MASTER_PORT"]),
+                    run.train.heartbeat_interval_s,
+                    run.train.heartbeat_timeout_s,
+                    describe,
+                ).start()
             return _train_on_rank(prepared, rank, output_dir, accel, device_kind, topo)
-        except Exception:
-            # A dead peer usually surfaces here first (connection reset); let the watchdog name it.
-            if watchdog is not None and watchdog.wait_for_verdict(run.train.heartbeat_timeout_s * 1.5):
-                raise SystemExit(3) from None
-            raise
+    except (Exception, KeyboardInterrupt) as exc:
+        code = _end_rank(exc, interrupts.seen, watchdog, run, rank, describe(rank))
+        raise SystemExit(code) from None
     finally:
         if watchdog is not None:
             watchdog.stop()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+class _InterruptFlag:
+    """Within the block, SIGINT (Ctrl-C, which reaches every rank) is remembered before it raises
+    ``KeyboardInterrupt``: a rank whose collective then fails because a peer stopped first knows
+    it was interrupted, not broken."""
+
+    def __init__(self) -> None:
+        self.seen = False
+        self._previous: Any = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.seen = True
+        raise KeyboardInterrupt
+
+    def __enter__(self) -> _InterruptFlag:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
+def _is_communication_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective or point-to-point failure, the way a lost peer first shows."""
+    import torch.distributed as dist
+
+    if isinstance(exc, dist.DistError | ConnectionError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        s in text for s in ("gloo", "Gloo", "NCCL", "Connection closed", "Connection reset", "Broken pipe")
+    )
+
+
+def _say(line: str) -> None:
+    """One line on the console (stderr, which the launcher passes through) and in ``train.log``."""
+    print(line, file=sys.stderr, flush=True)
+    log.debug("%s", line)
+
+
+def _end_rank(exc: BaseException, interrupted: bool, watchdog: Any, run: RunConfig, rank: int, me: str) -> int:
+    """How a rank ends after ``exc`` (its exit status), saying at most one line.
+
+    Ctrl-C: rank 0 says where the run stopped (130). A peer that reported its own failure: this
+    rank's error is only the echo of it; end quietly (1). A communication error with no failed
+    peer: a peer may be gone; the watchdog names it within its timeout (3). Anything else is this
+    rank's own error: one line naming the rank, at once (1). The traceback goes to ``train.log``.
+    """
+    import traceback
+
+    detail = "".join(traceback.format_exception(exc))
+    if interrupted or isinstance(exc, KeyboardInterrupt):
+        if rank == 0:
+            _say(f"pipefit: {interrupted_line(run)}")
+        log.debug("rank %d interrupted in:\n%s", rank, detail)
+        return 130
+    if watchdog is not None:
+        if watchdog.failed_peer() is None and _is_communication_error(exc):
+            deadline = time.monotonic() + run.train.heartbeat_timeout_s * 1.5
+            while time.monotonic() < deadline and watchdog.verdict is None and watchdog.failed_peer() is None:
+                time.sleep(min(0.1, run.train.heartbeat_interval_s))
+            if watchdog.verdict is not None:
+                return 3
+        if watchdog.failed_peer() is not None:
+            log.debug("%s stopped after rank %d failed:\n%s", me, watchdog.failed_peer(), detail)
+            return 1
+        watchdog.mark_failed()
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    _say(f"pipefit: error: {me}: {type(exc).__name__}: {message} (traceback in {run.output_dir}/train.log)")
+    _append_traceback(Path(run.output_dir), me, detail)
+    return 1
+
+
+def _append_traceback(output_dir: Path, me: str, detail: str) -> None:
+    """The failing rank's traceback in ``train.log`` (rank 0 through its log; others append)."""
+    if logging.getLogger().handlers and any(isinstance(h, logging.FileHandler) for h in logging.getLogger().handlers):
+        log.debug("%s failed:\n%s", me, detail)
+        return
+    with contextlib.suppress(OSError):
+        if output_dir.is_dir():
+            with (output_dir / "train.log").open("a") as f:
+                f.write(f"[{me}] failed:\n{detail}")
+
+
+def interrupted_line(run: RunConfig) -> str:
+    """``interrupted at step N; newest complete checkpoint: ...`` from what rank 0 has written."""
+    from pipefit import checkpoint
+
+    output_dir = Path(run.output_dir)
+    step = 0
+    with contextlib.suppress(OSError, ValueError, KeyError, IndexError):
+        lines = (output_dir / "metrics.jsonl").read_text().splitlines()
+        step = int(json.loads(lines[-1])["step"])
+    newest = None
+    with contextlib.suppress(ValueError, OSError):
+        newest = checkpoint.find_checkpoint("auto", output_dir)
+    if newest is None:
+        saving = f"train.save_every={run.train.save_every}"
+        return f"interrupted at step {step}; no complete checkpoint to resume from ({saving})"
+    return f"interrupted at step {step}; newest complete checkpoint: {newest}; resume with train.resume=auto"
 
 
 def optimizer_state_bytes(engine: Any) -> int:
@@ -772,17 +1014,61 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     return (ValueError, FileNotFoundError)
 
 
+def _user_error_exit(message: str) -> None:
+    """Rank 0 prints ``pipefit: error: message``; every rank exits 2. The other ranks, which find the
+    same error, let rank 0 say it once before the launcher, seeing the first exit, stops the rest."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"pipefit: error: {message}", file=sys.stderr, flush=True)
+    else:
+        time.sleep(3)
+    raise SystemExit(2)
+
+
+def composition_error_line(exc: BaseException) -> str:
+    """Hydra's multi-line composition error (a typo'd key, an unknown preset, a value of the wrong
+    type) as one line: what failed, why, and what is accepted."""
+    lines = [x.strip().rstrip(".") for x in str(exc).splitlines() if x.strip()]
+    options = getattr(exc, "options", None)
+    if options:
+        return f"{lines[0]}; accepted: {', '.join(options)}"
+    cause = str(exc.__cause__ or "").strip().splitlines()
+    line = lines[0] + (f": {cause[0]}" if cause else "")
+    for extra in lines[1:]:
+        line += f"; {extra[0].lower()}{extra[1:]}"
+    return line
+
+
+def check_overrides(argv: list[str], config_dir: str | os.PathLike) -> None:
+    """Compose the recipe's config from plain ``key=value`` arguments before Hydra does, so that an
+    error in them is one line (exit 2) rather than Hydra's report. Arguments with Hydra flags or
+    ``hydra.*`` keys are left to Hydra."""
+    if any(a.startswith("-") or a.lstrip("+~").startswith("hydra.") for a in argv):
+        return
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from pipefit.cli import compose
+
+    try:
+        compose(argv, str(config_dir))
+    except (HydraException, OmegaConfBaseException) as exc:
+        _user_error_exit(composition_error_line(exc))
+
+
 def main(cfg: Any, overrides: list[str]) -> dict[str, Any]:
-    """Recipe entry: prepare (all checks, no process group), then train. Bad input: one line, exit 2."""
+    """Recipe entry: prepare (all checks, no process group), then train. Bad input: one line, exit 2.
+
+    Later failures: one line naming the rank (exit 1); a lost peer: one line from the watchdog
+    (exit 3); Ctrl-C: one line saying where to resume (exit 130).
+    """
+    quiet_console(int(os.environ.get("RANK", "0")))
     try:
         _ensure_single_process_env()
         prepared = prepare(cfg, overrides)
-    except user_error_types() as exc:
+    except KeyboardInterrupt:
         if int(os.environ.get("RANK", "0")) == 0:
-            print(f"pipefit: error: {exc}", file=sys.stderr, flush=True)
-        else:
-            # Every rank finds the same error; the others let rank 0 say it once before the
-            # launcher, seeing the first exit, stops the rest.
-            time.sleep(3)
-        raise SystemExit(2) from None
+            print("pipefit: interrupted before training started", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+    except user_error_types() as exc:
+        _user_error_exit(str(exc))
     return train(prepared)

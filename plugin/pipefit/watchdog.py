@@ -45,6 +45,7 @@ class PeerWatchdog:
         self._verdict = threading.Event()
         self._thread: threading.Thread | None = None
         self._store = None
+        self._lock = threading.Lock()  # the thread and the main thread share one store client
         self.verdict: str | None = None
 
     def _key(self, kind: str, rank: int) -> str:
@@ -74,14 +75,15 @@ class PeerWatchdog:
         while not self._stop.wait(self.interval_s):
             now = time.monotonic()
             try:
-                store.add(self._key("hb", self.rank), 1)
-                for r in last_value:
-                    if store.add(self._key("done", r), 0) > 0:
-                        last_change[r] = now
-                        continue
-                    value = store.add(self._key("hb", r), 0)
-                    if value != last_value[r]:
-                        last_value[r], last_change[r] = value, now
+                with self._lock:
+                    store.add(self._key("hb", self.rank), 1)
+                    for r in last_value:
+                        if store.add(self._key("done", r), 0) > 0:
+                            last_change[r] = now
+                            continue
+                        value = store.add(self._key("hb", r), 0)
+                        if value != last_value[r]:
+                            last_value[r], last_change[r] = value, now
                 store_ok_at = now
             except Exception:  # noqa: BLE001 - an unreachable store is itself the signal
                 if now - store_ok_at > self.timeout_s:
@@ -103,6 +105,28 @@ class PeerWatchdog:
         self.verdict = f"{self.describe(self.rank)}: {message}; ending this rank"
         self._verdict.set()
         self.on_lost(self.verdict)
+
+    def mark_failed(self) -> None:
+        """Tell the peers this rank ends on an error of its own (theirs that follow are its echo)."""
+        if self._store is not None:
+            try:
+                with self._lock:
+                    self._store.add(self._key("failed", self.rank), 1)
+            except Exception:  # noqa: BLE001 - a peer then learns of it from the missing heartbeat
+                pass
+
+    def failed_peer(self) -> int | None:
+        """The first other rank that marked itself failed, if any."""
+        if self._store is None:
+            return None
+        for r in range(self.world_size):
+            try:
+                with self._lock:
+                    if r != self.rank and self._store.add(self._key("failed", r), 0) > 0:
+                        return r
+            except Exception:  # noqa: BLE001 - an unreachable store says nothing about peers' errors
+                return None
+        return None
 
     def wait_for_verdict(self, timeout_s: float) -> str | None:
         """After a communication error in the main thread: give the watchdog time to name the lost rank."""

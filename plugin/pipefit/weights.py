@@ -51,6 +51,40 @@ def check_model_folder(path: str | os.PathLike) -> Path:
     return folder
 
 
+def check_shard(folder: Path, filename: str, shown: str) -> list[str]:
+    """The tensor names of one safetensors file, after checking its header and its size.
+
+    A safetensors file is an 8-byte little-endian header length, a JSON header giving each tensor's
+    byte range, then the data; a file cut short (an interrupted download or copy) ends before the
+    last range. Checked before any rank starts, so a bad shard is one line, not a failure mid-load.
+    """
+    path = folder / filename
+    if not path.is_file():
+        raise CheckpointError(f"model.path={shown!r} lacks shard {filename}, which its {INDEX_FILE} names")
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError(f"{size} bytes, shorter than the 8-byte header length")
+            n = int.from_bytes(head, "little")
+            if n > size - 8:
+                raise ValueError(f"header of {n} bytes but the file has {size} bytes")
+            header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        end = max((int(t["data_offsets"][1]) for t in header.values()), default=0)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(
+            f"model.path={shown!r}: {filename} is not a readable safetensors file ({exc}); re-download or re-save it"
+        ) from None
+    if 8 + n + end != size:
+        raise CheckpointError(
+            f"model.path={shown!r}: {filename} is truncated or corrupt ({size} bytes, its header describes "
+            f"{8 + n + end}); re-download or re-save it"
+        )
+    return list(header)
+
+
 class SafetensorsReader:
     """Reads named tensors from a HF folder (one ``model.safetensors`` or an indexed set of shards)."""
 
@@ -61,9 +95,10 @@ class SafetensorsReader:
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
             self.weight_map: dict[str, str] = dict(weight_map)
+            for filename in sorted(set(self.weight_map.values())):
+                check_shard(self.folder, filename, str(folder))
         elif single.is_file():
-            with safe_open(single, framework="pt") as f:
-                self.weight_map = {k: SINGLE_FILE for k in f.keys()}
+            self.weight_map = {k: SINGLE_FILE for k in check_shard(self.folder, SINGLE_FILE, str(folder))}
         else:
             raise CheckpointError(
                 f"model.path={str(folder)!r} has no {SINGLE_FILE} or {INDEX_FILE}; pipefit loads safetensors only"
