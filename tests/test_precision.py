@@ -66,6 +66,17 @@ def test_verify_on_a_bf16_checkpoint_compares_float32_with_float32(tmp_path: Pat
     assert report.worst <= 1e-5  # a bf16 HF model against the fp32 pipeline: ~1e-2
 
 
+def test_reference_trainer_refuses_a_half_precision_model() -> None:
+    from pipefit.reference import train_reference
+
+    with pytest.raises(ValueError) as err:
+        train_reference(nn.Linear(2, 2).to(torch.bfloat16), None, None, 1)  # type: ignore[arg-type]
+    assert str(err.value) == (
+        "the reference model holds bfloat16 parameters; it trains in float32: "
+        "load it with from_pretrained(..., dtype=torch.float32)"
+    )
+
+
 def test_bf16_with_zero_stage_0_is_refused_before_any_rank() -> None:
     with pytest.raises(ConfigError) as err:
         validate(compose(["train.precision=bf16", "zero.stage=0"]))
