@@ -1,14 +1,15 @@
-"""Host memory of half-precision runs, measured: peak RSS per rank at start-up and over the whole run.
+"""Host memory of half-precision runs, measured per rank: fp32 copies kept, peak RSS at start-up and at export.
 
     python benchmarks/host_memory.py                               # this checkout
-    python benchmarks/host_memory.py --before /path/to/other/plugin  # and another pipefit, side by side
+    python benchmarks/host_memory.py --before /path/to/other/plugin  # another pipefit, side by side
 
 A Llama of ~16M parameters (64 MB in fp32) is saved twice, in float32 and in bfloat16, and each
 folder is trained for one step under ``train.precision=bf16`` and ZeRO-1 on one pipeline stage with
-two data-parallel ranks (``accelerate launch``, CPU, gloo), then exported. Each rank reports its
-peak resident set size (``ru_maxrss``) right after ``deepspeed.initialize`` (start-up: the fp32
-values kept to become the masters) and at exit (the export included). With ``--before`` the same
-runs use that ``plugin`` folder and the table shows both and their ratio, measured in one sitting.
+two data-parallel ranks (``accelerate launch``, CPU, gloo), then exported. Each rank reports
+the fp32 values it holds across ``deepspeed.initialize`` (to become the masters), its peak resident
+set size then (``VmHWM``), and the peak during the export above the resident size before it (the
+peak is restarted through ``/proc/self/clear_refs``). A third case adds LoRA (frozen fp32 base).
+With ``--before`` the same runs use that ``plugin`` folder: ``before -> this``, in one sitting.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -35,28 +35,37 @@ SHAPE = {
 }
 
 
-def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+def _status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024  # kB
+    raise KeyError(field)
 
 
 def _rank_main(report: str, overrides: list[str]) -> None:
-    """One rank: the recipe, with its peak RSS recorded after start-up and at exit."""
+    """One rank: the recipe, with its memory recorded after start-up, during the export and at exit."""
     import atexit
 
     from pipefit import train
 
     rank = os.environ.get("RANK", "0")
     peaks: dict[str, float] = {}
-    restore = train.restore_fp32_masters
+    restore, export = train.restore_fp32_masters, train.export_pipeline
 
     def restore_and_measure(engine, loaded):  # called right after deepspeed.initialize
-        peaks["startup_mb"] = _peak_mb()
+        peaks["startup_mb"] = _status_mb("VmHWM")
+        peaks["kept_mb"] = sum(v.numel() * v.element_size() for v in loaded.values()) / 2**20
         restore(engine, loaded)
 
-    train.restore_fp32_masters = restore_and_measure
+    def export_and_measure(*args, **kwargs):
+        before = _status_mb("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # restart the peak (VmHWM) from here
+        export(*args, **kwargs)
+        peaks["export_mb"] = _status_mb("VmHWM") - before
+
+    train.restore_fp32_masters, train.export_pipeline = restore_and_measure, export_and_measure
 
     def write() -> None:
-        peaks["run_mb"] = _peak_mb()
         Path(report, f"rank{rank}.json").write_text(json.dumps(peaks))
 
     atexit.register(write)
@@ -72,13 +81,13 @@ def _save_folders(root: Path) -> dict[str, Path]:
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(LlamaConfig(**SHAPE))
-    folders = {"fp32 folder": root / "fp32", "bf16 folder": root / "bf16"}
-    model.save_pretrained(folders["fp32 folder"])
-    model.to(torch.bfloat16).save_pretrained(folders["bf16 folder"])
+    folders = {"fp32": root / "fp32", "bf16": root / "bf16"}
+    model.save_pretrained(folders["fp32"])
+    model.to(torch.bfloat16).save_pretrained(folders["bf16"])
     return folders
 
 
-def _run(plugin: Path, folder: Path, out: Path) -> list[dict[str, float]]:
+def _run(plugin: Path, folder: Path, out: Path, extra: list[str]) -> list[dict[str, float]]:
     report = out / "rss"
     report.mkdir(parents=True)
     overrides = [
@@ -93,6 +102,7 @@ def _run(plugin: Path, folder: Path, out: Path) -> list[dict[str, float]]:
         "train.grad_accum_steps=1",
         "optim.warmup_steps=0",
         f"output_dir={out / 'run'}",
+        *extra,
     ]
     cmd = [
         str(Path(sys.executable).with_name("accelerate")),
@@ -126,18 +136,25 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         folders = _save_folders(root)
-        print(f"peak RSS per rank, MiB (Llama {SHAPE['hidden_size']}x{SHAPE['num_hidden_layers']}, ~16M params)")
-        print("bf16, ZeRO-1, 1 stage x 2 data-parallel ranks, 1 step + export")
-        for case, folder in folders.items():
-            got = {v: _run(plugin, folder, root / f"{v}-{folder.name}") for v, plugin in versions.items()}
-            for phase in ("startup_mb", "run_mb"):
+        print(f"MiB per rank (Llama {SHAPE['hidden_size']}x{SHAPE['num_hidden_layers']}, ~16M params, 64 MB in fp32);")
+        print("bf16, ZeRO-1, 1 stage x 2 data-parallel ranks, 1 step + export. kept: fp32 values held across")
+        print(
+            "deepspeed.initialize; startup: peak RSS then; export: peak RSS during the export above the RSS before it"
+        )
+        cases = {
+            "fp32 folder": (folders["fp32"], []),
+            "bf16 folder": (folders["bf16"], []),
+            "fp32 + LoRA": (folders["fp32"], ["lora=qv"]),
+        }
+        for case, (folder, extra) in cases.items():
+            got = {
+                v: _run(plugin, folder, root / f"{v}-{case.replace(' ', '')}", extra) for v, plugin in versions.items()
+            }
+            for phase in ("kept_mb", "startup_mb", "export_mb"):
                 cells = []
                 for r in range(2):
                     values = [got[v][r][phase] for v in versions]
-                    cell = f"rank {r}: " + " -> ".join(f"{x:.0f}" for x in values)
-                    if len(values) == 2:
-                        cell += f" (x{values[1] / values[0]:.3f})"
-                    cells.append(cell)
+                    cells.append(f"rank {r}: " + " -> ".join(f"{x:6.1f}" for x in values))
                 print(f"{case:12s} {phase[:-3]:8s} " + "; ".join(cells))
 
 

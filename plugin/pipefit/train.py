@@ -492,7 +492,9 @@ def rounded_by_cast(module: torch.nn.Module, precision: str, writer: bool) -> di
     for name, param in module.named_parameters():
         if not (param.requires_grad or writer) or param.dtype != torch.float32:
             continue
-        if not torch.equal(param.data.to(half).float(), param.data):
+        # In slices, so the check's temporaries stay small next to a large embedding.
+        flat = param.data.reshape(-1)
+        if any(not torch.equal(part.to(half).float(), part) for part in flat.split(1 << 20)):
             kept[name] = param.data.to("cpu")
     return kept
 
