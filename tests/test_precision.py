@@ -115,6 +115,38 @@ def test_only_values_the_cast_rounds_are_kept_and_frozen_ones_only_by_the_writer
         assert sorted(train.rounded_by_cast(module, precision, writer=False)) == ["rounded"]
 
 
+def test_frozen_values_the_folder_holds_are_read_again_not_kept(tmp_path: Path) -> None:
+    from pipefit import trainable
+
+    folder, initial = saved_model(tmp_path, "llama")
+    run = validate(compose(["model=local", f"model.path={folder}", "lora=qv", "lora.r=4"]))
+    skeleton = make_skeleton(load_hf_config(str(folder), {}))
+    layers = build_loaded(skeleton, folder, 0, len(layer_plan(skeleton)))
+    trainable.add_lora(layers, skeleton, run.lora, seed=0)  # q/v become base_layer + adapters
+    module = nn.ModuleList(layers)
+    changed = layers[1].block.self_attn.o_proj.weight
+    changed.data.add_(1e-3)  # frozen, but no longer what the folder holds: must be kept
+    held = train.FrozenFromFolder(module, skeleton, str(folder))
+    kept = train.rounded_by_cast(module, "bf16", writer=True, folder=held)
+    frozen = {n for n, p in module.named_parameters() if not p.requires_grad}
+    trainable_names = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert trainable_names and all("lora_" in n for n in trainable_names)
+    rounds = {n for n, p in module.named_parameters() if not torch.equal(p.data.bfloat16().float(), p.data)}
+    # Kept: the adapters the cast rounds (each B starts at zero: exact) and the changed frozen matrix.
+    assert set(kept) == (trainable_names & rounds) | {n for n, p in module.named_parameters() if p is changed}
+    # Every other frozen value the cast rounds is read again (norm weights, all 1.0, are exact in bf16).
+    assert len(held.names) == len(frozen & rounds) - 1 and len(held.names) > 10
+    # At export: each layer's frozen values, read again, equal the folder's (the HF model's) exactly.
+    by_id = {id(p): n for n, p in module.named_parameters()}
+    reference = initial.state_dict()
+    again = held.values(layers[1].parameters())
+    q_base = layers[1].block.self_attn.q_proj.base_layer.weight
+    assert torch.equal(again[id(q_base)], reference["model.layers.0.self_attn.q_proj.weight"])
+    assert id(changed) not in again and len(again) == sum(1 for p in layers[1].parameters() if id(p) in held.names)
+    assert all(by_id[i] in frozen for i in again)
+    assert train.rounded_by_cast(module, "bf16", writer=False, folder=None).keys() == trainable_names & rounds
+
+
 class _Grid:
     def __init__(self, dp_rank: int) -> None:
         self.dp_rank = dp_rank

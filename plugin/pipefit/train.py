@@ -191,14 +191,20 @@ def prepare(cfg: Any, overrides: list[str] | None = None, env: dict[str, str] | 
 
 
 def export_pipeline(
-    engine: Any, prepared: Prepared, out_dir: Path, tag: str, frozen_fp32: dict[int, torch.Tensor] | None = None
+    engine: Any,
+    prepared: Prepared,
+    out_dir: Path,
+    tag: str,
+    frozen_fp32: dict[int, torch.Tensor] | None = None,
+    frozen_from_folder: FrozenFromFolder | None = None,
 ) -> None:
     """Every stage writes its own shard (dp rank 0 only); rank 0 adds index, config, tokenizer; atomic.
 
     Written are the trained weights in the model config's dtype (:func:`export_dtype`); under
     bf16/fp16 those are the optimizer's fp32 master weights and, for frozen parameters (which have
-    no master), their fp32 values as loaded (``frozen_fp32``, by ``id(param)``; a frozen parameter
-    missing there is exact in its training copy), cast once, never the rounded training copies.
+    no master), their fp32 values as loaded (``frozen_fp32``, by ``id(param)``, or read again from
+    the model folder by ``frozen_from_folder``; a frozen parameter in neither is exact in its
+    training copy), cast once, never the rounded training copies.
     LoRA adapters are merged in fp32 too. Masters are fetched one layer at a time and each tensor
     goes to the host already in the export dtype, so a rank holds one layer's masters and its shard.
     """
@@ -227,14 +233,15 @@ def export_pipeline(
         masters = master_weights(engine, layer.parameters())  # every dp rank of the stage takes part
         if not writer:
             continue
-        with fp32_parameters(layer, {**(frozen_fp32 or {}), **masters}):
+        again = frozen_from_folder.values(layer.parameters()) if frozen_from_folder is not None else {}
+        with fp32_parameters(layer, {**(frozen_fp32 or {}), **again, **masters}):
             tensors.update(
                 {
                     k: v.to(device="cpu", dtype=dtype) if v.is_floating_point() else v.to("cpu")
                     for k, v in hf_state_dict(layer).items()
                 }
             )
-        del masters
+        del masters, again
     if writer:
         write_shard(tensors, staging, filename)
         names = sorted(tensors)
@@ -345,7 +352,11 @@ def _train_on_rank(
         write_atomic(output_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(run)))
         write_atomic(output_dir / "ds_config.json", json.dumps(ds_cfg, indent=2))
         _log_plan(prepared)
-    loaded = rounded_by_cast(module, run.train.precision, writer=topo.get_coord(rank).data == 0)
+    writer = topo.get_coord(rank).data == 0  # the data-parallel rank that exports this stage
+    from_folder = None
+    if run.train.precision != "fp32" and writer and run.model.path:
+        from_folder = FrozenFromFolder(module, prepared.skeleton, run.model.path)
+    loaded = rounded_by_cast(module, run.train.precision, writer, from_folder)
     engine, _, _, _ = deepspeed.initialize(
         model=module,
         config=ds_cfg,
@@ -384,7 +395,7 @@ def _train_on_rank(
         return {"losses": losses, "boundaries": prepared.boundaries, "stage": engine.stage_id, "last_step": last}
     if run.train.export:
         export_dir = output_dir / "hf_model"
-        export_pipeline(engine, prepared, export_dir, f"step{run.train.max_steps}", frozen_fp32)
+        export_pipeline(engine, prepared, export_dir, f"step{run.train.max_steps}", frozen_fp32, from_folder)
         trainable.export_adapter(engine, prepared, output_dir / trainable.ADAPTER_DIR)  # lora: peft folder
         save_probe_logits(engine, prepared, export_dir)
         if rank == 0:
@@ -476,14 +487,62 @@ def install_global_norm_clipping(engine: Any) -> None:
     engine.clip_fp32_gradients = clip_fp32_gradients
 
 
-def rounded_by_cast(module: torch.nn.Module, precision: str, writer: bool) -> dict[str, torch.Tensor]:
+class FrozenFromFolder:
+    """Frozen fp32 values the model folder holds exactly, read again at export instead of kept.
+
+    A frozen parameter has no fp32 master; under bf16/fp16 its exact value serves only the export.
+    Where the folder holds that very value (compared when found), the export reads it back one
+    layer at a time, rather than the host keeping a copy of the frozen base for the whole run.
+    """
+
+    def __init__(self, module: torch.nn.Module, skeleton: Any, folder: str) -> None:
+        import re
+
+        from pipefit.weights import SafetensorsReader
+
+        self.reader = SafetensorsReader(folder)
+        aliases = {**dict(skeleton.adapter.checkpoint_aliases), **build_mod.tied_aliases(skeleton)}
+        self.candidates: dict[int, str] = {}  # id(param) -> the folder's tensor name, as load_layer resolves it
+        for layer in build_mod.stage_layers(module):
+            for local, prefix in layer.hf_prefixes.items():
+                for key, param in getattr(layer, local).named_parameters():
+                    plain = re.sub(r"(^|[.])base_layer[.]", r"\1", key)  # LoRA wraps the base weight
+                    hf = f"{prefix}.{plain}"
+                    if hf not in self.reader.weight_map:
+                        hf = aliases.get(hf, hf)
+                    if hf in self.reader.weight_map:
+                        self.candidates[id(param)] = hf
+        self.names: dict[int, str] = {}  # the frozen parameters read again at export
+
+    def holds(self, param: torch.nn.Parameter) -> bool:
+        """Whether the folder holds ``param``'s present value exactly (then it is read again at export)."""
+        name = self.candidates.get(id(param))
+        if name is None:
+            return False
+        stored = self.reader.read([name])[name]
+        if stored.shape != param.shape or not torch.equal(stored.to(param.device, torch.float32), param.data):
+            return False
+        self.names[id(param)] = name
+        return True
+
+    def values(self, params: Iterable[torch.nn.Parameter]) -> dict[int, torch.Tensor]:
+        """The fp32 values of those of ``params`` read again, by ``id(param)``."""
+        wanted = {id(p): self.names[id(p)] for p in params if id(p) in self.names}
+        read = self.reader.read(set(wanted.values())) if wanted else {}
+        return {i: read[n].to(torch.float32) for i, n in wanted.items()}
+
+
+def rounded_by_cast(
+    module: torch.nn.Module, precision: str, writer: bool, folder: FrozenFromFolder | None = None
+) -> dict[str, torch.Tensor]:
     """Host copies of the fp32 values that casting to ``precision`` would round, by parameter name.
 
     bf16/fp16: DeepSpeed casts the parameters, then makes its fp32 master weights from the cast
     copies; :func:`restore_fp32_masters` makes these values the masters instead. Only what is
     needed is kept: a value the cast leaves exact (every weight of a bf16 checkpoint under bf16)
     needs no copy, and a frozen parameter (no master; the copy only serves the export) is kept on
-    the data-parallel rank that exports (``writer``) only. Empty under fp32.
+    the data-parallel rank that exports (``writer``) only, and not at all where ``folder`` holds
+    it exactly (the export reads it again). Empty under fp32.
     """
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     if half is None:
@@ -495,6 +554,8 @@ def rounded_by_cast(module: torch.nn.Module, precision: str, writer: bool) -> di
         # In slices, so the check's temporaries stay small next to a large embedding.
         flat = param.data.reshape(-1)
         if any(not torch.equal(part.to(half).float(), part) for part in flat.split(1 << 20)):
+            if not param.requires_grad and folder is not None and folder.holds(param):
+                continue
             kept[name] = param.data.to("cpu")
     return kept
 
