@@ -166,9 +166,9 @@ def _allowed_globals() -> list[Any]:
 
     allowed: list[Any] = [OrderedDict, argparse.Namespace, set]
     try:
-        from deepspeed.runtime.fp16.loss_scaler import LossScaler
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 
-        allowed.append(LossScaler)
+        allowed += [LossScaler, DynamicLossScaler]  # fp16: the (dynamic) loss scale and its counters
     except ImportError:
         pass
     try:

@@ -330,6 +330,12 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
             f"2 x train.heartbeat_interval_s ({2 * t.heartbeat_interval_s})"
         )
     _choice("train.precision", t.precision, PRECISIONS)
+    if t.precision == "bf16" and z.stage == 0:
+        # DeepSpeed's pipeline engine refuses fp32 gradient accumulation for a bf16 model at ZeRO-0.
+        raise ConfigError(
+            "train.precision=bf16 is not accepted with zero.stage=0: DeepSpeed would accumulate and reduce "
+            "gradients in bf16; accepted: zero.stage=1 (fp32 accumulation), or zero.stage=0 with fp32 or fp16"
+        )
     _positive("optim.lr", o.lr)
     _positive("optim.weight_decay", o.weight_decay, allow_zero=True)
     _positive("optim.grad_clip", o.grad_clip, allow_zero=True)

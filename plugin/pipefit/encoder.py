@@ -49,7 +49,7 @@ from pipefit.build import TIED_KEY, LayerInfo
 from pipefit.config import ConfigError, DataConfig, RunConfig
 from pipefit.data import BatchLayout, GlobalBatches, Rows, load_raw_dataset
 from pipefit.data import build_batches as build_lm_batches
-from pipefit.stages import IGNORE_INDEX, ModelSkeleton, StageLayer
+from pipefit.stages import IGNORE_INDEX, ModelSkeleton, StageLayer, float32_model
 
 log = logging.getLogger("pipefit")
 
@@ -110,7 +110,7 @@ class EncoderSkeleton(ModelSkeleton):
         self.seed = seed
         self.task = check_task_config(hf_config)
         with torch.device("meta"):
-            self.model = auto_class(self.task).from_config(hf_config)
+            self.model = float32_model(auto_class(self.task).from_config, hf_config, hf_config)
         self.config = self.model.config
 
 
@@ -444,9 +444,11 @@ def reference_model(hf_config: Any, folder: Any = None, seed: int = 0) -> Any:
     """The unmodified HF task model: from ``folder``, or randomly initialised from ``seed``."""
     cls = auto_class(task_of(hf_config))
     if folder:
-        return cls.from_pretrained(folder, config=hf_config, attn_implementation=hf_config._attn_implementation)
+        return float32_model(
+            cls.from_pretrained, hf_config, folder, config=hf_config, attn_implementation=hf_config._attn_implementation
+        )
     torch.manual_seed(seed)
-    return cls.from_config(hf_config)
+    return float32_model(cls.from_config, hf_config, hf_config)
 
 
 class DocumentMasked(nn.Module):

@@ -42,6 +42,14 @@ def train_reference(
     """
     from pipefit.train import weight_decay_groups
 
+    dtypes = sorted({str(p.dtype).replace("torch.", "") for p in model.parameters()})
+    if dtypes != ["float32"]:
+        # The yardstick is fp32 training (with fp32 masters a half-precision run tracks it); a bf16
+        # folder loads as bf16 in HF unless asked otherwise.
+        raise ValueError(
+            f"the reference model holds {', '.join(dtypes)} parameters; it trains in float32: "
+            "load it with from_pretrained(..., dtype=torch.float32)"
+        )
     o = run.optim
     optimizer = torch.optim.AdamW(
         weight_decay_groups(list(model.named_parameters()), o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps

@@ -39,11 +39,26 @@ def _check_attn_implementation(hf_config: Any) -> None:
         )
 
 
+def float32_model(build: Any, hf_config: Any, *args: Any, **kwargs: Any) -> nn.Module:
+    """``build(*args, dtype=torch.float32, **kwargs)``: a HF model with float32 parameters.
+
+    HF builds in ``config.dtype`` (bf16 for most released checkpoints) and sets that field to the
+    dtype it was asked for; ``hf_config`` keeps the folder's dtype, the one an export writes.
+    """
+    saved_dtype = getattr(hf_config, "dtype", None)
+    try:
+        return build(*args, dtype=torch.float32, **kwargs)
+    finally:
+        hf_config.dtype = saved_dtype
+
+
 class ModelSkeleton:
     """The HF model built on the meta device: structure and config, no storage.
 
     Layers deep-copy their submodules out of it and materialise them on the target device.
     The skeleton's ``_init_weights`` gives each materialised submodule HF's own random init.
+    Parameters are float32 whatever the folder's ``config.dtype`` (a bf16 checkpoint loads into
+    them exactly): the run's precision decides what DeepSpeed trains in, not the checkpoint.
     """
 
     def __init__(self, hf_config: Any, adapter: Adapter, seed: int = 0) -> None:
@@ -53,7 +68,7 @@ class ModelSkeleton:
         self.seed = seed
         _check_attn_implementation(hf_config)
         with torch.device("meta"):
-            self.model = AutoModelForCausalLM.from_config(hf_config)
+            self.model = float32_model(AutoModelForCausalLM.from_config, hf_config, hf_config)
         self.config = self.model.config
 
     def has(self, prefix: str | None) -> bool:

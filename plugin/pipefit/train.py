@@ -17,7 +17,7 @@ import shutil
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -328,14 +328,22 @@ def prepare(cfg: Any, overrides: list[str] | None = None, env: dict[str, str] | 
 
 
 def export_pipeline(
-    engine: Any, prepared: Prepared, out_dir: Path, tag: str, frozen_fp32: dict[int, torch.Tensor] | None = None
+    engine: Any,
+    prepared: Prepared,
+    out_dir: Path,
+    tag: str,
+    frozen_fp32: dict[int, torch.Tensor] | None = None,
+    frozen_from_folder: FrozenFromFolder | None = None,
 ) -> None:
     """Every stage writes its own shard (dp rank 0 only); rank 0 adds index, config, tokenizer; atomic.
 
     Written are the trained weights in the model config's dtype (:func:`export_dtype`); under
     bf16/fp16 those are the optimizer's fp32 master weights and, for frozen parameters (which have
-    no master), their fp32 values as loaded (``frozen_fp32``, by ``id(param)``), cast once, never the
-    rounded training copies. LoRA adapters are merged in fp32 too.
+    no master), their fp32 values as loaded (``frozen_fp32``, by ``id(param)``, or read again from
+    the model folder by ``frozen_from_folder``; a frozen parameter in neither is exact in its
+    training copy), cast once, never the rounded training copies.
+    LoRA adapters are merged in fp32 too. Masters are fetched one layer at a time and each tensor
+    goes to the host already in the export dtype, so a rank holds one layer's masters and its shard.
     """
     import torch.distributed as dist
 
@@ -350,22 +358,31 @@ def export_pipeline(
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     dist.barrier()
-    fp32 = {**(frozen_fp32 or {}), **master_weights(engine)}
     dtype = export_dtype(prepared.hf_config)
     names: list[str] = []
     filename = f"model-{stage + 1:05d}-of-{num_stages:05d}.safetensors"
-    if engine.grid.get_data_parallel_rank() == 0:
-        tensors: dict[str, torch.Tensor] = {}
-        tied_ids = {id(m) for m in module.tied_modules.values()}
-        for layer in build_mod.stage_layers(module):
-            if id(layer) in tied_ids and stage != 0:
-                continue  # the tied embedding is saved once, by the stage that owns the embedding
-            with fp32_parameters(layer, fp32):
-                tensors.update(
-                    {k: v.to(dtype) if v.is_floating_point() else v for k, v in hf_state_dict(layer).items()}
-                )
+    writer = engine.grid.get_data_parallel_rank() == 0
+    tensors: dict[str, torch.Tensor] = {}
+    tied_ids = {id(m) for m in module.tied_modules.values()}
+    for layer in build_mod.stage_layers(module):
+        if id(layer) in tied_ids and stage != 0:
+            continue  # the tied embedding is saved once, by the stage that owns the embedding
+        masters = master_weights(engine, layer.parameters())  # every dp rank of the stage takes part
+        if not writer:
+            continue
+        again = frozen_from_folder.values(layer.parameters()) if frozen_from_folder is not None else {}
+        with fp32_parameters(layer, {**(frozen_fp32 or {}), **again, **masters}):
+            tensors.update(
+                {
+                    k: v.to(device="cpu", dtype=dtype) if v.is_floating_point() else v.to("cpu")
+                    for k, v in hf_state_dict(layer).items()
+                }
+            )
+        del masters, again
+    if writer:
         write_shard(tensors, staging, filename)
         names = sorted(tensors)
+    del tensors
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, (filename, names))
     if rank == 0:
@@ -580,10 +597,11 @@ def _train_on_rank(
         write_atomic(output_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(run)))
         write_atomic(output_dir / "ds_config.json", json.dumps(ds_cfg, indent=2))
         _log_plan(prepared)
-    # bf16/fp16: DeepSpeed casts the parameters, then makes its fp32 master weights from the cast copies;
-    # the loaded fp32 values (kept on the host) become the masters instead.
-    mixed = run.train.precision != "fp32"
-    loaded = {n: p.data.to("cpu") for n, p in module.named_parameters()} if mixed else {}
+    writer = topo.get_coord(rank).data == 0  # the data-parallel rank that exports this stage
+    from_folder = None
+    if run.train.precision != "fp32" and writer and run.model.path:
+        from_folder = FrozenFromFolder(module, prepared.skeleton, run.model.path)
+    loaded = rounded_by_cast(module, run.train.precision, writer, from_folder)
     engine, _, _, _ = deepspeed.initialize(
         model=module,
         config=ds_cfg,
@@ -622,7 +640,7 @@ def _train_on_rank(
         return {"losses": losses, "boundaries": prepared.boundaries, "stage": engine.stage_id, "last_step": last}
     if run.train.export:
         export_dir = output_dir / "hf_model"
-        export_pipeline(engine, prepared, export_dir, f"step{run.train.max_steps}", frozen_fp32)
+        export_pipeline(engine, prepared, export_dir, f"step{run.train.max_steps}", frozen_fp32, from_folder)
         trainable.export_adapter(engine, prepared, output_dir / trainable.ADAPTER_DIR)  # lora: peft folder
         save_probe_logits(engine, prepared, export_dir)
         if rank == 0:
@@ -692,21 +710,99 @@ def install_global_norm_clipping(engine: Any) -> None:
     max_norm = float(engine.gradient_clipping())
 
     def clip_fp32_gradients() -> None:
-        params = [p for p in engine.module.parameters() if p.grad is not None]
+        grads = [p.grad.detach() for p in engine.module.parameters() if p.grad is not None]
         # Tied copies on non-owner stages hold the same (all-reduced) gradient: count it once.
-        owned = [p for p in params if not getattr(p, "ds_pipe_replicated", False)]
-        sq = torch.zeros(1, dtype=torch.float64, device=params[0].device if params else "cpu")
-        for p in owned:
-            sq += p.grad.detach().double().pow(2).sum()
+        owned = [
+            p.grad.detach()
+            for p in engine.module.parameters()
+            if p.grad is not None and not getattr(p, "ds_pipe_replicated", False)
+        ]
+        # As torch.nn.utils.clip_grad_norm_: one fused norm per gradient, no copies; on the engine's
+        # device even for a stage without gradients (the collective needs it there).
+        sq = torch.zeros(1, dtype=torch.float32, device=engine.device)
+        if owned:
+            sq += torch.stack(torch._foreach_norm(owned, 2)).float().pow(2).sum()
         dist.all_reduce(sq, group=group)
         norm = float(sq.sqrt())
         coef = max_norm / (norm + 1e-6)
-        if coef < 1.0:
-            for p in params:
-                p.grad.detach().mul_(coef)
+        if coef < 1.0 and grads:
+            torch._foreach_mul_(grads, coef)
         engine._global_grad_norm = norm
 
     engine.clip_fp32_gradients = clip_fp32_gradients
+
+
+class FrozenFromFolder:
+    """Frozen fp32 values the model folder holds exactly, read again at export instead of kept.
+
+    A frozen parameter has no fp32 master; under bf16/fp16 its exact value serves only the export.
+    Where the folder holds that very value (compared when found), the export reads it back one
+    layer at a time, rather than the host keeping a copy of the frozen base for the whole run.
+    """
+
+    def __init__(self, module: torch.nn.Module, skeleton: Any, folder: str) -> None:
+        import re
+
+        from pipefit.weights import SafetensorsReader
+
+        self.reader = SafetensorsReader(folder)
+        aliases = {**dict(skeleton.adapter.checkpoint_aliases), **build_mod.tied_aliases(skeleton)}
+        self.candidates: dict[int, str] = {}  # id(param) -> the folder's tensor name, as load_layer resolves it
+        for layer in build_mod.stage_layers(module):
+            for local, prefix in layer.hf_prefixes.items():
+                for key, param in getattr(layer, local).named_parameters():
+                    plain = re.sub(r"(^|[.])base_layer[.]", r"\1", key)  # LoRA wraps the base weight
+                    hf = f"{prefix}.{plain}"
+                    if hf not in self.reader.weight_map:
+                        hf = aliases.get(hf, hf)
+                    if hf in self.reader.weight_map:
+                        self.candidates[id(param)] = hf
+        self.names: dict[int, str] = {}  # the frozen parameters read again at export
+
+    def holds(self, param: torch.nn.Parameter) -> bool:
+        """Whether the folder holds ``param``'s present value exactly (then it is read again at export)."""
+        name = self.candidates.get(id(param))
+        if name is None:
+            return False
+        stored = self.reader.read([name])[name]
+        if stored.shape != param.shape or not torch.equal(stored.to(param.device, torch.float32), param.data):
+            return False
+        self.names[id(param)] = name
+        return True
+
+    def values(self, params: Iterable[torch.nn.Parameter]) -> dict[int, torch.Tensor]:
+        """The fp32 values of those of ``params`` read again, by ``id(param)``."""
+        wanted = {id(p): self.names[id(p)] for p in params if id(p) in self.names}
+        read = self.reader.read(set(wanted.values())) if wanted else {}
+        return {i: read[n].to(torch.float32) for i, n in wanted.items()}
+
+
+def rounded_by_cast(
+    module: torch.nn.Module, precision: str, writer: bool, folder: FrozenFromFolder | None = None
+) -> dict[str, torch.Tensor]:
+    """Host copies of the fp32 values that casting to ``precision`` would round, by parameter name.
+
+    bf16/fp16: DeepSpeed casts the parameters, then makes its fp32 master weights from the cast
+    copies; :func:`restore_fp32_masters` makes these values the masters instead. Only what is
+    needed is kept: a value the cast leaves exact (every weight of a bf16 checkpoint under bf16)
+    needs no copy, and a frozen parameter (no master; the copy only serves the export) is kept on
+    the data-parallel rank that exports (``writer``) only, and not at all where ``folder`` holds
+    it exactly (the export reads it again). Empty under fp32.
+    """
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if half is None:
+        return {}
+    kept = {}
+    for name, param in module.named_parameters():
+        if not (param.requires_grad or writer) or param.dtype != torch.float32:
+            continue
+        # In slices, so the check's temporaries stay small next to a large embedding.
+        flat = param.data.reshape(-1)
+        if any(not torch.equal(part.to(half).float(), part) for part in flat.split(1 << 20)):
+            if not param.requires_grad and folder is not None and folder.holds(param):
+                continue
+            kept[name] = param.data.to("cpu")
+    return kept
 
 
 def restore_fp32_masters(engine: Any, loaded: dict[str, torch.Tensor]) -> None:
@@ -739,21 +835,26 @@ def fp32_parameters(layer: torch.nn.Module, values: dict[int, torch.Tensor]) -> 
             param.data = data
 
 
-def master_weights(engine: Any) -> dict[int, torch.Tensor]:
-    """The fp32 master copy of each parameter under bf16/fp16, keyed by ``id(param)``.
+def master_weights(engine: Any, params: Iterable[torch.nn.Parameter] | None = None) -> dict[int, torch.Tensor]:
+    """The fp32 master copy of each of ``params`` (default: the whole stage) under bf16/fp16, keyed by
+    ``id(param)``, where the masters live (no host copy).
 
-    Collective over each stage's data-parallel group (ZeRO shards the masters): every rank calls it.
-    Empty under fp32, where the module's parameters are the masters.
+    Collective over each stage's data-parallel group (ZeRO shards the masters): every rank of the
+    stage calls it with the same parameters, in the same order; only data-parallel rank 0 (the one
+    that writes exports) keeps the result, the others get ``{}``. Empty under fp32, where the
+    module's parameters are the masters. Callers ask one layer at a time, so at most one layer's
+    masters are held.
     """
     if not (engine.bfloat16_enabled() or engine.fp16_enabled()):
         return {}
     from deepspeed.utils import safe_get_full_fp32_param
 
+    keep = engine.grid.get_data_parallel_rank() == 0
     out = {}
-    for param in engine.module.parameters():
+    for param in engine.module.parameters() if params is None else params:
         full = safe_get_full_fp32_param(param)
-        if full is not None:
-            out[id(param)] = full.detach().to("cpu")
+        if full is not None and keep:
+            out[id(param)] = full.detach()
     return out
 
 

@@ -425,14 +425,15 @@ def export_adapter(engine: Any, prepared: Any, out_dir: Path) -> None:
     run = prepared.run
     if not run.lora.enabled:
         return
-    from pipefit.train import master_weights
+    from pipefit.train import fp32_parameters, master_weights
 
-    masters = master_weights(engine)  # bf16/fp16: the optimizer's fp32 copies (collective over dp)
     tensors: dict[str, torch.Tensor] = {}
-    if engine.grid.get_data_parallel_rank() == 0:
-        for layer in stage_layers(engine.module):
-            for name, tensor in adapter_state_dict(layer).items():
-                tensors[name] = masters.get(tensor.data_ptr(), tensor).detach().to("cpu")
+    for layer in stage_layers(engine.module):
+        # bf16/fp16: the optimizer's fp32 copies of this layer's adapters (collective over dp; dp rank 0 keeps).
+        lora = [p for n, p in layer.named_parameters() if "lora_" in n]
+        with fp32_parameters(layer, master_weights(engine, lora)):
+            if engine.grid.get_data_parallel_rank() == 0:
+                tensors.update({k: v.detach().to("cpu") for k, v in adapter_state_dict(layer).items()})
     rank = dist.get_rank()
     gathered: list[Any] | None = [None] * dist.get_world_size() if rank == 0 else None
     dist.gather_object(tensors, gathered, dst=0)

@@ -18,7 +18,7 @@ import torch
 from pipefit import build as build_mod
 from pipefit.adapters import for_config
 from pipefit.config import RunConfig
-from pipefit.stages import IGNORE_INDEX, causal_lm_loss
+from pipefit.stages import IGNORE_INDEX, causal_lm_loss, float32_model
 
 
 @dataclass
@@ -39,11 +39,15 @@ def _reference_model(run: RunConfig, hf_config: Any, folder: str | None) -> Any:
     from transformers import AutoModelForCausalLM
 
     if folder:
-        return AutoModelForCausalLM.from_pretrained(
-            folder, config=hf_config, attn_implementation=hf_config._attn_implementation
+        return float32_model(
+            AutoModelForCausalLM.from_pretrained,
+            hf_config,
+            folder,
+            config=hf_config,
+            attn_implementation=hf_config._attn_implementation,
         )
     torch.manual_seed(run.train.seed)
-    return AutoModelForCausalLM.from_config(hf_config)
+    return float32_model(AutoModelForCausalLM.from_config, hf_config, hf_config)
 
 
 def _inputs_to_layers(
