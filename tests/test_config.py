@@ -138,6 +138,43 @@ def test_defaults_compose_to_the_documented_run() -> None:
     assert run.output_dir == "outputs/llama_tiny"
 
 
+@pytest.mark.parametrize(
+    ("device_name", "preset", "memory_gib", "peak_bf16"),
+    [
+        (None, "cpu", 8.0, 0.1),
+        ("NVIDIA A100-SXM4-80GB", "a100", 80.0, 312.0),
+        ("NVIDIA H100 80GB HBM3", "h100", 80.0, 989.0),
+        ("NVIDIA H200", "h200", 140.0, 989.0),
+    ],
+)
+def test_default_hardware_is_the_detected_device(
+    monkeypatch: pytest.MonkeyPatch, device_name: str | None, preset: str, memory_gib: float, peak_bf16: float
+) -> None:
+    """hardware=auto (the default) prices the machine it runs on, not always the CPU preset."""
+    from pipefit import config
+
+    monkeypatch.setattr(config, "detect_device_name", lambda: device_name)
+    assert compose_cfg().hardware.name == "auto"
+    hw = compose_run().hardware
+    assert (hw.name, hw.memory_gib, hw.peak_tflops_bf16) == (preset, memory_gib, peak_bf16)
+    # A field set besides the preset is kept; an explicit preset is never replaced.
+    assert compose_run("hardware.memory_gib=40").hardware.memory_gib == 40.0
+    assert compose_run("hardware=a100").hardware.name == "a100"
+
+
+def test_default_hardware_on_a_cuda_device_without_preset(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipefit import config
+
+    monkeypatch.setattr(config, "detect_device_name", lambda: "NVIDIA L40S")
+    with pytest.raises(ConfigError) as err:
+        compose_run()
+    assert str(err.value) == (
+        "hardware=auto found CUDA device 'NVIDIA L40S', which has no preset (device names with H200, H100, A100 "
+        "do); pass hardware=a100|h100|h200 and set hardware.* to this device's figures"
+    )
+    assert compose_run("hardware=h100").hardware.name == "h100"
+
+
 def test_experiment_overrides_model_and_pipeline() -> None:
     run = compose_run("+experiment=gpt2_tiny_pp2")
     assert run.model.name == "gpt2_tiny"

@@ -117,6 +117,8 @@ def test_cli_json_text_and_png(tmp_path: Path, capsys: pytest.CaptureFixture[str
         (["--dp", "0"], "--dp=0 is not accepted; expected an integer >= 1"),
         (["pipeline.partition=flops", "hardware.memory_gib=0.0001"], "smallest per-stage cap that would fit is"),
         (["hardware=tpu"], "hardware"),
+        (["--device", "gpu"], "--device='gpu' is not accepted; expected cpu, cuda or cuda:N"),
+        (["--device", "cuda"], "--device=cuda is not available: this machine has 0 CUDA device(s)"),
     ],
 )
 def test_cli_bad_input_is_one_line(args, message, capsys: pytest.CaptureFixture[str]) -> None:
@@ -146,3 +148,31 @@ def test_cli_profile_plan_measures_once_then_reads_the_cache(tmp_path: Path, cap
     assert len(calls) == 4
     again = json.loads(capsys.readouterr().out)
     assert [x["forward_s"] for x in again["layers"]] == [x["forward_s"] for x in report["layers"]]
+
+
+def test_cli_profile_plan_measures_on_the_given_device(tmp_path: Path, capsys, monkeypatch) -> None:
+    """``--device cuda`` reaches the profiler (and its cache key); the default stays ``cpu``."""
+    import torch
+
+    from pipefit import costs
+
+    devices: list[str] = []
+
+    def fake(skeleton, layer, workload, device="cpu", **kw):
+        devices.append(device)
+        return costs.LayerProfile(forward_s=1e-3, backward_s=2e-3, activation_bytes=1024.0, runs=5, spread=0.0)
+
+    monkeypatch.setattr(costs, "measure_layer", fake)
+    monkeypatch.setattr(costs, "_device_name", lambda device: device)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    base = ["plan", "pipeline.partition=profile", "hardware=h100", "--json", "--cache-dir", str(tmp_path)]
+    assert main([*base, "--device", "cuda:1"]) == 0
+    assert devices == ["cuda:1"] * 4
+    report = json.loads(capsys.readouterr().out)
+    assert [x["forward_s"] for x in report["layers"]] == [1e-3] * 7
+    assert main(base) == 0
+    assert devices == ["cuda:1"] * 4 + ["cpu"] * 4
+    assert main([*base, "--device", "cuda:2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "pipefit: error: --device=cuda:2 is not available: this machine has 2 CUDA device(s)"

@@ -8,7 +8,9 @@ process group exists.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -174,6 +176,53 @@ class HardwareConfig:
     link_bandwidth_gbs: float = 2.0
 
 
+HARDWARE_PRESETS_DIR = Path(__file__).resolve().parents[2] / "conf" / "hardware"
+# hardware=auto: the preset whose key appears in the CUDA device's name (torch.cuda.get_device_name).
+CUDA_PRESETS = {"H200": "h200", "H100": "h100", "A100": "a100"}
+
+
+def detect_device_name() -> str | None:
+    """This rank's CUDA device name, or None without CUDA.
+
+    Asks for the device at ``LOCAL_RANK`` (when visible), so that a rank opens no context on another
+    rank's device.
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    index = int(os.environ.get("LOCAL_RANK", "0"))
+    return torch.cuda.get_device_name(index if index < torch.cuda.device_count() else 0)
+
+
+def resolve_hardware(hw: HardwareConfig, device_name: str | None) -> HardwareConfig:
+    """``hardware=auto``: the preset of the detected CUDA device (by name) or ``cpu`` without one.
+
+    Fields given besides (``hardware=auto hardware.memory_gib=40``; any value other than the schema's
+    default) are kept. Another ``hardware`` is returned as it is.
+    """
+    if hw.name != "auto":
+        return hw
+    if device_name is None:
+        preset = "cpu"
+    else:
+        found = [p for key, p in CUDA_PRESETS.items() if key in device_name.upper()]
+        if not found:
+            accepted = ", ".join(CUDA_PRESETS)
+            raise ConfigError(
+                f"hardware=auto found CUDA device {device_name!r}, which has no preset (device names with "
+                f"{accepted} do); pass hardware=a100|h100|h200 and set hardware.* to this device's figures"
+            )
+        preset = found[0]
+    values = OmegaConf.to_container(OmegaConf.load(HARDWARE_PRESETS_DIR / f"{preset}.yaml"))
+    default = HardwareConfig()
+    for f in fields(HardwareConfig):
+        given = getattr(hw, f.name)
+        if f.name != "name" and given != getattr(default, f.name):
+            values[f.name] = given  # type: ignore[index]
+    return HardwareConfig(**values)  # type: ignore[arg-type]
+
+
 @dataclass
 class LoraConfig:
     """LoRA adapters (peft) on decoder-block projections; every base weight frozen. See conf/lora/."""
@@ -290,6 +339,7 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
             f"pipeline.partition={p.partition!r} is not accepted; "
             "accepted: uniform, parameters, flops, profile, type:REGEX, manual"
         )
+    run.hardware = resolve_hardware(run.hardware, detect_device_name() if run.hardware.name == "auto" else None)
     for key in (
         "peak_tflops_fp32",
         "peak_tflops_bf16",

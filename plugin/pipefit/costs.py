@@ -110,12 +110,27 @@ class Workload:
         return DTYPE_BYTES[self.precision]
 
     def state_bytes_per_param(self) -> float:
-        """Weights + gradients + AdamW state per parameter; ZeRO-1 shards the optimizer part over dp."""
-        shard = self.dp if self.zero_stage >= 1 else 1
-        if self.precision == "fp32":
-            return 4 + 4 + 8 / shard
-        # bf16/fp16 weights and gradients, fp32 master weights and moments.
-        return 2 + 2 + 12 / shard
+        """Bytes DeepSpeed 0.19 keeps per trainable parameter: weights, gradients, masters, AdamW moments.
+
+        Which optimizer wrapper DeepSpeed picks (``DeepSpeedEngine._do_optimizer_sanity_check``) and what it
+        holds; ``w`` = 2 (bf16/fp16) or 4 (fp32) bytes for the weight and again for its ``.grad``:
+
+        - fp32, ZeRO-0: torch's AdamW on the weights: ``w + w + 8`` (two fp32 moments);
+        - fp32/fp16, ZeRO-1: ``DeepSpeedZeroOptimizer``: ``w + w`` plus, sharded over dp, an fp32 master
+          copy (cloned even in fp32), its fp32 gradient partition and the moments: ``16 / dp``;
+        - fp16, ZeRO-0: ``FP16_Optimizer``: unsharded fp32 master, fp32 flat gradient, moments: ``+ 16``;
+        - bf16 (ZeRO-0 and 1): ``BF16_Optimizer``: the full, unsharded gradient accumulation buffer in
+          the accumulation dtype (fp32 under ZeRO-1, bf16 under ZeRO-0: see ``ds_config.build_ds_config``)
+          and, sharded over dp at either stage, fp32 masters and moments: ``12 / dp``.
+        """
+        w = DTYPE_BYTES[self.precision]
+        dp = self.dp
+        if self.precision == "bf16":
+            accumulation = 4 if self.zero_stage >= 1 else 2
+            return w + w + accumulation + 12 / dp
+        if self.zero_stage >= 1:
+            return w + w + 16 / dp
+        return w + w + (8 if self.precision == "fp32" else 16)
 
 
 @dataclass(frozen=True)
