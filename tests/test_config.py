@@ -254,6 +254,42 @@ def test_zero_0_and_1_with_pipeline() -> None:
     assert compose_run("zero=zero1", "pipeline.stages=4").zero.stage == 1
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["model.attn_implementation=flash_attention_2"],
+            "model.attn_implementation=flash_attention_2 is not accepted with train.precision=fp32: flash-attn runs "
+            "in bf16/fp16 only; use train.precision=bf16 or model.attn_implementation=sdpa",
+        ),
+        (
+            ["model.attn_implementation=flash_attention_2", "train.precision=bf16", "data.layout=pack"],
+            "model.attn_implementation=flash_attention_2 with data.layout=pack needs train.micro_batch_size=1 (got 4): "
+            "HF's flash path separates packed documents in one-row micro-batches only; use train.micro_batch_size=1 "
+            "or model.attn_implementation=sdpa",
+        ),
+    ],
+)
+def test_flash_attention_combinations_that_fail_or_mix_documents(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        compose_run(*overrides)
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["train.precision=bf16"],
+        ["train.precision=fp16", "data.layout=pad"],
+        ["train.precision=bf16", "data.layout=pack", "train.micro_batch_size=1", "train.grad_accum_steps=16"],
+    ],
+)
+def test_flash_attention_combinations_accepted(overrides: list[str]) -> None:
+    assert compose_run("model.attn_implementation=flash_attention_2", *overrides).model.attn_implementation == (
+        "flash_attention_2"
+    )
+
+
 @pytest.mark.parametrize("partition", ["uniform", "parameters", "manual", "type:BlockLayer", "Type:decoder"])
 def test_partition_methods_accepted(partition: str) -> None:
     assert compose_run(f"pipeline.partition={partition}").pipeline.partition == partition

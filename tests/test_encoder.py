@@ -255,6 +255,26 @@ def test_task_and_config_errors_are_one_line() -> None:
         assert "\n" not in str(info.value)
 
 
+def test_flash_attention_is_refused_for_the_encoder() -> None:
+    """The encoder's flash path would drop the padding mask: one line, before any rank starts."""
+    from pipefit.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+
+    run = RunConfig(
+        model=ModelConfig(attn_implementation="flash_attention_2"),
+        train=TrainConfig(precision="bf16"),
+        data=DataConfig(seq_len=32),
+    )
+    skeleton = make_skeleton(bert_config("mlm"))
+    with pytest.raises(ConfigError) as info:
+        encoder.check_run(run, skeleton)
+    assert str(info.value) == (
+        "model.attn_implementation=flash_attention_2 is not accepted for BertConfig: the encoder's flash path "
+        "drops its padding mask; use model.attn_implementation=sdpa or eager"
+    )
+    run.model.attn_implementation = "sdpa"
+    encoder.check_run(run, skeleton)
+
+
 @pytest.mark.parametrize("case", ["mlm", "mlm_untied", "cls"])
 def test_export_round_trip_through_from_pretrained(tmp_path: Path, case: str) -> None:
     from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification

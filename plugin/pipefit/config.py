@@ -396,7 +396,32 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
             "or a preset with hf_config.model_type (e.g. model=llama_tiny)"
         )
     validate_data(d)
+    check_attention(run)
     return run
+
+
+def check_attention(run: RunConfig) -> None:
+    """One-line errors for flash-attention combinations that fail or silently attend across documents.
+
+    flash-attn kernels take bf16/fp16 only (fp32 fails at the first forward, inside flash-attn). With
+    ``data.layout=pack`` HF's flash path keeps the packed documents apart only for a micro-batch of one
+    row (it reads their boundaries from the position ids of a single row); with more rows documents
+    would attend to each other.
+    """
+    impl, t = run.model.attn_implementation, run.train
+    if "flash" not in impl:
+        return
+    if t.precision == "fp32":
+        raise ConfigError(
+            f"model.attn_implementation={impl} is not accepted with train.precision=fp32: flash-attn runs in "
+            "bf16/fp16 only; use train.precision=bf16 or model.attn_implementation=sdpa"
+        )
+    if run.data.layout == "pack" and t.micro_batch_size > 1:
+        raise ConfigError(
+            f"model.attn_implementation={impl} with data.layout=pack needs train.micro_batch_size=1 (got "
+            f"{t.micro_batch_size}): HF's flash path separates packed documents in one-row micro-batches only; "
+            "use train.micro_batch_size=1 or model.attn_implementation=sdpa"
+        )
 
 
 def check_world(run: RunConfig, world_size: int) -> int:
