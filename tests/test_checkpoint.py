@@ -53,6 +53,40 @@ def test_auto_picks_newest_complete_checkpoint_never_a_partial_one(tmp_path: Pat
     assert checkpoint.find_checkpoint("auto", tmp_path / "fresh") is None
 
 
+def test_checkpoint_files_are_checked_by_header_and_size_never_unpickled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A resume's pre-flight reads each file's zip directory only: no rank unpickles files it does not load."""
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    torch.save({"w": torch.arange(100_000, dtype=torch.float32)}, ck / "layer_00-model_states.pt")
+    # The legacy (pre-zip) format has no directory: accepted on its header, loaded (and checked) by its rank.
+    torch.save({"w": torch.ones(3)}, ck / "layer_01-model_states.pt", _use_new_zipfile_serialization=False)
+    loads: list[str] = []
+    monkeypatch.setattr(checkpoint, "safe_load", lambda path, *a, **k: loads.append(str(path)))
+    monkeypatch.setattr(torch, "load", lambda path, *a, **k: loads.append(str(path)))
+    checkpoint.check_files(ck, 2, False, 1, 1, same_shape=False)
+    assert loads == []
+
+    good = (ck / "layer_00-model_states.pt").read_bytes()
+    damaged = {
+        "cut in the middle, directory intact": good[:200_000] + good[300_000:],
+        "second half lost": good[: len(good) // 2],
+        "not an archive": b"\x00" * 64,
+    }
+    expected = {
+        "cut in the middle, directory intact": "is truncated or corrupt",
+        "second half lost": "is truncated or corrupt",
+        "not an archive": "is not a torch archive (truncated or corrupt)",
+    }
+    for case, data in damaged.items():
+        (ck / "layer_00-model_states.pt").write_bytes(data)
+        with pytest.raises(checkpoint.CheckpointStateError) as info:
+            checkpoint.check_files(ck, 2, False, 1, 1, same_shape=False)
+        assert str(info.value) == f"train.resume={str(ck)!r}: layer_00-model_states.pt {expected[case]}", case
+    assert loads == []
+
+
 def test_bad_resume_paths_are_one_line_errors(tmp_path: Path):
     with pytest.raises(
         checkpoint.CheckpointStateError, match=r"train\.resume='.*nothing' holds no complete checkpoint"
