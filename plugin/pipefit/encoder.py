@@ -49,7 +49,7 @@ from pipefit.build import TIED_KEY, LayerInfo
 from pipefit.config import ConfigError, DataConfig, RunConfig
 from pipefit.data import BatchLayout, GlobalBatches, Rows, load_raw_dataset
 from pipefit.data import build_batches as build_lm_batches
-from pipefit.stages import IGNORE_INDEX, ModelSkeleton, StageLayer
+from pipefit.stages import IGNORE_INDEX, ModelSkeleton, StageLayer, mask_cache
 
 log = logging.getLogger("pipefit")
 
@@ -199,10 +199,13 @@ class EncoderBlockLayer(StageLayer):
         self.config = skeleton.config
         prefix = skeleton.adapter.block_prefix(block_index)
         self.adopt("block", skeleton.materialize(prefix, device, layer_index), prefix)
+        self.masks = mask_cache(skeleton)  # one document_mask (and its host sync) per micro-batch and stage
 
     def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         hidden, position_ids = inputs
-        mask = document_mask(self.config, hidden, position_ids)
+        mask = self.masks.get(
+            "document", hidden, position_ids, lambda: document_mask(self.config, hidden, position_ids)
+        )
         out = self.block(hidden, attention_mask=mask, position_ids=position_ids)
         if isinstance(out, tuple):
             out = out[0]

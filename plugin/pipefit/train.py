@@ -110,6 +110,7 @@ class Prepared:
         self.hf_config = build_mod.load_hf_config(m.path, overrides)
         self.hf_config._attn_implementation = m.attn_implementation
         self.skeleton = build_mod.make_skeleton(self.hf_config, seed=run.train.seed)
+        self.skeleton.one_document_per_row = run.data.layout == "concat"  # masks skip the packed-document scan
         self.plan = build_mod.layer_plan(self.skeleton)
         if run.data.layout == "pack" and not self.skeleton.adapter.mask_uses_position_ids:
             raise ConfigError(
