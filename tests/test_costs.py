@@ -10,7 +10,7 @@ import torch
 import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import FAMILIES, tiny_hf_config
+from conftest import FAMILIES, SLIDING_WINDOW, tiny_hf_config
 from pipefit import costs
 from pipefit.balance import PartitionError, partition_balanced, partition_uniform, stage_costs
 from pipefit.build import boundaries_for, build_layers, layer_plan, load_hf_config, make_skeleton
@@ -198,6 +198,35 @@ def test_memory_model_counts_state_and_in_flight_activations() -> None:
     assert priced.memory.in_flight(0, 3) == 3 and priced.memory.in_flight(2, 3) == 1
     act = priced.memory.activation[1]
     assert priced.memory.stage_bytes(0, 3, 1, 2) == plan[1].num_params * 16 + 3 * act
+
+
+@pytest.mark.parametrize(
+    ("family", "attn", "layout", "seq", "expected"),
+    [
+        ("llama", "sdpa", "concat", 16, None),  # causal kernel, no mask
+        ("llama", "sdpa", "pack", 16, ("full_attention", 2 * 16 * 16)),  # bool
+        ("llama", "sdpa", "pad", 16, ("full_attention", 2 * 16 * 16)),
+        ("llama", "eager", "concat", 16, ("full_attention", 2 * 16 * 16 * 4)),  # additive fp32
+        ("mistral", "sdpa", "concat", SLIDING_WINDOW - 1, None),  # the window covers the row
+        ("mistral", "sdpa", "concat", SLIDING_WINDOW, ("sliding_attention", 2 * 8 * 8)),
+        ("opt", "sdpa", "pad", 16, None),  # OPT's mask ignores the position ids
+    ],
+)
+def test_attention_mask_bytes_are_those_of_the_mask_hf_builds(
+    family: str, attn: str, layout: str, seq: int, expected: tuple[str, int] | None
+) -> None:
+    cfg = tiny_hf_config(family)
+    cfg._attn_implementation = attn
+    skeleton = make_skeleton(cfg)
+    block = layer_plan(skeleton)[1]
+    assert block.kind == "block"
+    predicted = costs.attention_mask(cfg, block, Workload(seq_len=seq, micro_batch_size=2, layout=layout))
+    assert predicted == expected
+    (layer,) = build_layers(skeleton, 1, 2)
+    half = seq // 2
+    positions = torch.arange(seq) if layout == "concat" else torch.cat([torch.arange(half), torch.arange(seq - half)])
+    mask = layer._mask(torch.zeros(2, seq, int(cfg.hidden_size)), positions.expand(2, seq).contiguous())
+    assert (0 if mask is None else mask.numel() * mask.element_size()) == (0 if expected is None else expected[1])
 
 
 @pytest.mark.parametrize(

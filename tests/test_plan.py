@@ -9,7 +9,7 @@ import pytest
 
 from pipefit.cli import compose, main
 from pipefit.config import validate
-from pipefit.plan import _order_1f1b, bubble_fraction, make_plan, simulate_1f1b
+from pipefit.plan import _order_1f1b, bubble_fraction, format_plan, make_plan, simulate_1f1b
 
 
 def test_bubble_fraction() -> None:
@@ -80,6 +80,25 @@ def test_plan_figures_for_the_default_model() -> None:
     # The simulator never beats the sum of the bottleneck stage's own work.
     slowest = max(rows, key=lambda r: r["forward_s"] + r["backward_s"])
     assert flops["predicted_step_s"] >= report["micro_batches"] * (slowest["forward_s"] + slowest["backward_s"])
+
+
+def test_plan_counts_dense_attention_masks_of_packed_rows() -> None:
+    """sdpa over packed rows keeps a [b,1,s,s] bool mask per micro-batch in flight (one per stage, not per block)."""
+    args = ["pipeline.partition=flops", "pipeline.stages=2"]
+    concat = make_plan(validate(compose(args)))
+    pack = make_plan(validate(compose([*args, "data.layout=pack"])))
+    per_micro_batch = 4 * 128 * 128  # train.micro_batch_size x data.seq_len^2, bool
+    rows_c, rows_p = concat["methods"]["flops"]["stages"], pack["methods"]["flops"]["stages"]
+    assert [r["mask_bytes"] for r in rows_c] == [0, 0]
+    assert [r["mask_bytes"] for r in rows_p] == [2 * per_micro_batch, 1 * per_micro_batch]  # in flight: 2, 1
+    assert [p["memory_bytes"] - c["memory_bytes"] for p, c in zip(rows_p, rows_c, strict=True)] == [
+        2 * per_micro_batch,
+        per_micro_batch,
+    ]
+    assert "memory includes dense [b,1,s,s] attention masks (sdpa, data.layout=pack), one per micro-batch in " in (
+        format_plan(pack)
+    )
+    assert "attention masks" not in format_plan(concat)
 
 
 def test_plan_hardware_group_changes_the_prediction() -> None:

@@ -93,6 +93,7 @@ class Workload:
     dp: int = 1
     precision: str = "fp32"
     zero_stage: int = 1
+    layout: str = "concat"
 
     @classmethod
     def from_run(cls, run: Any, dp: int = 1) -> Workload:
@@ -103,6 +104,7 @@ class Workload:
             dp=dp,
             precision=run.train.precision,
             zero_stage=run.zero.stage,
+            layout=run.data.layout,
         )
 
     @property
@@ -310,6 +312,34 @@ def activation_bytes(hf_config: Any, layer: Any, workload: Workload) -> float:
     return tokens * e * (4 * shape.hidden + 5 * shape.q_dim + 4 * shape.kv_dim + mlp * shape.intermediate)
 
 
+def attention_mask(hf_config: Any, layer: Any, workload: Workload) -> tuple[str, float] | None:
+    """``(mask kind, bytes)`` of the dense ``[b, 1, s, s]`` mask a block's stage builds per micro-batch.
+
+    Each stage builds one mask per micro-batch and attention kind, shared by its blocks
+    (:class:`pipefit.stages.MaskCache`), and autograd keeps it until that micro-batch's backward. HF
+    builds none for sdpa over rows of one document (concat: a causal kernel, no mask) unless a
+    sliding window is not longer than the row; packed or padded rows (documents found from the position
+    ids) get a boolean mask; eager gets an additive one in the compute dtype for every layout; flash
+    attention and flex_attention keep no dense mask. None for layers other than blocks.
+    """
+    if layer.kind != "block":
+        return None
+    from pipefit.adapters import for_config
+
+    adapter = for_config(hf_config)
+    kind = adapter.attention_kind(hf_config, layer.block_index)
+    impl = getattr(hf_config, "_attn_implementation", None) or "sdpa"
+    b, s = workload.micro_batch_size, workload.seq_len
+    if "flash" in impl or impl == "flex_attention":
+        return None
+    if impl == "eager":
+        return kind, float(b * s * s * workload.act_bytes)
+    window = getattr(hf_config, "sliding_window", None)
+    documents = workload.layout != "concat" and adapter.mask_uses_position_ids
+    windowed = kind == "sliding_attention" and window is not None and s >= window  # HF skips s < window
+    return (kind, float(b * s * s)) if documents or windowed else None
+
+
 @dataclass
 class LayerCosts:
     """Per-layer prices in seconds, and what the partitioner and simulator need besides.
@@ -329,6 +359,9 @@ class LayerCosts:
     tied: tuple[int, ...] = ()
     flops: list[LayerFlops] | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    # Per layer: (mask kind, bytes) of the dense attention mask its stage keeps per micro-batch in
+    # flight (:func:`attention_mask`), counted once per stage and kind by ``pipefit plan``.
+    attention_masks: list[tuple[str, float] | None] = field(default_factory=list)
 
     def per_layer(self) -> list[float]:
         """Seconds per optimizer step each layer costs the stage that holds it."""
@@ -388,6 +421,7 @@ def flops_costs(hf_config: Any, plan: Sequence[Any], workload: Workload, hw: Har
         memory_cap=hw.memory_gib * 2**30,
         tied=tuple(x.index for x in plan if x.tied),
         flops=flops,
+        attention_masks=[attention_mask(hf_config, x, workload) for x in plan],
     )
 
 
@@ -626,6 +660,7 @@ def profile_costs(
         memory_cap=hw.memory_gib * 2**30,
         tied=tuple(x.index for x in plan if x.tied),
         flops=model_flops(hf_config, plan, workload.seq_len, workload.micro_batch_size),
+        attention_masks=[attention_mask(hf_config, x, workload) for x in plan],
     )
 
 
