@@ -40,8 +40,9 @@ def _verify(args: argparse.Namespace) -> int:
     from pipefit.config import validate
     from pipefit.verify import format_report, verify
 
+    device = plan_device(args.device)
     run = validate(compose(args.overrides, args.config_dir))
-    report = verify(run, batch_size=args.batch_size, seq_len=args.seq_len)
+    report = verify(run, batch_size=args.batch_size, seq_len=args.seq_len, device=device)
     print(format_report(report))
     ok = report.worst <= args.tol
     print(f"{'PASS' if ok else 'FAIL'}: tolerance {args.tol:.1e}")
@@ -49,7 +50,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def plan_device(device: str, cuda_count: int | None = None) -> str:
-    """``--device``: ``cpu``, ``cuda`` or ``cuda:N``, where ``pipeline.partition=profile`` measures layers."""
+    """``--device``: ``cpu``, ``cuda`` or ``cuda:N`` (where ``plan`` profiles layers, ``verify`` compares)."""
     import re
 
     if device == "cpu":
@@ -99,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--tol", type=float, default=1e-5, help="max abs difference allowed (fp32 default 1e-5)")
     v.add_argument("--batch-size", type=int, default=2)
     v.add_argument("--seq-len", type=int, default=32)
+    v.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N; runs in train.precision (default fp32)")
     v.add_argument("--config-dir", default=None, help="Hydra config folder (default: the repository's conf/)")
     pl = sub.add_parser("plan", help="partition, memory per stage and predicted step time; starts no process")
     pl.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. pipeline.stages=4 hardware=h100")
