@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -180,6 +181,18 @@ def test_verify_runs_in_the_training_precision(precision: str):
 def test_verify_device_errors_are_one_line(args: list[str], message: str, capsys: pytest.CaptureFixture[str]):
     assert cli_main(["verify", *args]) == 2
     assert capsys.readouterr().err.strip() == f"pipefit: error: {message}"
+
+
+def test_gpu_check_script_without_cuda_is_one_line_and_exit_0():
+    """benchmarks/gpu_check.py on a machine without CUDA: says so and checks nothing (the suite does)."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu_check.py")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+        timeout=120,
+    )
+    assert (proc.returncode, proc.stdout) == (0, "gpu_check: no CUDA device; nothing checked\n")
 
 
 def test_verify_detects_a_one_ulp_free_mismatch_in_boundaries():
