@@ -59,32 +59,38 @@ def test_checkpoint_files_are_checked_by_header_and_size_never_unpickled(
     """A resume's pre-flight reads each file's zip directory only: no rank unpickles files it does not load."""
     ck = tmp_path / "ck"
     ck.mkdir()
-    torch.save({"w": torch.arange(100_000, dtype=torch.float32)}, ck / "layer_00-model_states.pt")
-    # The legacy (pre-zip) format has no directory: accepted on its header, loaded (and checked) by its rank.
-    torch.save({"w": torch.ones(3)}, ck / "layer_01-model_states.pt", _use_new_zipfile_serialization=False)
+    engine = checkpoint.SafeTorchCheckpointEngine()
+    engine.save({"w": torch.arange(100_000, dtype=torch.float32)}, str(ck / "layer_00-model_states.pt"))
+    engine.save({"w": torch.ones(3)}, str(ck / "layer_01-model_states.pt"))
+    good = (ck / "layer_00-model_states.pt").read_bytes()
+    assert good[:4] == b"PK\x03\x04"  # pipefit's checkpoints are zip archives (DeepSpeed's default is not)
     loads: list[str] = []
-    monkeypatch.setattr(checkpoint, "safe_load", lambda path, *a, **k: loads.append(str(path)))
-    monkeypatch.setattr(torch, "load", lambda path, *a, **k: loads.append(str(path)))
+    monkeypatch.setattr(checkpoint, "safe_load", lambda path, *a, **k: loads.append(Path(path).name))
+    monkeypatch.setattr(torch, "load", lambda path, *a, **k: loads.append(Path(path).name))
     checkpoint.check_files(ck, 2, False, 1, 1, same_shape=False)
     assert loads == []
 
-    good = (ck / "layer_00-model_states.pt").read_bytes()
     damaged = {
-        "cut in the middle, directory intact": good[:200_000] + good[300_000:],
-        "second half lost": good[: len(good) // 2],
-        "not an archive": b"\x00" * 64,
+        "cut in the middle, directory intact": (good[:200_000] + good[300_000:], "is truncated or corrupt"),
+        "second half lost": (good[: len(good) // 2], "is truncated or corrupt"),
+        "not an archive": (b"\x00" * 64, "is not a zip archive"),
     }
-    expected = {
-        "cut in the middle, directory intact": "is truncated or corrupt",
-        "second half lost": "is truncated or corrupt",
-        "not an archive": "is not a torch archive (truncated or corrupt)",
-    }
-    for case, data in damaged.items():
+    for case, (data, problem) in damaged.items():
         (ck / "layer_00-model_states.pt").write_bytes(data)
         with pytest.raises(checkpoint.CheckpointStateError) as info:
             checkpoint.check_files(ck, 2, False, 1, 1, same_shape=False)
-        assert str(info.value) == f"train.resume={str(ck)!r}: layer_00-model_states.pt {expected[case]}", case
+        assert str(info.value) == f"train.resume={str(ck)!r}: layer_00-model_states.pt {problem}", case
     assert loads == []
+
+    # A legacy-format file (earlier pipefit) has no directory: loaded once, safely, and a truncated one refused.
+    monkeypatch.undo()
+    legacy = ck / "layer_00-model_states.pt"
+    torch.save({"w": torch.ones(1000)}, legacy, _use_new_zipfile_serialization=False)
+    checkpoint.check_files(ck, 2, False, 1, 1, same_shape=False)
+    legacy.write_bytes(legacy.read_bytes()[:2000])
+    with pytest.raises(checkpoint.CheckpointStateError) as info:
+        checkpoint.check_files(ck, 2, False, 1, 1, same_shape=False)
+    assert str(info.value) == f"train.resume={str(ck)!r}: layer_00-model_states.pt is truncated or corrupt"
 
 
 def test_bad_resume_paths_are_one_line_errors(tmp_path: Path):
