@@ -127,9 +127,9 @@ class Workload:
           the accumulation dtype (fp32 under ZeRO-1, bf16 under ZeRO-0: see ``ds_config.build_ds_config``)
           and, sharded over dp at either stage, fp32 masters and moments: ``12 / dp``.
 
-        Between steps DeepSpeed frees the ``.grad`` tensors (and ZeRO-1 its gradient partition): a
-        single-process measurement after one step holds 12, 18, 18 and 15 B/param for fp32 ZeRO-0,
-        fp32 ZeRO-1, bf16 ZeRO-1 and fp16 ZeRO-1, these figures less the freed gradients.
+        Between steps DeepSpeed frees the ``.grad`` tensors: measured in one process after a step
+        (dp=1), fp32 ZeRO-0, fp32 ZeRO-1, bf16 ZeRO-1 and fp16 ZeRO-1 held 12, 18, 18 and 15 B/param
+        against the 16, 24, 20 and 20 here; these are the peak, at the step.
         """
         w = DTYPE_BYTES[self.precision]
         dp = self.dp
