@@ -53,6 +53,46 @@ def test_auto_picks_newest_complete_checkpoint_never_a_partial_one(tmp_path: Pat
     assert checkpoint.find_checkpoint("auto", tmp_path / "fresh") is None
 
 
+def test_checkpoint_files_are_checked_by_header_and_size_never_unpickled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A resume's pre-flight reads each file's zip directory only: no rank unpickles files it does not load."""
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    engine = checkpoint.SafeTorchCheckpointEngine()
+    engine.save({"w": torch.arange(100_000, dtype=torch.float32)}, str(ck / "layer_00-model_states.pt"))
+    engine.save({"w": torch.ones(3)}, str(ck / "layer_01-model_states.pt"))
+    good = (ck / "layer_00-model_states.pt").read_bytes()
+    assert good[:4] == b"PK\x03\x04"  # pipefit's checkpoints are zip archives (DeepSpeed's default is not)
+    loads: list[str] = []
+    monkeypatch.setattr(checkpoint, "safe_load", lambda path, *a, **k: loads.append(Path(path).name))
+    monkeypatch.setattr(torch, "load", lambda path, *a, **k: loads.append(Path(path).name))
+    checkpoint.check_files(ck, 2, False, 1, 1, same_shape=False)
+    assert loads == []
+
+    damaged = {
+        "cut in the middle, directory intact": (good[:200_000] + good[300_000:], "is truncated or corrupt"),
+        "second half lost": (good[: len(good) // 2], "is truncated or corrupt"),
+        "not an archive": (b"\x00" * 64, "is not a zip archive"),
+    }
+    for case, (data, problem) in damaged.items():
+        (ck / "layer_00-model_states.pt").write_bytes(data)
+        with pytest.raises(checkpoint.CheckpointStateError) as info:
+            checkpoint.check_files(ck, 2, False, 1, 1, same_shape=False)
+        assert str(info.value) == f"train.resume={str(ck)!r}: layer_00-model_states.pt {problem}", case
+    assert loads == []
+
+    # A legacy-format file (earlier pipefit) has no directory: loaded once, safely, and a truncated one refused.
+    monkeypatch.undo()
+    legacy = ck / "layer_00-model_states.pt"
+    torch.save({"w": torch.ones(1000)}, legacy, _use_new_zipfile_serialization=False)
+    checkpoint.check_files(ck, 2, False, 1, 1, same_shape=False)
+    legacy.write_bytes(legacy.read_bytes()[:2000])
+    with pytest.raises(checkpoint.CheckpointStateError) as info:
+        checkpoint.check_files(ck, 2, False, 1, 1, same_shape=False)
+    assert str(info.value) == f"train.resume={str(ck)!r}: layer_00-model_states.pt is truncated or corrupt"
+
+
 def test_bad_resume_paths_are_one_line_errors(tmp_path: Path):
     with pytest.raises(
         checkpoint.CheckpointStateError, match=r"train\.resume='.*nothing' holds no complete checkpoint"

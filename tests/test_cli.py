@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -151,6 +152,47 @@ def test_verify_bad_input_is_one_line(capsys: pytest.CaptureFixture[str]):
     assert cli_main(["verify", "model=local", "model.path=/nonexistent"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("pipefit: error: model.path='/nonexistent' is not a folder")
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_verify_runs_in_the_training_precision(precision: str):
+    """Both models are cast alike: the same bits at the boundary and in the logits, a loss unlike fp32's."""
+    from launching import compose
+    from pipefit.config import validate
+    from pipefit.verify import verify
+
+    fp32 = verify(validate(compose(["pipeline.stages=2"])))
+    low = verify(validate(compose(["pipeline.stages=2", f"train.precision={precision}"])))
+    assert (low.boundary_diffs, low.logits_diff, low.loss_pipeline) == ([(1, 3, 0.0)], 0.0, low.loss_hf)
+    assert 1e-6 < abs(low.loss_pipeline - fp32.loss_pipeline) < 1e-2
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--device", "tpu"], "--device='tpu' is not accepted; expected cpu, cuda or cuda:N"),
+        (["--device", "cuda:0"], "--device=cuda:0 is not available: this machine has 0 CUDA device(s)"),
+        (
+            ["model=bert_tiny", "train.precision=bf16"],
+            "pipefit verify of an encoder runs on cpu in fp32 only (got --device=cpu, train.precision=bf16)",
+        ),
+    ],
+)
+def test_verify_device_errors_are_one_line(args: list[str], message: str, capsys: pytest.CaptureFixture[str]):
+    assert cli_main(["verify", *args]) == 2
+    assert capsys.readouterr().err.strip() == f"pipefit: error: {message}"
+
+
+def test_gpu_check_script_without_cuda_is_one_line_and_exit_0():
+    """benchmarks/gpu_check.py on a machine without CUDA: says so and checks nothing (the suite does)."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu_check.py")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+        timeout=120,
+    )
+    assert (proc.returncode, proc.stdout) == (0, "gpu_check: no CUDA device; nothing checked\n")
 
 
 def test_verify_detects_a_one_ulp_free_mismatch_in_boundaries():

@@ -138,6 +138,53 @@ def test_defaults_compose_to_the_documented_run() -> None:
     assert run.output_dir == "outputs/llama_tiny"
 
 
+@pytest.mark.parametrize(
+    ("device_name", "preset", "memory_gib", "peak_bf16"),
+    [
+        (None, "cpu", 8.0, 0.1),
+        ("NVIDIA A100-SXM4-80GB", "a100", 80.0, 312.0),
+        ("NVIDIA H100 80GB HBM3", "h100", 80.0, 989.0),
+        ("NVIDIA H200", "h200", 140.0, 989.0),
+    ],
+)
+def test_default_hardware_is_the_detected_device(
+    monkeypatch: pytest.MonkeyPatch, device_name: str | None, preset: str, memory_gib: float, peak_bf16: float
+) -> None:
+    """hardware=auto (the default) prices the machine it runs on, not always the CPU preset."""
+    from pipefit import config
+
+    monkeypatch.setattr(config, "detect_device_name", lambda: device_name)
+    assert compose_cfg().hardware.name == "auto"
+    hw = compose_run().hardware
+    assert (hw.name, hw.memory_gib, hw.peak_tflops_bf16) == (preset, memory_gib, peak_bf16)
+    # A field set besides the preset is kept; an explicit preset is never replaced.
+    assert compose_run("hardware.memory_gib=40").hardware.memory_gib == 40.0
+    assert compose_run("hardware=a100").hardware.name == "a100"
+
+
+def test_default_hardware_on_a_cuda_device_without_preset(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A GPU without a preset still trains: a100's compute figures, the device's own memory, one warning."""
+    from pipefit import config
+
+    monkeypatch.setattr(config, "detect_device_name", lambda: "NVIDIA L40S")
+    monkeypatch.setattr(config, "detect_device_memory_gib", lambda: 44.52)
+    monkeypatch.setattr(config, "_WARNED_DEVICES", set())
+    with caplog.at_level("WARNING", logger="pipefit"):
+        hw = compose_run().hardware
+        compose_run()
+    assert (hw.name, hw.memory_gib, hw.peak_tflops_bf16, hw.peak_tflops_fp32) == ("cuda", 44.52, 312.0, 19.5)
+    warned = [r.getMessage() for r in caplog.records if "has no preset" in r.getMessage()]
+    assert warned == [
+        "hardware=auto: CUDA device 'NVIDIA L40S' has no preset (device names with H200, H100, A100 do); priced "
+        "with a100's compute figures and the device's 44.5 GiB; set hardware.peak_tflops_bf16, "
+        "hardware.peak_tflops_fp32 and hardware.link_bandwidth_gbs for exact prices"
+    ]
+    assert compose_run("hardware.peak_tflops_bf16=181").hardware.peak_tflops_bf16 == 181.0
+    assert compose_run("hardware=h100").hardware.name == "h100"
+
+
 def test_experiment_overrides_model_and_pipeline() -> None:
     run = compose_run("+experiment=gpt2_tiny_pp2")
     assert run.model.name == "gpt2_tiny"
@@ -215,6 +262,42 @@ def test_zero_0_and_1_without_pipeline(stage: int) -> None:
 def test_zero_0_and_1_with_pipeline() -> None:
     assert compose_run("zero=zero0").zero.stage == 0
     assert compose_run("zero=zero1", "pipeline.stages=4").zero.stage == 1
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["model.attn_implementation=flash_attention_2"],
+            "model.attn_implementation=flash_attention_2 is not accepted with train.precision=fp32: flash-attn runs "
+            "in bf16/fp16 only; use train.precision=bf16 or model.attn_implementation=sdpa",
+        ),
+        (
+            ["model.attn_implementation=flash_attention_2", "train.precision=bf16", "data.layout=pack"],
+            "model.attn_implementation=flash_attention_2 with data.layout=pack needs train.micro_batch_size=1 (got 4): "
+            "HF's flash path separates packed documents in one-row micro-batches only; use train.micro_batch_size=1 "
+            "or model.attn_implementation=sdpa",
+        ),
+    ],
+)
+def test_flash_attention_combinations_that_fail_or_mix_documents(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        compose_run(*overrides)
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["train.precision=bf16"],
+        ["train.precision=fp16", "data.layout=pad"],
+        ["train.precision=bf16", "data.layout=pack", "train.micro_batch_size=1", "train.grad_accum_steps=16"],
+    ],
+)
+def test_flash_attention_combinations_accepted(overrides: list[str]) -> None:
+    assert compose_run("model.attn_implementation=flash_attention_2", *overrides).model.attn_implementation == (
+        "flash_attention_2"
+    )
 
 
 @pytest.mark.parametrize("partition", ["uniform", "parameters", "manual", "type:BlockLayer", "Type:decoder"])

@@ -10,7 +10,7 @@ import torch
 import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import FAMILIES, tiny_hf_config
+from conftest import FAMILIES, SLIDING_WINDOW, tiny_hf_config
 from pipefit import costs
 from pipefit.balance import PartitionError, partition_balanced, partition_uniform, stage_costs
 from pipefit.build import boundaries_for, build_layers, layer_plan, load_hf_config, make_skeleton
@@ -175,9 +175,11 @@ def test_boundaries_for_flops_on_the_tiny_llama_and_memory_cap() -> None:
     cfg = load_hf_config(None, {**LLAMA_32_1B, "num_hidden_layers": 4, "tie_word_embeddings": False})
     skeleton = make_skeleton(cfg)
     work = Workload(seq_len=512, micro_batch_size=1, micro_batches=4)
-    # Head ~3.5 blocks, embedding ~0: the head gets a stage of its own plus the norm at pp=2 only
-    # if that is the lighter side; flops puts 4 blocks + embedding before it.
-    assert boundaries_for(skeleton, "flops", 2, None, workload=work) == [0, 4, 7]
+    # Head ~3.5 blocks of compute, embedding ~0: unconstrained, flops gives the head a stage of its own.
+    assert boundaries_for(skeleton, "flops", 2, None, workload=work, hardware=Hardware(memory_gib=100)) == [0, 6, 7]
+    # fp32 ZeRO-1 at dp=1 keeps 24 B/parameter (Workload.state_bytes_per_param): the embedding's 263M
+    # parameters and four blocks (61M each) no longer fit 11 GiB, so the memory cap moves blocks over.
+    assert boundaries_for(skeleton, "flops", 2, None, workload=work, hardware=Hardware(memory_gib=11)) == [0, 4, 7]
     assert boundaries_for(skeleton, "parameters", 2, None) == [0, 3, 7]
     with pytest.raises(PartitionError, match=r"smallest per-stage cap that would fit is [0-9.e+]+ \([0-9.]+ GiB"):
         boundaries_for(skeleton, "flops", 2, None, workload=work, hardware=Hardware(memory_gib=0.5))
@@ -190,12 +192,61 @@ def test_memory_model_counts_state_and_in_flight_activations() -> None:
     plan = layer_plan(make_skeleton(cfg))
     work = Workload(seq_len=16, micro_batch_size=2, micro_batches=3, dp=2, zero_stage=1)
     priced = costs.flops_costs(cfg, plan, work, Hardware())
-    assert work.state_bytes_per_param() == 4 + 4 + 8 / 2  # Adam moments sharded over dp=2 by ZeRO-1
-    assert priced.memory.static[1] == plan[1].num_params * 12
+    assert work.state_bytes_per_param() == 4 + 4 + 16 / 2  # master copy, its gradient, moments sharded
+    assert priced.memory.static[1] == plan[1].num_params * 16
     # Stage 0 of 3 holds min(3, 3) micro-batches of activations, stage 2 holds one.
     assert priced.memory.in_flight(0, 3) == 3 and priced.memory.in_flight(2, 3) == 1
     act = priced.memory.activation[1]
-    assert priced.memory.stage_bytes(0, 3, 1, 2) == plan[1].num_params * 12 + 3 * act
+    assert priced.memory.stage_bytes(0, 3, 1, 2) == plan[1].num_params * 16 + 3 * act
+
+
+@pytest.mark.parametrize(
+    ("family", "attn", "layout", "seq", "expected"),
+    [
+        ("llama", "sdpa", "concat", 16, None),  # causal kernel, no mask
+        ("llama", "sdpa", "pack", 16, ("full_attention", 2 * 16 * 16)),  # bool
+        ("llama", "sdpa", "pad", 16, ("full_attention", 2 * 16 * 16)),
+        ("llama", "eager", "concat", 16, ("full_attention", 2 * 16 * 16 * 4)),  # additive fp32
+        ("mistral", "sdpa", "concat", SLIDING_WINDOW - 1, None),  # the window covers the row
+        ("mistral", "sdpa", "concat", SLIDING_WINDOW, ("sliding_attention", 2 * 8 * 8)),
+        ("opt", "sdpa", "pad", 16, None),  # OPT's mask ignores the position ids
+    ],
+)
+def test_attention_mask_bytes_are_those_of_the_mask_hf_builds(
+    family: str, attn: str, layout: str, seq: int, expected: tuple[str, int] | None
+) -> None:
+    cfg = tiny_hf_config(family)
+    cfg._attn_implementation = attn
+    skeleton = make_skeleton(cfg)
+    block = layer_plan(skeleton)[1]
+    assert block.kind == "block"
+    predicted = costs.attention_mask(cfg, block, Workload(seq_len=seq, micro_batch_size=2, layout=layout))
+    assert predicted == expected
+    (layer,) = build_layers(skeleton, 1, 2)
+    half = seq // 2
+    positions = torch.arange(seq) if layout == "concat" else torch.cat([torch.arange(half), torch.arange(seq - half)])
+    mask = layer._mask(torch.zeros(2, seq, int(cfg.hidden_size)), positions.expand(2, seq).contiguous())
+    assert (0 if mask is None else mask.numel() * mask.element_size()) == (0 if expected is None else expected[1])
+
+
+@pytest.mark.parametrize(
+    ("precision", "zero_stage", "dp", "expected"),
+    [
+        ("fp32", 0, 1, 16.0),  # weight, grad, two moments (torch AdamW)
+        ("fp32", 0, 4, 16.0),  # ZeRO-0 shards nothing
+        ("fp32", 1, 1, 24.0),  # + DeepSpeedZeroOptimizer's fp32 master clone and gradient partition
+        ("fp32", 1, 4, 12.0),
+        ("fp16", 0, 4, 20.0),  # FP16_Optimizer: unsharded fp32 master, flat fp32 gradient, moments
+        ("fp16", 1, 4, 8.0),
+        ("bf16", 1, 1, 20.0),  # BF16_Optimizer: full fp32 gradient buffer + sharded masters and moments
+        ("bf16", 1, 4, 11.0),
+        ("bf16", 0, 4, 9.0),  # ZeRO-0: the buffer accumulates in bf16; masters still sharded
+    ],
+)
+def test_state_bytes_per_param(precision: str, zero_stage: int, dp: int, expected: float) -> None:
+    """What DeepSpeed 0.19's optimizer wrappers hold per parameter, per precision, stage and dp."""
+    work = Workload(seq_len=8, micro_batch_size=1, dp=dp, precision=precision, zero_stage=zero_stage)
+    assert work.state_bytes_per_param() == expected
 
 
 def _count_measurements(monkeypatch: pytest.MonkeyPatch) -> list[str]:

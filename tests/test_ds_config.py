@@ -7,11 +7,14 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
+from pipefit import ds_config
 from pipefit.config import ConfigError, OptimConfig, PipelineConfig, RunConfig, TrainConfig, ZeroConfig
 from pipefit.ds_config import (
     apply_accelerate_settings,
     build_ds_config,
+    fused_adam_prebuilt,
     load_base_config,
     read_accelerate_env,
 )
@@ -62,7 +65,12 @@ def test_optimizer_block() -> None:
             "adam_w_mode": True,
         },
     }
-    assert build_ds_config(run, dp=1, device_kind="cuda")["optimizer"]["params"]["torch_adam"] is False
+
+
+@pytest.fixture
+def prebuilt(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DeepSpeed's fused_adam op counts as prebuilt."""
+    monkeypatch.setattr(ds_config, "fused_adam_prebuilt", lambda: (True, "DeepSpeed's fused_adam op is prebuilt"))
 
 
 @pytest.mark.parametrize(
@@ -76,9 +84,61 @@ def test_optimizer_block() -> None:
         ("fused", "cpu", False),
     ],
 )
-def test_optimizer_impl(impl: str, device_kind: str, torch_adam: bool) -> None:
+def test_optimizer_impl(prebuilt: None, impl: str, device_kind: str, torch_adam: bool) -> None:
     run = RunConfig(optim=OptimConfig(impl=impl))
-    assert build_ds_config(run, dp=1, device_kind=device_kind)["optimizer"]["params"]["torch_adam"] is torch_adam
+    params = build_ds_config(run, dp=1, device_kind=device_kind)["optimizer"]["params"]
+    assert params["torch_adam"] is torch_adam
+    assert "fused" not in params
+
+
+class _Builder:
+    def __init__(self, compatible: bool) -> None:
+        self.compatible = compatible
+
+    def is_compatible(self, verbose: bool = True) -> bool:
+        return self.compatible
+
+
+@pytest.mark.parametrize(
+    ("installed", "compatible", "expected"),
+    [
+        (True, True, (True, "DeepSpeed's fused_adam op is prebuilt")),
+        (
+            False,
+            True,
+            (False, "DeepSpeed's fused_adam op is not prebuilt (DS_BUILD_FUSED_ADAM=1 at install prebuilds it)"),
+        ),
+        (True, False, (False, "DeepSpeed's fused_adam op is prebuilt but not compatible with this machine")),
+    ],
+)
+def test_fused_adam_prebuilt(installed: bool, compatible: bool, expected: tuple[bool, str]) -> None:
+    """Only a prebuilt, compatible op counts: a JIT compile at deepspeed.initialize may fail or time out."""
+    assert fused_adam_prebuilt({"fused_adam": installed, "cpu_adam": True}, _Builder(compatible)) == expected
+
+
+def test_auto_without_prebuilt_op_uses_torch_fused_adamw(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On a GPU without DeepSpeed's prebuilt op, auto picks torch's fused AdamW and says so."""
+    import deepspeed.git_version_info as info
+
+    monkeypatch.setattr(info, "installed_ops", {**info.installed_ops, "fused_adam": False})
+    run = RunConfig(optim=OptimConfig(impl="auto"))
+    with caplog.at_level("INFO", logger="pipefit"):
+        params = build_ds_config(run, dp=1, device_kind="cuda")["optimizer"]["params"]
+    assert (params["torch_adam"], params["fused"]) == (True, True)
+    assert caplog.messages == [
+        "optim.impl=auto on cuda: torch.optim.AdamW(fused=True) (DeepSpeed's fused_adam op is not prebuilt "
+        "(DS_BUILD_FUSED_ADAM=1 at install prebuilds it))"
+    ]
+    # DeepSpeed hands the extra key to torch.optim.AdamW as is.
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    cls, kwargs = DeepSpeedEngine.get_optimizer_configuration(None, dict(params), True)  # type: ignore[arg-type]
+    assert (cls, kwargs) == (torch.optim.AdamW, {"foreach": None})
+    # An explicit impl is never second-guessed.
+    run.optim.impl = "fused"
+    assert build_ds_config(run, dp=1, device_kind="cuda")["optimizer"]["params"]["torch_adam"] is False
 
 
 @pytest.mark.parametrize(

@@ -173,6 +173,28 @@ def test_documents_in_one_row_attend_only_within_themselves(tmp_path: Path, attn
     assert (whole[:, :cut] - first).abs().max() > 1e-3
 
 
+def test_document_mask_is_built_once_per_micro_batch_and_stage(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its ``.all()`` is a host sync: once per micro-batch and stage, not once per block."""
+    from pipefit.stages import MaskCache
+
+    calls: list[int] = []
+    real = encoder.document_mask
+    monkeypatch.setattr(encoder, "document_mask", lambda c, h, p: calls.append(h.shape[0]) or real(c, h, p))
+    skeleton = make_skeleton(bert_config("mlm"))
+    layers = build_layers(skeleton, 0, len(layer_plan(skeleton)))
+    blocks = [x for x in layers if isinstance(x, encoder.EncoderBlockLayer)]
+    assert len(blocks) >= 2
+    ids, _, _ = padded_batch(seed=3)
+    packed_pos = torch.cat([torch.arange(7), torch.arange(SEQ - 7)]).repeat(2, 1)
+    cached = run(layers, (ids, packed_pos))
+    assert calls == [2]
+    for block in blocks:
+        block.masks = MaskCache()
+    calls.clear()
+    assert torch.equal(run(layers, (ids, packed_pos)), cached)
+    assert calls == [2] * len(blocks)
+
+
 def test_masked_lm_head_holds_the_tied_weight_and_bias(tmp_path: Path) -> None:
     folder, model = saved_bert(tmp_path, "mlm")
     skeleton = make_skeleton(bert_config("mlm"))
@@ -253,6 +275,26 @@ def test_task_and_config_errors_are_one_line() -> None:
         with pytest.raises(ConfigError, match=pattern) as info:
             make_skeleton(cfg)
         assert "\n" not in str(info.value)
+
+
+def test_flash_attention_is_refused_for_the_encoder() -> None:
+    """The encoder's flash path would drop the padding mask: one line, before any rank starts."""
+    from pipefit.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+
+    run = RunConfig(
+        model=ModelConfig(attn_implementation="flash_attention_2"),
+        train=TrainConfig(precision="bf16"),
+        data=DataConfig(seq_len=32),
+    )
+    skeleton = make_skeleton(bert_config("mlm"))
+    with pytest.raises(ConfigError) as info:
+        encoder.check_run(run, skeleton)
+    assert str(info.value) == (
+        "model.attn_implementation=flash_attention_2 is not accepted for BertConfig: the encoder's flash path "
+        "drops its padding mask; use model.attn_implementation=sdpa or eager"
+    )
+    run.model.attn_implementation = "sdpa"
+    encoder.check_run(run, skeleton)
 
 
 @pytest.mark.parametrize("case", ["mlm", "mlm_untied", "cls"])

@@ -112,6 +112,27 @@ def test_export_dtype_follows_the_model_config() -> None:
     assert export_dtype(LlamaConfig(dtype=torch.float16)) == torch.float16
 
 
+def test_step_time_waits_for_the_device_queue() -> None:
+    """train_batch returns once a GPU's kernels are queued: the step's time includes the synchronise."""
+    from pipefit.train import timed_train_batch
+
+    now = [100.0]
+    events: list[str] = []
+
+    class QueuedEngine:
+        def train_batch(self) -> torch.Tensor:
+            now[0] += 0.5  # the host's part of the step
+            events.append("train_batch")
+            return torch.tensor(2.0)
+
+    def synchronize() -> None:
+        now[0] += 4.0  # the kernels still queued
+        events.append("synchronize")
+
+    loss, dt = timed_train_batch(QueuedEngine(), synchronize=synchronize, clock=lambda: now[0])
+    assert (float(loss), dt, events) == (2.0, 4.5, ["train_batch", "synchronize"])
+
+
 def _record(step: int, **extra: float) -> dict:
     return {"step": step, "loss": 2.5, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 100.0, "step_time_s": 0.1, **extra}
 

@@ -268,6 +268,44 @@ def test_reset_position_ids_isolate_packed_documents(tmp_path: Path, family: str
         assert (logits[:, 12:] - second_alone).abs().max() > 1e-4
 
 
+def test_masks_are_built_once_per_micro_batch_and_stage(monkeypatch: pytest.MonkeyPatch) -> None:
+    """HF's packed-document scan (a host sync) runs once per micro-batch and stage, not once per block,
+    and not at all for concat rows; the logits are bit-identical to masks built block by block."""
+    import transformers.masking_utils as masking_utils
+
+    from pipefit.stages import MaskCache
+
+    scans: list[int] = []
+    real = masking_utils.find_packed_sequence_indices
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", lambda p: scans.append(p.shape[0]) or real(p))
+    skeleton = make_skeleton(tiny_hf_config("llama"))
+    n = len(layer_plan(skeleton))
+    layers = build_layers(skeleton, 0, n)
+    blocks = [x for x in layers if isinstance(x, BlockLayer)]
+    assert len(blocks) == 3
+    input_ids, arange = random_tokens(batch=2, seq=20)
+    packed = torch.cat([torch.arange(12), torch.arange(8)]).expand(2, 20).contiguous()
+    with torch.no_grad():
+        first = run_layers(layers, (input_ids, packed))
+        second = run_layers(layers, (input_ids, packed.clone()))  # the next micro-batch: a new tensor
+        assert scans == [2, 2]
+        for block in blocks:  # one mask per block: the path without the cache
+            block.masks = MaskCache()
+        scans.clear()
+        per_block = run_layers(layers, (input_ids, packed))
+        assert scans == [2, 2, 2]
+        assert torch.equal(first, per_block) and torch.equal(second, per_block)
+
+        scans.clear()
+        detected = run_layers(layers, (input_ids, arange))
+        assert scans == [2, 2, 2]
+        skeleton.one_document_per_row = True  # data.layout=concat
+        concat_layers = build_layers(skeleton, 0, n)
+        scans.clear()
+        assert torch.equal(run_layers(concat_layers, (input_ids, arange)), detected)
+        assert scans == []
+
+
 # -- loss ------------------------------------------------------------------------------------------
 
 

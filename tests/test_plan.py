@@ -9,7 +9,7 @@ import pytest
 
 from pipefit.cli import compose, main
 from pipefit.config import validate
-from pipefit.plan import _order_1f1b, bubble_fraction, make_plan, simulate_1f1b
+from pipefit.plan import _order_1f1b, bubble_fraction, format_plan, make_plan, simulate_1f1b
 
 
 def test_bubble_fraction() -> None:
@@ -82,6 +82,25 @@ def test_plan_figures_for_the_default_model() -> None:
     assert flops["predicted_step_s"] >= report["micro_batches"] * (slowest["forward_s"] + slowest["backward_s"])
 
 
+def test_plan_counts_dense_attention_masks_of_packed_rows() -> None:
+    """sdpa over packed rows keeps a [b,1,s,s] bool mask per micro-batch in flight (one per stage, not per block)."""
+    args = ["pipeline.partition=flops", "pipeline.stages=2"]
+    concat = make_plan(validate(compose(args)))
+    pack = make_plan(validate(compose([*args, "data.layout=pack"])))
+    per_micro_batch = 4 * 128 * 128  # train.micro_batch_size x data.seq_len^2, bool
+    rows_c, rows_p = concat["methods"]["flops"]["stages"], pack["methods"]["flops"]["stages"]
+    assert [r["mask_bytes"] for r in rows_c] == [0, 0]
+    assert [r["mask_bytes"] for r in rows_p] == [2 * per_micro_batch, 1 * per_micro_batch]  # in flight: 2, 1
+    assert [p["memory_bytes"] - c["memory_bytes"] for p, c in zip(rows_p, rows_c, strict=True)] == [
+        2 * per_micro_batch,
+        per_micro_batch,
+    ]
+    assert "memory includes dense [b,1,s,s] attention masks (sdpa, data.layout=pack), one per micro-batch in " in (
+        format_plan(pack)
+    )
+    assert "attention masks" not in format_plan(concat)
+
+
 def test_plan_hardware_group_changes_the_prediction() -> None:
     cpu = make_plan(validate(compose(["pipeline.partition=flops"])))
     h100 = make_plan(validate(compose(["pipeline.partition=flops", "hardware=h100"])))
@@ -117,6 +136,8 @@ def test_cli_json_text_and_png(tmp_path: Path, capsys: pytest.CaptureFixture[str
         (["--dp", "0"], "--dp=0 is not accepted; expected an integer >= 1"),
         (["pipeline.partition=flops", "hardware.memory_gib=0.0001"], "smallest per-stage cap that would fit is"),
         (["hardware=tpu"], "hardware"),
+        (["--device", "gpu"], "--device='gpu' is not accepted; expected cpu, cuda or cuda:N"),
+        (["--device", "cuda"], "--device=cuda is not available: this machine has 0 CUDA device(s)"),
     ],
 )
 def test_cli_bad_input_is_one_line(args, message, capsys: pytest.CaptureFixture[str]) -> None:
@@ -146,3 +167,31 @@ def test_cli_profile_plan_measures_once_then_reads_the_cache(tmp_path: Path, cap
     assert len(calls) == 4
     again = json.loads(capsys.readouterr().out)
     assert [x["forward_s"] for x in again["layers"]] == [x["forward_s"] for x in report["layers"]]
+
+
+def test_cli_profile_plan_measures_on_the_given_device(tmp_path: Path, capsys, monkeypatch) -> None:
+    """``--device cuda`` reaches the profiler (and its cache key); the default stays ``cpu``."""
+    import torch
+
+    from pipefit import costs
+
+    devices: list[str] = []
+
+    def fake(skeleton, layer, workload, device="cpu", **kw):
+        devices.append(device)
+        return costs.LayerProfile(forward_s=1e-3, backward_s=2e-3, activation_bytes=1024.0, runs=5, spread=0.0)
+
+    monkeypatch.setattr(costs, "measure_layer", fake)
+    monkeypatch.setattr(costs, "_device_name", lambda device: device)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    base = ["plan", "pipeline.partition=profile", "hardware=h100", "--json", "--cache-dir", str(tmp_path)]
+    assert main([*base, "--device", "cuda:1"]) == 0
+    assert devices == ["cuda:1"] * 4
+    report = json.loads(capsys.readouterr().out)
+    assert [x["forward_s"] for x in report["layers"]] == [1e-3] * 7
+    assert main(base) == 0
+    assert devices == ["cuda:1"] * 4 + ["cpu"] * 4
+    assert main([*base, "--device", "cuda:2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "pipefit: error: --device=cuda:2 is not available: this machine has 2 CUDA device(s)"

@@ -109,7 +109,12 @@ def same_shape(state: dict[str, Any], boundaries: list[int], stages: int, dp: in
 
 
 class SafeTorchCheckpointEngine:
-    """DeepSpeed checkpoint engine whose loads never unpickle arbitrary objects."""
+    """DeepSpeed checkpoint engine whose loads never unpickle arbitrary objects.
+
+    It writes zip archives (DeepSpeed's engine defaults to the legacy format without a
+    ``checkpoint.use_zipfile_serialization`` config), which :func:`check_files` verifies from their
+    directory alone, without reading the tensors.
+    """
 
     def __new__(cls, config_params: Any = None) -> Any:
         from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
@@ -118,7 +123,9 @@ class SafeTorchCheckpointEngine:
             def load(self, path: str, map_location: Any = None) -> Any:
                 return safe_load(path, map_location)
 
-        return _Safe(config_params)
+        engine = _Safe(config_params)
+        engine.zipfile_serialization = True
+        return engine
 
 
 def safe_load(path: str | os.PathLike, map_location: Any = None) -> Any:
@@ -135,10 +142,40 @@ def safe_load(path: str | os.PathLike, map_location: Any = None) -> Any:
         raise CheckpointStateError(f"{path} is truncated or corrupt ({str(exc).splitlines()[0]})") from None
 
 
-def check_files(ckpt: Path, num_layers: int, tied_head: bool, stages: int, world: int, same_shape: bool) -> None:
-    """Every file a resume needs exists and is a complete archive; checked before any rank starts."""
+def archive_problem(path: Path) -> str | None:
+    """Why ``path`` is not a complete zip archive, or None; reads its header and zip directory only.
+
+    ``torch.save`` writes a zip archive (stored, not compressed): complete means its central
+    directory (at the end of the file) opens and every member's local header and data lie inside the
+    file. Nothing is unpickled, so a check costs a few kilobytes per file however large the file is,
+    and the tensors are read only by the rank that loads them.
+    """
     import zipfile
 
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        if fh.read(4) != b"PK\x03\x04":
+            return "is not a zip archive"
+        try:
+            with zipfile.ZipFile(fh) as archive:
+                for info in archive.infolist():
+                    # local header: 30 bytes + name + extra (at most 64 KiB each), then the data
+                    fh.seek(info.header_offset + 26)
+                    name_len, extra_len = (int.from_bytes(fh.read(2), "little") for _ in range(2))
+                    end = info.header_offset + 30 + name_len + extra_len + info.compress_size
+                    if end > size:
+                        return f"is truncated or corrupt ({info.filename} ends at byte {end} of {size})"
+        except (zipfile.BadZipFile, OSError, ValueError):
+            return "is truncated or corrupt"
+    return None
+
+
+def check_files(ckpt: Path, num_layers: int, tied_head: bool, stages: int, world: int, same_shape: bool) -> None:
+    """Every file a resume needs exists and is a complete archive; checked before any rank starts.
+
+    Only headers and zip directories are read (:func:`archive_problem`), never the pickled contents;
+    a legacy-format file (pipefit before zip checkpoints) is loaded once, safely, as it has no directory.
+    """
     needed = [f"layer_{i:02d}-model_states.pt" for i in range(num_layers - (1 if tied_head else 0))]
     if same_shape:
         needed += [f"mp_rank_{s:02d}_model_states.pt" for s in range(stages)]
@@ -149,14 +186,18 @@ def check_files(ckpt: Path, num_layers: int, tied_head: bool, stages: int, world
             f"train.resume={str(ckpt)!r} is missing {len(missing)} file(s), e.g. {', '.join(missing[:3])}"
         )
     for f in sorted(ckpt.glob("*.pt")):
-        # A zip-format file is checked through its central directory (cheap: a truncated file has
-        # none); anything else (DeepSpeed may write the legacy format) is loaded once, safely.
-        if zipfile.is_zipfile(f):
+        with f.open("rb") as fh:
+            legacy = fh.read(2) == b"\x80\x02"  # pickle protocol 2: torch's pre-zip format
+        if legacy:
+            # Written by an earlier pipefit: no directory to check, so it is loaded once, safely.
+            try:
+                safe_load(f, map_location="cpu")
+            except CheckpointStateError:
+                raise CheckpointStateError(f"train.resume={str(ckpt)!r}: {f.name} is truncated or corrupt") from None
             continue
-        try:
-            safe_load(f, map_location="cpu")
-        except CheckpointStateError:
-            raise CheckpointStateError(f"train.resume={str(ckpt)!r}: {f.name} is truncated or corrupt") from None
+        problem = archive_problem(f)
+        if problem is not None:
+            raise CheckpointStateError(f"train.resume={str(ckpt)!r}: {f.name} {problem}")
 
 
 def _allowed_globals() -> list[Any]:

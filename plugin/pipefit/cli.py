@@ -3,6 +3,7 @@
     pipefit verify model=llama_tiny pipeline.stages=3
     pipefit verify model=local model.path=/models/my-llama pipeline.stages=4 --tol 1e-5
     pipefit plan model=llama_tiny pipeline.stages=2 pipeline.partition=flops hardware=cpu --png plan.png
+    pipefit plan model=llama3_8b pipeline.stages=4 pipeline.partition=profile train.precision=bf16 --device cuda
 
 Arguments of the form ``key=value`` are Hydra overrides of the same config the recipes use.
 """
@@ -39,9 +40,10 @@ def _verify(args: argparse.Namespace) -> int:
     from pipefit.config import validate
     from pipefit.verify import format_report, verify
 
+    device = plan_device(args.device)
     run = validate(compose(args.overrides, args.config_dir))
     try:
-        report = verify(run, batch_size=args.batch_size, seq_len=args.seq_len)
+        report = verify(run, batch_size=args.batch_size, seq_len=args.seq_len, device=device)
     except Exception as exc:  # a damaged model folder is bad input (exit 2), not a verdict (exit 1)
         from safetensors import SafetensorError
 
@@ -60,13 +62,33 @@ def _verify(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def plan_device(device: str, cuda_count: int | None = None) -> str:
+    """``--device``: ``cpu``, ``cuda`` or ``cuda:N`` (where ``plan`` profiles layers, ``verify`` compares)."""
+    import re
+
+    if device == "cpu":
+        return device
+    if not re.fullmatch(r"cuda(:\d+)?", device):
+        raise ValueError(f"--device={device!r} is not accepted; expected cpu, cuda or cuda:N")
+    if cuda_count is None:
+        import torch
+
+        cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(device.partition(":")[2] or 0)
+    if index >= cuda_count:
+        raise ValueError(f"--device={device} is not available: this machine has {cuda_count} CUDA device(s)")
+    return device
+
+
 def _plan(args: argparse.Namespace) -> int:
     from pipefit.config import validate
     from pipefit.plan import format_plan, make_plan, to_json, write_png
 
     if args.dp < 1:
         raise ValueError(f"--dp={args.dp} is not accepted; expected an integer >= 1")
-    report = make_plan(validate(compose(args.overrides, args.config_dir)), dp=args.dp, cache_dir=args.cache_dir)
+    device = plan_device(args.device)
+    run = validate(compose(args.overrides, args.config_dir))
+    report = make_plan(run, dp=args.dp, device=device, cache_dir=args.cache_dir)
     print(to_json(report) if args.json else format_plan(report))
     if args.png:
         write_png(report, args.png)
@@ -93,12 +115,16 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--tol", type=float, default=1e-5, help="max abs difference allowed (fp32 default 1e-5)")
     v.add_argument("--batch-size", type=int, default=2)
     v.add_argument("--seq-len", type=int, default=32)
+    v.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N; runs in train.precision (default fp32)")
     v.add_argument("--config-dir", default=None, help="Hydra config folder (default: the repository's conf/)")
     pl = sub.add_parser("plan", help="partition, memory per stage and predicted step time; starts no process")
     pl.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. pipeline.stages=4 hardware=h100")
     pl.add_argument("--json", action="store_true", help="machine-readable output (every figure, per-layer costs)")
     pl.add_argument("--png", default=None, metavar="PATH", help="draw stage costs and the 1F1B timeline")
     pl.add_argument("--dp", type=int, default=1, help="data-parallel replicas of each stage (default 1)")
+    pl.add_argument(
+        "--device", default="cpu", help="where pipeline.partition=profile measures layers: cpu, cuda, cuda:N"
+    )
     pl.add_argument("--cache-dir", default=None, help="profile cache folder (default ~/.cache/pipefit)")
     pl.add_argument("--config-dir", default=None, help="Hydra config folder (default: the repository's conf/)")
     ex = sub.add_parser("export", help="write a Hugging Face folder from a checkpoint (or a run's newest one)")

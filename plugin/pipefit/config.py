@@ -8,7 +8,11 @@ process group exists.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -176,6 +180,83 @@ class HardwareConfig:
     link_bandwidth_gbs: float = 2.0
 
 
+HARDWARE_PRESETS_DIR = Path(__file__).resolve().parents[2] / "conf" / "hardware"
+# hardware=auto: the preset whose key appears in the CUDA device's name (torch.cuda.get_device_name).
+CUDA_PRESETS = {"H200": "h200", "H100": "h100", "A100": "a100"}
+_WARNED_DEVICES: set[str] = set()
+
+
+def detect_device_name() -> str | None:
+    """This rank's CUDA device name, or None without CUDA.
+
+    Asks for the device at ``LOCAL_RANK`` (when visible), so that a rank opens no context on another
+    rank's device.
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_name(_local_device_index())
+
+
+def detect_device_memory_gib() -> float | None:
+    """This rank's CUDA device memory in GiB, or None without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(_local_device_index()).total_memory / 1024**3
+
+
+def _local_device_index() -> int:
+    import torch
+
+    index = int(os.environ.get("LOCAL_RANK", "0"))
+    return index if index < torch.cuda.device_count() else 0
+
+
+def resolve_hardware(
+    hw: HardwareConfig, device_name: str | None, device_memory_gib: Callable[[], float | None] | None = None
+) -> HardwareConfig:
+    """``hardware=auto``: the preset of the detected CUDA device (by name) or ``cpu`` without one.
+
+    A CUDA device without a preset is priced with the most conservative GPU preset's compute
+    (a100) and its own memory (``device_memory_gib``), with a warning naming what to set: a run
+    on such a device must not stop over a price. Fields given besides (``hardware=auto
+    hardware.memory_gib=40``; any value other than the schema's default) are kept. Another
+    ``hardware`` is returned as it is.
+    """
+    if hw.name != "auto":
+        return hw
+    memory = None
+    if device_name is None:
+        preset = "cpu"
+    else:
+        found = [p for key, p in CUDA_PRESETS.items() if key in device_name.upper()]
+        preset = found[0] if found else "a100"
+        if not found:
+            memory = (device_memory_gib or detect_device_memory_gib)()
+            if device_name not in _WARNED_DEVICES:  # validate runs more than once per launch
+                _WARNED_DEVICES.add(device_name)
+                logging.getLogger("pipefit").warning(
+                    "hardware=auto: CUDA device %r has no preset (device names with %s do); priced with a100's "
+                    "compute figures and the device's %.1f GiB; set hardware.peak_tflops_bf16, "
+                    "hardware.peak_tflops_fp32 and hardware.link_bandwidth_gbs for exact prices",
+                    device_name,
+                    ", ".join(CUDA_PRESETS),
+                    memory or 0.0,
+                )
+    values = OmegaConf.to_container(OmegaConf.load(HARDWARE_PRESETS_DIR / f"{preset}.yaml"))
+    if memory is not None:
+        values.update({"name": "cuda", "memory_gib": round(memory, 2)})  # type: ignore[union-attr]
+    default = HardwareConfig()
+    for f in fields(HardwareConfig):
+        given = getattr(hw, f.name)
+        if f.name != "name" and given != getattr(default, f.name):
+            values[f.name] = given  # type: ignore[index]
+    return HardwareConfig(**values)  # type: ignore[arg-type]
+
+
 @dataclass
 class LoraConfig:
     """LoRA adapters (peft) on decoder-block projections; every base weight frozen. See conf/lora/."""
@@ -292,6 +373,7 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
             f"pipeline.partition={p.partition!r} is not accepted; "
             "accepted: uniform, parameters, flops, profile, type:REGEX, manual"
         )
+    run.hardware = resolve_hardware(run.hardware, detect_device_name() if run.hardware.name == "auto" else None)
     for key in (
         "peak_tflops_fp32",
         "peak_tflops_bf16",
@@ -354,7 +436,32 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
             "or a preset with hf_config.model_type (e.g. model=llama_tiny)"
         )
     validate_data(d)
+    check_attention(run)
     return run
+
+
+def check_attention(run: RunConfig) -> None:
+    """One-line errors for flash-attention combinations that fail or silently attend across documents.
+
+    flash-attn kernels take bf16/fp16 only (fp32 fails at the first forward, inside flash-attn). With
+    ``data.layout=pack`` HF's flash path keeps the packed documents apart only for a micro-batch of one
+    row (it reads their boundaries from the position ids of a single row); with more rows documents
+    would attend to each other.
+    """
+    impl, t = run.model.attn_implementation, run.train
+    if "flash" not in impl:
+        return
+    if t.precision == "fp32":
+        raise ConfigError(
+            f"model.attn_implementation={impl} is not accepted with train.precision=fp32: flash-attn runs in "
+            "bf16/fp16 only; use train.precision=bf16 or model.attn_implementation=sdpa"
+        )
+    if run.data.layout == "pack" and t.micro_batch_size > 1:
+        raise ConfigError(
+            f"model.attn_implementation={impl} with data.layout=pack needs train.micro_batch_size=1 (got "
+            f"{t.micro_batch_size}): HF's flash path separates packed documents in one-row micro-batches only; "
+            "use train.micro_batch_size=1 or model.attn_implementation=sdpa"
+        )
 
 
 def check_world(run: RunConfig, world_size: int) -> int:

@@ -93,6 +93,7 @@ class Workload:
     dp: int = 1
     precision: str = "fp32"
     zero_stage: int = 1
+    layout: str = "concat"
 
     @classmethod
     def from_run(cls, run: Any, dp: int = 1) -> Workload:
@@ -103,6 +104,7 @@ class Workload:
             dp=dp,
             precision=run.train.precision,
             zero_stage=run.zero.stage,
+            layout=run.data.layout,
         )
 
     @property
@@ -110,12 +112,33 @@ class Workload:
         return DTYPE_BYTES[self.precision]
 
     def state_bytes_per_param(self) -> float:
-        """Weights + gradients + AdamW state per parameter; ZeRO-1 shards the optimizer part over dp."""
-        shard = self.dp if self.zero_stage >= 1 else 1
-        if self.precision == "fp32":
-            return 4 + 4 + 8 / shard
-        # bf16/fp16 weights and gradients, fp32 master weights and moments.
-        return 2 + 2 + 12 / shard
+        """Bytes DeepSpeed 0.19 holds per trainable parameter at the optimizer step (gradients still held).
+
+        Which optimizer wrapper DeepSpeed picks (``DeepSpeedEngine._do_optimizer_sanity_check``, as a
+        pipeline) and what it holds; ``w`` = 2 (bf16/fp16) or 4 (fp32) bytes for the weight and again
+        for its ``.grad``:
+
+        - fp32, ZeRO-0: torch's AdamW on the weights: ``w + w + 8`` (two fp32 moments);
+        - fp32/fp16, ZeRO-1: ``DeepSpeedZeroOptimizer``: ``w + w`` plus, sharded over dp, an fp32 master
+          copy (cloned even in fp32), its fp32 gradient partition and the moments: ``16 / dp``;
+        - fp16, ZeRO-0: ``FP16_Optimizer`` (``FP16_UnfusedOptimizer`` with torch's AdamW): unsharded
+          fp32 masters, their fp32 gradients, moments: ``+ 16``;
+        - bf16 (ZeRO-0 and 1): ``BF16_Optimizer``: the full, unsharded gradient accumulation buffer in
+          the accumulation dtype (fp32 under ZeRO-1, bf16 under ZeRO-0: see ``ds_config.build_ds_config``)
+          and, sharded over dp at either stage, fp32 masters and moments: ``12 / dp``.
+
+        Between steps DeepSpeed frees the ``.grad`` tensors: measured in one process after a step
+        (dp=1), fp32 ZeRO-0, fp32 ZeRO-1, bf16 ZeRO-1 and fp16 ZeRO-1 held 12, 18, 18 and 15 B/param
+        against the 16, 24, 20 and 20 here; these are the peak, at the step.
+        """
+        w = DTYPE_BYTES[self.precision]
+        dp = self.dp
+        if self.precision == "bf16":
+            accumulation = 4 if self.zero_stage >= 1 else 2
+            return w + w + accumulation + 12 / dp
+        if self.zero_stage >= 1:
+            return w + w + 16 / dp
+        return w + w + (8 if self.precision == "fp32" else 16)
 
 
 @dataclass(frozen=True)
@@ -295,6 +318,34 @@ def activation_bytes(hf_config: Any, layer: Any, workload: Workload) -> float:
     return tokens * e * (4 * shape.hidden + 5 * shape.q_dim + 4 * shape.kv_dim + mlp * shape.intermediate)
 
 
+def attention_mask(hf_config: Any, layer: Any, workload: Workload) -> tuple[str, float] | None:
+    """``(mask kind, bytes)`` of the dense ``[b, 1, s, s]`` mask a block's stage builds per micro-batch.
+
+    Each stage builds one mask per micro-batch and attention kind, shared by its blocks
+    (:class:`pipefit.stages.MaskCache`), and autograd keeps it until that micro-batch's backward. HF
+    builds none for sdpa over rows of one document (concat: a causal kernel, no mask) unless a
+    sliding window is not longer than the row; packed or padded rows (documents found from the position
+    ids) get a boolean mask; eager gets an additive one in the compute dtype for every layout; flash
+    attention and flex_attention keep no dense mask. None for layers other than blocks.
+    """
+    if layer.kind != "block":
+        return None
+    from pipefit.adapters import for_config
+
+    adapter = for_config(hf_config)
+    kind = adapter.attention_kind(hf_config, layer.block_index)
+    impl = getattr(hf_config, "_attn_implementation", None) or "sdpa"
+    b, s = workload.micro_batch_size, workload.seq_len
+    if "flash" in impl or impl == "flex_attention":
+        return None
+    if impl == "eager":
+        return kind, float(b * s * s * workload.act_bytes)
+    window = getattr(hf_config, "sliding_window", None)
+    documents = workload.layout != "concat" and adapter.mask_uses_position_ids
+    windowed = kind == "sliding_attention" and window is not None and s >= window  # HF skips s < window
+    return (kind, float(b * s * s)) if documents or windowed else None
+
+
 @dataclass
 class LayerCosts:
     """Per-layer prices in seconds, and what the partitioner and simulator need besides.
@@ -314,6 +365,9 @@ class LayerCosts:
     tied: tuple[int, ...] = ()
     flops: list[LayerFlops] | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    # Per layer: (mask kind, bytes) of the dense attention mask its stage keeps per micro-batch in
+    # flight (:func:`attention_mask`), counted once per stage and kind by ``pipefit plan``.
+    attention_masks: list[tuple[str, float] | None] = field(default_factory=list)
 
     def per_layer(self) -> list[float]:
         """Seconds per optimizer step each layer costs the stage that holds it."""
@@ -373,6 +427,7 @@ def flops_costs(hf_config: Any, plan: Sequence[Any], workload: Workload, hw: Har
         memory_cap=hw.memory_gib * 2**30,
         tied=tuple(x.index for x in plan if x.tied),
         flops=flops,
+        attention_masks=[attention_mask(hf_config, x, workload) for x in plan],
     )
 
 
@@ -611,6 +666,7 @@ def profile_costs(
         memory_cap=hw.memory_gib * 2**30,
         tied=tuple(x.index for x in plan if x.tied),
         flops=model_flops(hf_config, plan, workload.seq_len, workload.micro_batch_size),
+        attention_masks=[attention_mask(hf_config, x, workload) for x in plan],
     )
 
 

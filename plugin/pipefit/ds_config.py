@@ -13,6 +13,7 @@ the Hydra command line to a different value.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from pipefit.config import ConfigError, RunConfig
+
+log = logging.getLogger("pipefit")
 
 # accelerate field name -> (environment variable, pipefit field, parser)
 _PRECISION_FROM_ACCELERATE = {"no": "fp32", "fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}
@@ -117,20 +120,48 @@ def apply_accelerate_settings(run: RunConfig, settings: AccelerateSettings, expl
     return run
 
 
+def fused_adam_prebuilt(installed_ops: Mapping[str, bool] | None = None, builder: Any = None) -> tuple[bool, str]:
+    """Whether DeepSpeed's FusedAdam op is prebuilt for this machine, and why not when it is not.
+
+    Only a prebuilt op counts: otherwise ``deepspeed.initialize`` compiles it on every rank, which fails
+    without nvcc/ninja and can outlast ``train.dist_timeout_s``. ``installed_ops`` defaults to
+    ``deepspeed.git_version_info.installed_ops``, ``builder`` to DeepSpeed's ``FusedAdamBuilder()``.
+    """
+    if installed_ops is None:
+        from deepspeed.git_version_info import installed_ops
+    if not installed_ops.get("fused_adam", False):
+        return False, "DeepSpeed's fused_adam op is not prebuilt (DS_BUILD_FUSED_ADAM=1 at install prebuilds it)"
+    if builder is None:
+        from deepspeed.ops.op_builder import FusedAdamBuilder
+
+        builder = FusedAdamBuilder()
+    if not builder.is_compatible(False):
+        return False, "DeepSpeed's fused_adam op is prebuilt but not compatible with this machine"
+    return True, "DeepSpeed's fused_adam op is prebuilt"
+
+
 def _optimizer_block(run: RunConfig, device_kind: str) -> dict[str, Any]:
+    """AdamW for DeepSpeed. ``optim.impl=auto``: torch's AdamW on CPU; on an accelerator DeepSpeed's
+    FusedAdam when its op is prebuilt, else torch's fused AdamW (same update, no compile at start)."""
     o = run.optim
     use_torch = o.impl == "torch" or (o.impl == "auto" and device_kind == "cpu")
-    return {
-        "type": "AdamW",
-        "params": {
-            "lr": o.lr,
-            "betas": list(o.betas),
-            "eps": o.eps,
-            "weight_decay": o.weight_decay,
-            "torch_adam": use_torch,
-            "adam_w_mode": True,
-        },
+    torch_fused = False
+    if o.impl == "auto" and device_kind != "cpu":
+        prebuilt, why = fused_adam_prebuilt()
+        use_torch = torch_fused = not prebuilt
+        chosen = "DeepSpeed FusedAdam" if prebuilt else "torch.optim.AdamW(fused=True)"
+        log.info("optim.impl=auto on %s: %s (%s)", device_kind, chosen, why)
+    params: dict[str, Any] = {
+        "lr": o.lr,
+        "betas": list(o.betas),
+        "eps": o.eps,
+        "weight_decay": o.weight_decay,
+        "torch_adam": use_torch,
+        "adam_w_mode": True,
     }
+    if torch_fused:
+        params["fused"] = True  # passed through by DeepSpeed to torch.optim.AdamW
+    return {"type": "AdamW", "params": params}
 
 
 def build_ds_config(run: RunConfig, dp: int, device_kind: str, base: Mapping[str, Any] | None = None) -> dict[str, Any]:

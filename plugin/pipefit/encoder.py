@@ -49,7 +49,7 @@ from pipefit.build import TIED_KEY, LayerInfo
 from pipefit.config import ConfigError, DataConfig, RunConfig
 from pipefit.data import BatchLayout, GlobalBatches, Rows, load_raw_dataset
 from pipefit.data import build_batches as build_lm_batches
-from pipefit.stages import IGNORE_INDEX, ModelSkeleton, StageLayer, float32_model
+from pipefit.stages import IGNORE_INDEX, ModelSkeleton, StageLayer, float32_model, mask_cache
 
 log = logging.getLogger("pipefit")
 
@@ -199,10 +199,13 @@ class EncoderBlockLayer(StageLayer):
         self.config = skeleton.config
         prefix = skeleton.adapter.block_prefix(block_index)
         self.adopt("block", skeleton.materialize(prefix, device, layer_index), prefix)
+        self.masks = mask_cache(skeleton)  # one document_mask (and its host sync) per micro-batch and stage
 
     def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         hidden, position_ids = inputs
-        mask = document_mask(self.config, hidden, position_ids)
+        mask = self.masks.get(
+            "document", hidden, position_ids, lambda: document_mask(self.config, hidden, position_ids)
+        )
         out = self.block(hidden, attention_mask=mask, position_ids=position_ids)
         if isinstance(out, tuple):
             out = out[0]
@@ -658,11 +661,22 @@ def check_partition(run: RunConfig, skeleton: EncoderSkeleton) -> None:
 def check_run(run: RunConfig, skeleton: EncoderSkeleton) -> None:
     """Encoder-specific input errors of a training run, one line each, before any process group exists."""
     check_partition(run, skeleton)
+    check_attention(run, skeleton)
     max_positions = int(getattr(skeleton.config, "max_position_embeddings", run.data.seq_len))
     if run.data.seq_len > max_positions:
         raise ConfigError(
             f"data.seq_len={run.data.seq_len} exceeds the model's max_position_embeddings={max_positions}; "
             f"use data.seq_len <= {max_positions}"
+        )
+
+
+def check_attention(run: RunConfig, skeleton: EncoderSkeleton) -> None:
+    """Flash attention would drop the encoder's padding mask (tokens would attend to padding): refused."""
+    impl = run.model.attn_implementation
+    if "flash" in impl:
+        raise ConfigError(
+            f"model.attn_implementation={impl} is not accepted for {type(skeleton.config).__name__}: the encoder's "
+            "flash path drops its padding mask; use model.attn_implementation=sdpa or eager"
         )
 
 
@@ -688,6 +702,7 @@ def verify(run: RunConfig, hf_config: Any, batch_size: int = 2, seq_len: int = 3
 
     skeleton = build_mod.make_skeleton(hf_config, seed=run.train.seed)
     check_partition(run, skeleton)
+    check_attention(run, skeleton)
     plan = layer_plan(skeleton)
     boundaries = build_mod.boundaries_for(
         skeleton, run.pipeline.partition, run.pipeline.stages, run.pipeline.boundaries

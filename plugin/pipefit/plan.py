@@ -123,6 +123,8 @@ def _stage_rows(costs: LayerCosts, plan: Sequence[Any], bounds: Sequence[int]) -
     rows = []
     for s in range(p):
         a, b = bounds[s], bounds[s + 1]
+        masks = dict(m for m in costs.attention_masks[a:b] if m is not None)  # one per kind and micro-batch
+        mask_bytes = costs.memory.in_flight(s, p) * sum(masks.values())
         rows.append(
             {
                 "stage": s,
@@ -135,7 +137,8 @@ def _stage_rows(costs: LayerCosts, plan: Sequence[Any], bounds: Sequence[int]) -
                 "forward_s": sum(costs.forward_s[a:b]),
                 "backward_s": sum(costs.backward_s[a:b]),
                 "per_step_s": sum(costs.per_step_s[a:b]),
-                "memory_bytes": costs.memory.stage_bytes(s, p, a, b),
+                "memory_bytes": costs.memory.stage_bytes(s, p, a, b) + mask_bytes,
+                "mask_bytes": mask_bytes,
                 "in_flight_micro_batches": costs.memory.in_flight(s, p),
             }
         )
@@ -200,6 +203,8 @@ def make_plan(run: Any, dp: int = 1, device: str = "cpu", cache_dir: str | None 
         "precision": workload.precision,
         "hardware": run.hardware.name,
         "cost_model": model_name,
+        "attention": run.model.attn_implementation,
+        "layout": run.data.layout,
         "chosen": p.partition,
         "bubble_fraction": bubble_fraction(p.stages, workload.micro_batches),
         "memory_cap_bytes": costs.memory_cap,
@@ -262,6 +267,12 @@ def format_plan(report: dict[str, Any]) -> str:
             f"{r['in_flight_micro_batches']:>9}"
         )
     cap = report["memory_cap_bytes"]
+    if any(r["mask_bytes"] for r in chosen["stages"]):
+        per_stage = ", ".join(_gib(r["mask_bytes"]) for r in chosen["stages"])
+        lines.append(
+            f"memory includes dense [b,1,s,s] attention masks ({report['attention']}, data.layout={report['layout']}), "
+            f"one per micro-batch in flight: {per_stage} GiB by stage"
+        )
     lines += [
         f"bottleneck/mean {chosen['bottleneck_over_mean']:.3f}   "
         f"bubble (p-1)/(m+p-1) {report['bubble_fraction']:.3f}   "

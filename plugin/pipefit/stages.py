@@ -13,6 +13,8 @@ and export both read that one map (see :mod:`pipefit.weights`).
 from __future__ import annotations
 
 import copy
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -175,15 +177,56 @@ def tied_head_forward(embed: EmbedLayer, hidden: torch.Tensor) -> torch.Tensor:
     return softcap(F.linear(hidden, embed.embed_tokens.weight), embed.final_logit_softcap)
 
 
+class MaskCache:
+    """The attention mask of the micro-batch in flight, built once per stage rather than once per block.
+
+    HF's mask builders find packed documents from the position ids with a host sync (transformers'
+    ``masking_utils.find_packed_sequence_indices`` ends in ``.all()`` on a device tensor; the encoder's
+    :func:`pipefit.encoder.document_mask` likewise), once per block per micro-batch, again in an
+    activation-checkpoint recompute. Every block of a stage receives the same position-id tensor
+    object (each returns it unchanged; DeepSpeed clones a stage's inputs per micro-batch), so one
+    entry per (mask kind, shape, dtype, device), keyed by that object (weakly) and its version
+    counter, serves the stage's other blocks: the same mask, one sync per micro-batch.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[Any, ...], tuple[Any, int, Any]] = {}
+
+    def get(self, kind: str, hidden: torch.Tensor, position_ids: torch.Tensor, build: Callable[[], Any]) -> Any:
+        key = (kind, tuple(hidden.shape), hidden.dtype, hidden.device)
+        entry = self._entries.get(key)
+        if entry is not None and entry[0]() is position_ids and entry[1] == position_ids._version:
+            return entry[2]
+        mask = build()
+        self._entries[key] = (weakref.ref(position_ids), position_ids._version, mask)
+        return mask
+
+
+def mask_cache(skeleton: Any) -> MaskCache:
+    """The skeleton's :class:`MaskCache`, shared by the blocks built from it (created on first use)."""
+    cache = skeleton.__dict__.get("_mask_cache")
+    if cache is None:
+        cache = skeleton.__dict__["_mask_cache"] = MaskCache()
+    return cache
+
+
 class BlockLayer(StageLayer):
-    """One HF decoder block; rebuilds its attention mask and rotary embedding from position ids."""
+    """One HF decoder block; rebuilds its attention mask and rotary embedding from position ids.
+
+    ``skeleton.one_document_per_row`` (set for ``data.layout=concat``, whose rows are one stretch of
+    text with positions ``0..s-1``) leaves the position ids out of the mask builder: it would find no
+    packed document, after a host sync, and build the same mask.
+    """
 
     def __init__(self, skeleton: ModelSkeleton, layer_index: int, block_index: int, device: str = "cpu") -> None:
         super().__init__()
         adapter = skeleton.adapter
         self.config = skeleton.config
         self.attention_kind = adapter.attention_kind(skeleton.config, block_index)
-        self.mask_uses_position_ids = adapter.mask_uses_position_ids
+        self.mask_uses_position_ids = adapter.mask_uses_position_ids and not getattr(
+            skeleton, "one_document_per_row", False
+        )
+        self.masks = mask_cache(skeleton)
         prefix = adapter.block_prefix(block_index)
         self.adopt("block", skeleton.materialize(prefix, device, layer_index), prefix)
         # Rotary tables hold only non-persistent buffers: never saved, never loaded.
@@ -195,7 +238,14 @@ class BlockLayer(StageLayer):
         make = create_sliding_window_causal_mask if self.attention_kind == "sliding_attention" else create_causal_mask
         # As the HF forward calls it: OPT's leaves out the position ids (no packed-document detection).
         positions = position_ids if self.mask_uses_position_ids else None
-        return make(config=self.config, inputs_embeds=hidden, attention_mask=None, cache=None, position_ids=positions)
+        return self.masks.get(
+            self.attention_kind,
+            hidden,
+            position_ids,
+            lambda: make(
+                config=self.config, inputs_embeds=hidden, attention_mask=None, cache=None, position_ids=positions
+            ),
+        )
 
     def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         hidden, position_ids = inputs

@@ -17,7 +17,7 @@ import shutil
 import socket
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -223,6 +223,7 @@ class Prepared:
         self.hf_config = build_mod.load_hf_config(m.path, overrides)
         self.hf_config._attn_implementation = m.attn_implementation
         self.skeleton = build_mod.make_skeleton(self.hf_config, seed=run.train.seed)
+        self.skeleton.one_document_per_row = run.data.layout == "concat"  # masks skip the packed-document scan
         self.plan = build_mod.layer_plan(self.skeleton)
         if run.data.layout == "pack" and not self.skeleton.adapter.mask_uses_position_ids:
             raise ConfigError(
@@ -1037,6 +1038,25 @@ class _Reporter:
             self.writer.close()
 
 
+def timed_train_batch(
+    engine: Any, synchronize: Callable[[], None] | None = None, clock: Callable[[], float] = time.time
+) -> tuple[Any, float]:
+    """``engine.train_batch()`` and its seconds, the device's queued work included.
+
+    On a GPU ``train_batch`` returns once its kernels are queued; the loss's ``.cpu()`` waits for them
+    on the last stage only. Synchronising first makes ``step_time_s`` (and tokens/s) every stage's real
+    step time. ``synchronize`` defaults to the DeepSpeed accelerator's (a no-op on CPU).
+    """
+    if synchronize is None:
+        from deepspeed.accelerator import get_accelerator
+
+        synchronize = get_accelerator().synchronize
+    t0 = clock()
+    loss = engine.train_batch()
+    synchronize()
+    return loss, clock() - t0
+
+
 def _loop(engine: Any, prepared: Prepared, output_dir: Path, rank: int, first: int = 0) -> tuple[list[float], int]:
     """Steps ``first+1`` to ``train.max_steps`` (at most ``train.stop_after_steps`` of them).
 
@@ -1066,9 +1086,7 @@ def _loop(engine: Any, prepared: Prepared, output_dir: Path, rank: int, first: i
             stack.enter_context(logging_redirect_tqdm())  # log lines print above the bar
         for step in range(first + 1, last + 1):
             lr = float(engine.get_lr()[0])  # the rate this step's update uses
-            t0 = time.time()
-            loss = engine.train_batch()
-            dt = time.time() - t0
+            loss, dt = timed_train_batch(engine)
             value = float(loss.detach().float().cpu())
             losses.append(value)
             stage_times = reporter.stage_times(dt)

@@ -110,13 +110,20 @@ def run_stages(
     return x.float(), crossing
 
 
-def verify(run: RunConfig, batch_size: int = 2, seq_len: int = 32, seed: int = 0) -> VerifyReport:
+def verify(run: RunConfig, batch_size: int = 2, seq_len: int = 32, seed: int = 0, device: str = "cpu") -> VerifyReport:
+    """Compare on ``device`` in ``train.precision``: both models loaded in fp32, then cast alike."""
     hf_config = build_mod.load_hf_config(run.model.path, dict(run.model.hf_config))
     hf_config._attn_implementation = run.model.attn_implementation
     if for_config(hf_config).kind == "encoder":  # encoder families: compared with their task's HF model
         from pipefit import encoder
 
+        if device != "cpu" or run.train.precision != "fp32":
+            raise ValueError(
+                f"pipefit verify of an encoder runs on cpu in fp32 only (got --device={device}, "
+                f"train.precision={run.train.precision})"
+            )
         return encoder.verify(run, hf_config, batch_size, seq_len, seed)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[run.train.precision]
     skeleton = build_mod.make_skeleton(hf_config, seed=run.train.seed)
     plan = build_mod.layer_plan(skeleton)
     boundaries = build_mod.boundaries_for(
@@ -125,12 +132,17 @@ def verify(run: RunConfig, batch_size: int = 2, seq_len: int = 32, seed: int = 0
     model = _reference_model(run, hf_config, run.model.path).eval()
     with loaded_stages(model, skeleton, boundaries, run.model.path) as (stages, _):
         pass
+    model.to(device=device, dtype=dtype)
+    for layers in stages:
+        for layer in layers:
+            layer.to(device=device, dtype=dtype)
     gen = torch.Generator().manual_seed(seed)
     max_pos = int(getattr(hf_config, "max_position_embeddings", seq_len) or seq_len)
     seq = min(seq_len, max_pos)
     ids = torch.randint(0, int(hf_config.vocab_size), (batch_size, seq), generator=gen)
     pos = torch.arange(seq).expand(batch_size, seq).contiguous()
     targets = torch.cat([ids[:, 1:], torch.full((batch_size, 1), IGNORE_INDEX)], dim=1)
+    ids, pos, targets = ids.to(device), pos.to(device), targets.to(device)
     inner = boundaries[1:-1]
     captured, handles = _inputs_to_layers(model, skeleton, plan, inner)
     try:
@@ -140,9 +152,9 @@ def verify(run: RunConfig, batch_size: int = 2, seq_len: int = 32, seed: int = 0
     finally:
         for h in handles:
             h.remove()
-    diffs = [(i + 1, b, float((crossing[b] - captured[b]).abs().max())) for i, b in enumerate(inner)]
+    diffs = [(i + 1, b, float((crossing[b].float() - captured[b].float()).abs().max())) for i, b in enumerate(inner)]
     n = int((targets != IGNORE_INDEX).sum())
-    scale = torch.tensor([1.0 / n])
+    scale = torch.tensor([1.0 / n], device=device)
     loss_pipe = float(causal_lm_loss(logits, (targets, scale)))
     loss_hf = float(
         torch.nn.functional.cross_entropy(
