@@ -12,9 +12,9 @@ from transformers import AutoModelForCausalLM
 
 from conftest import saved_model, tiny_hf_config
 from launching import compose, metrics, run_recipe, tail
-from pipefit import checkpoint
 from pipefit.config import validate
-from pipefit.train import Prepared
+from pipefit.run import checkpoint
+from pipefit.run.preflight import Prepared
 
 
 def _state(step: int, **over) -> dict:
@@ -147,8 +147,8 @@ def test_saving_over_an_existing_step_never_loses_it(tmp_path: Path, monkeypatch
     import torch.distributed as dist
     from transformers import AutoTokenizer
 
-    from pipefit.build import resolve_tokenizer_path
     from pipefit.config import RunConfig
+    from pipefit.model.hf import resolve_tokenizer_path
 
     prepared = SimpleNamespace(
         run=RunConfig(),
@@ -264,7 +264,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path: Path):
     # ...and its first update starts from those weights (ZeRO-1's fp32 masters are refreshed): the
     # step-4 checkpoint of the pp=1 resume equals HF trained from the step-3 weights for one step,
     # at step 4's batch and learning rate, with fresh AdamW moments.
-    from pipefit.reference import train_reference
+    from pipefit.parity.reference import train_reference
 
     assert cli_main(["export", str(mid), str(tmp_path / "mid_hf")]) == 0
     assert cli_main(["export", str(tmp_path / "reshaped-pp1"), str(tmp_path / "pp1_hf")]) == 0

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import pipefit.stages
+import pipefit.model.layers
 from conftest import saved_model
 from launching import RECIPE, REPO
 from pipefit.cli import main as cli_main
@@ -137,12 +137,12 @@ def test_verify_reads_a_local_folder(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 
 def test_verify_fails_when_a_stage_is_wrong(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
-    original = pipefit.stages.NormLayer.forward
+    original = pipefit.model.layers.NormLayer.forward
 
     def perturbed(self, inputs):  # a bug in one layer: the final norm off by 1e-3
         return original(self, inputs) + 1e-3
 
-    monkeypatch.setattr(pipefit.stages.NormLayer, "forward", perturbed)
+    monkeypatch.setattr(pipefit.model.layers.NormLayer, "forward", perturbed)
     assert cli_main(["verify", "model=llama_tiny", "pipeline.stages=2"]) == 1
     out = capsys.readouterr().out
     assert "FAIL" in out
@@ -159,7 +159,7 @@ def test_verify_runs_in_the_training_precision(precision: str):
     """Both models are cast alike: the same bits at the boundary and in the logits, a loss unlike fp32's."""
     from launching import compose
     from pipefit.config import validate
-    from pipefit.verify import verify
+    from pipefit.parity.verify import verify
 
     fp32 = verify(validate(compose(["pipeline.stages=2"])))
     low = verify(validate(compose(["pipeline.stages=2", f"train.precision={precision}"])))
@@ -199,19 +199,19 @@ def test_verify_detects_a_one_ulp_free_mismatch_in_boundaries():
     """The report's boundary diffs are measured, not assumed: a perturbed block shows at its boundary."""
     from launching import compose
     from pipefit.config import validate
-    from pipefit.verify import verify
+    from pipefit.parity.verify import verify
 
     run = validate(compose(["model=llama_tiny", "pipeline.stages=3", "pipeline.partition=uniform"]))
     clean = verify(run)
     assert clean.worst <= 1e-5
-    original = pipefit.stages.BlockLayer.forward
+    original = pipefit.model.layers.BlockLayer.forward
 
     def shifted(self, inputs):
         hidden, pos = original(self, inputs)
         return hidden + 1e-2, pos
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(pipefit.stages.BlockLayer, "forward", shifted)
+        mp.setattr(pipefit.model.layers.BlockLayer, "forward", shifted)
         bad = verify(run)
     assert all(d > 1e-3 for _, _, d in bad.boundary_diffs)
     assert bad.logits_diff > 1e-3

@@ -11,10 +11,11 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig, OmegaConf
 
-from pipefit.build import boundaries_for, layer_plan, load_hf_config, make_skeleton
-
 # Importing pipefit.config registers the schema "pipefit_schema" that conf/config.yaml lists first.
 from pipefit.config import ConfigError, RunConfig, check_world, validate
+from pipefit.model.hf import load_hf_config
+from pipefit.model.layer_list import layer_plan, make_skeleton
+from pipefit.partition.boundaries import boundaries_for
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -151,7 +152,7 @@ def test_default_hardware_is_the_detected_device(
     monkeypatch: pytest.MonkeyPatch, device_name: str | None, preset: str, memory_gib: float, peak_bf16: float
 ) -> None:
     """hardware=auto (the default) prices the machine it runs on, not always the CPU preset."""
-    from pipefit import config
+    from pipefit.config import hardware as config
 
     monkeypatch.setattr(config, "detect_device_name", lambda: device_name)
     assert compose_cfg().hardware.name == "auto"
@@ -166,7 +167,7 @@ def test_default_hardware_on_a_cuda_device_without_preset(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A GPU without a preset still trains: a100's compute figures, the device's own memory, one warning."""
-    from pipefit import config
+    from pipefit.config import hardware as config
 
     monkeypatch.setattr(config, "detect_device_name", lambda: "NVIDIA L40S")
     monkeypatch.setattr(config, "detect_device_memory_gib", lambda: 44.52)
@@ -411,7 +412,7 @@ def test_heartbeat_settings_are_validated() -> None:
 def _prepare(out: Path, *overrides: str, corpus: Path | None = None) -> Any:
     """``Prepared`` of the default model on a small JSON Lines corpus, writing into ``out`` (2 ranks)."""
     from launching import compose
-    from pipefit.train import Prepared
+    from pipefit.run.preflight import Prepared
 
     data = corpus or out.parent / "corpus.jsonl"
     if not data.exists():
@@ -469,7 +470,7 @@ def test_rerun_of_the_same_run_is_accepted_and_overwrite_replaces_another(tmp_pa
     out = tmp_path / "run"
     first = _prepare(out)  # nothing there yet
     # The same run again, launched differently (launch-only fields): accepted, the folder untouched.
-    from pipefit.weights import EXPORT_MARKER
+    from pipefit.model.weights import EXPORT_MARKER
 
     out.mkdir()
     (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(first.run)))

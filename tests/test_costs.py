@@ -1,4 +1,4 @@
-"""pipefit.costs: analytic FLOPs against FlopCounterMode, profiling, and the cost-based partitions."""
+"""pipefit.partition.costs: analytic FLOPs against FlopCounterMode, profiling, and the cost-based partitions."""
 
 from __future__ import annotations
 
@@ -11,11 +11,13 @@ import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import FAMILIES, SLIDING_WINDOW, tiny_hf_config
-from pipefit import costs
-from pipefit.balance import PartitionError, partition_balanced, partition_uniform, stage_costs
-from pipefit.build import boundaries_for, build_layers, layer_plan, load_hf_config, make_skeleton
-from pipefit.costs import Hardware, Workload, attention_pairs, layer_flops
-from pipefit.stages import causal_lm_loss
+from pipefit.model.hf import load_hf_config
+from pipefit.model.layer_list import build_layers, layer_plan, make_skeleton
+from pipefit.model.layers import causal_lm_loss
+from pipefit.partition import boundaries, costs, profile
+from pipefit.partition.balance import PartitionError, partition_balanced, partition_uniform, stage_costs
+from pipefit.partition.boundaries import boundaries_for
+from pipefit.partition.costs import Hardware, Workload, attention_pairs, layer_flops
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 LLAMA_32_1B = {
@@ -251,13 +253,13 @@ def test_state_bytes_per_param(precision: str, zero_stage: int, dp: int, expecte
 
 def _count_measurements(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     calls: list[str] = []
-    real = costs.measure_layer
+    real = profile.measure_layer
 
     def counting(skeleton, layer, workload, device="cpu", **kw):
         calls.append(layer.kind)
         return real(skeleton, layer, workload, device, min_runs=2, max_runs=3, warmup=1)
 
-    monkeypatch.setattr(costs, "measure_layer", counting)
+    monkeypatch.setattr(profile, "measure_layer", counting)
     return calls
 
 
@@ -267,7 +269,7 @@ def test_profile_measures_each_distinct_layer_once_and_caches(tmp_path: Path, mo
     skeleton = make_skeleton(cfg)
     plan = layer_plan(skeleton)
     work = Workload(seq_len=16, micro_batch_size=2, micro_batches=2)
-    first = costs.profile_layers(skeleton, plan, work, cache_dir=tmp_path)
+    first = profile.profile_layers(skeleton, plan, work, cache_dir=tmp_path)
     assert calls == ["embed", "block", "norm", "head"]
     assert len(first) == len(plan) == 6
     assert first[1] == first[2] == first[3]
@@ -278,10 +280,10 @@ def test_profile_measures_each_distinct_layer_once_and_caches(tmp_path: Path, mo
     cache = json.loads((tmp_path / "profile.json").read_text())
     assert len(cache) == 4
     # Same shape: read from the cache, nothing measured.
-    assert costs.profile_layers(skeleton, plan, work, cache_dir=tmp_path) == first
+    assert profile.profile_layers(skeleton, plan, work, cache_dir=tmp_path) == first
     assert len(calls) == 4
     # Another micro-batch shape is another key.
-    costs.profile_layers(skeleton, plan, Workload(seq_len=8, micro_batch_size=2), cache_dir=tmp_path)
+    profile.profile_layers(skeleton, plan, Workload(seq_len=8, micro_batch_size=2), cache_dir=tmp_path)
     assert len(calls) == 8 and len(json.loads((tmp_path / "profile.json").read_text())) == 8
 
 
@@ -298,15 +300,17 @@ def test_profile_broadcast_gives_rank_zeros_figures(tmp_path: Path, monkeypatch)
             sent.append(obj)
         return sent[0]
 
-    rank0 = costs.profile_layers(skeleton, plan, work, cache_dir=tmp_path, measure=True, broadcast=broadcast_from_rank0)
+    rank0 = profile.profile_layers(
+        skeleton, plan, work, cache_dir=tmp_path, measure=True, broadcast=broadcast_from_rank0
+    )
     measured = len(calls)
-    rank1 = costs.profile_layers(
+    rank1 = profile.profile_layers(
         skeleton, plan, work, cache_dir=tmp_path / "r1", measure=False, broadcast=broadcast_from_rank0
     )
     assert rank1 == rank0 and len(calls) == measured == 4
     assert not (tmp_path / "r1").exists()
     with pytest.raises(ValueError, match=r"measure=False\) needs a broadcast"):
-        costs.profile_layers(skeleton, plan, work, measure=False)
+        profile.profile_layers(skeleton, plan, work, measure=False)
 
 
 def test_profile_measures_opt_whose_head_reads_the_projected_width(tmp_path: Path, monkeypatch) -> None:
@@ -314,7 +318,7 @@ def test_profile_measures_opt_whose_head_reads_the_projected_width(tmp_path: Pat
     cfg = tiny_hf_config("opt")  # the head reads word_embed_proj_dim (64), the blocks hidden_size (128)
     skeleton = make_skeleton(cfg)
     plan = layer_plan(skeleton)
-    profiles = costs.profile_layers(skeleton, plan, Workload(seq_len=8, micro_batch_size=1), cache_dir=tmp_path)
+    profiles = profile.profile_layers(skeleton, plan, Workload(seq_len=8, micro_batch_size=1), cache_dir=tmp_path)
     assert calls == ["embed", "block", "norm", "head"]
     assert all(p.forward_s > 0 and p.backward_s > 0 for p in profiles)
 
@@ -324,7 +328,7 @@ def test_profile_partition_through_boundaries_for(tmp_path: Path, monkeypatch) -
     cfg = tiny_hf_config("llama")
     skeleton = make_skeleton(cfg)
     work = Workload(seq_len=16, micro_batch_size=2, micro_batches=2)
-    priced = costs.price_layers(skeleton, "profile", work, cache_dir=tmp_path)
+    priced = boundaries.price_layers(skeleton, "profile", work, cache_dir=tmp_path)
     assert priced.method == "profile"
     bounds = boundaries_for(skeleton, "profile", 2, None, layer_costs=priced)
     assert len(bounds) == 3 and bounds[0] == 0 and bounds[-1] == 6 and 0 < bounds[1] < 6

@@ -1,6 +1,6 @@
 """Data layouts (concat, pack, pad), templates (chat, instruction), sources, and their errors.
 
-Parity: rows laid out by :mod:`pipefit.data` run through the pipeline layers give the logits and the
+Parity: rows laid out by :mod:`pipefit.data.batches` run through the pipeline layers give the logits and the
 loss of the unmodified HF model fed the equivalent input -- a padded batch with an attention mask
 (``pad``), each document on its own (``pack``) -- for Llama, GPT-2 (learned positions) and Mistral
 (sliding window shorter than the documents).
@@ -17,19 +17,12 @@ import pytest
 import torch
 
 from conftest import VOCAB_SIZE, build_loaded, run_layers, saved_model, tiny_hf_config
-from pipefit.build import layer_plan, load_tokenizer, make_skeleton, resolve_tokenizer_path
 from pipefit.config import DEFAULT_CHAT_TEMPLATE, ConfigError, DataConfig, ModelConfig, RunConfig, validate
-from pipefit.data import (
-    BatchLayout,
-    GlobalBatches,
-    Rows,
-    build_batches,
-    build_rows,
-    pack_rows,
-    pad_rows,
-    split_instruction,
-)
-from pipefit.stages import IGNORE_INDEX, causal_lm_loss
+from pipefit.data.batches import BatchLayout, GlobalBatches, Rows, build_batches, build_rows, pack_rows, pad_rows
+from pipefit.data.sources import split_instruction
+from pipefit.model.hf import load_tokenizer, resolve_tokenizer_path
+from pipefit.model.layer_list import layer_plan, make_skeleton
+from pipefit.model.layers import IGNORE_INDEX, causal_lm_loss
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 PAD = 1  # never drawn as a document token below, so padding is recognisable
@@ -505,7 +498,7 @@ def test_saved_dataset_split_errors(tmp_path: Path, tokenizer: Any) -> None:
 def test_pack_is_refused_for_a_family_whose_mask_ignores_positions() -> None:
     """OPT's HF mask is built without position ids: packed documents would see each other."""
     from launching import compose
-    from pipefit.train import Prepared
+    from pipefit.run.preflight import Prepared
 
     with pytest.raises(ConfigError) as info:
         Prepared(validate(compose(["model=opt_tiny", "data.layout=pack"])), 2)

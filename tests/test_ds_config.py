@@ -9,16 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipefit import ds_config
 from pipefit.config import ConfigError, OptimConfig, PipelineConfig, RunConfig, TrainConfig, ZeroConfig
-from pipefit.ds_config import (
+from pipefit.run import ds_config
+from pipefit.run.ds_config import (
     apply_accelerate_settings,
     build_ds_config,
     fused_adam_prebuilt,
     load_base_config,
     read_accelerate_env,
 )
-from pipefit.schedule import lr_factor, scheduler_factory
+from pipefit.run.schedule import lr_factor, scheduler_factory
 
 
 def make_run(**train: object) -> RunConfig:

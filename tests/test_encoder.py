@@ -22,11 +22,14 @@ import torch
 from torch import nn
 
 from conftest import build_loaded
-from pipefit import encoder, weights
-from pipefit.build import boundaries_for, build_layers, layer_plan, make_skeleton, stage_layers
 from pipefit.config import ConfigError
-from pipefit.data import BatchLayout, GlobalBatches, Rows
-from pipefit.stages import IGNORE_INDEX, causal_lm_loss
+from pipefit.data import tasks as data_tasks
+from pipefit.data.batches import BatchLayout, GlobalBatches, Rows
+from pipefit.model import encoder, weights
+from pipefit.model.layer_list import build_layers, layer_plan, make_skeleton, stage_layers
+from pipefit.model.layers import IGNORE_INDEX, causal_lm_loss
+from pipefit.parity.reference import DocumentMasked
+from pipefit.partition.boundaries import boundaries_for
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 # The encoder config classes this file covers (test_parity checks every registered class is tested somewhere).
@@ -164,7 +167,7 @@ def test_documents_in_one_row_attend_only_within_themselves(tmp_path: Path, attn
     torch.testing.assert_close(packed[:, cut:], second, **TOL)
     # The single-process reference wrapper applies the same mask to the unmodified HF model.
     with torch.no_grad():
-        reference = encoder.DocumentMasked(model)(input_ids=ids, position_ids=packed_pos, use_cache=False).logits
+        reference = DocumentMasked(model)(input_ids=ids, position_ids=packed_pos, use_cache=False).logits
     torch.testing.assert_close(reference, packed, **TOL)
     # One document over the whole row (positions 0..SEQ-1) is the unmasked HF model, and differs.
     whole = run(layers, (ids, torch.arange(SEQ).repeat(2, 1)))
@@ -175,7 +178,7 @@ def test_documents_in_one_row_attend_only_within_themselves(tmp_path: Path, attn
 
 def test_document_mask_is_built_once_per_micro_batch_and_stage(monkeypatch: pytest.MonkeyPatch) -> None:
     """Its ``.all()`` is a host sync: once per micro-batch and stage, not once per block."""
-    from pipefit.stages import MaskCache
+    from pipefit.model.layers import MaskCache
 
     calls: list[int] = []
     real = encoder.document_mask
@@ -301,7 +304,7 @@ def test_flash_attention_is_refused_for_the_encoder() -> None:
 def test_export_round_trip_through_from_pretrained(tmp_path: Path, case: str) -> None:
     from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification
 
-    from pipefit.encoder import EncoderEmbedLayer
+    from pipefit.model.encoder import EncoderEmbedLayer
 
     folder, _ = saved_bert(tmp_path, case)
     cfg = bert_config(case)
@@ -363,10 +366,10 @@ def test_partition_methods_and_cost_model_error() -> None:
     assert by_params[0] == 0 and by_params[-1] == 6 and len(by_params) == 3
     assert boundaries_for(skeleton, "type:BertLayer", 3, None) == [0, 2, 3, 6]
     for method in ("flops", "profile"):
-        from pipefit import costs
+        from pipefit.partition import boundaries, costs
 
         with pytest.raises(ConfigError, match=f"pipeline.partition={method} is not accepted for the encoder") as e:
-            costs.price_layers(skeleton, method, costs.Workload(micro_batch_size=2, seq_len=16))
+            boundaries.price_layers(skeleton, method, costs.Workload(micro_batch_size=2, seq_len=16))
         assert "accepted: uniform, parameters, type:REGEX, manual" in str(e.value)
 
 
@@ -374,14 +377,14 @@ def test_partition_methods_and_cost_model_error() -> None:
 
 
 def _tokenizer() -> Any:
-    from pipefit.build import load_tokenizer, resolve_tokenizer_path
+    from pipefit.model.hf import load_tokenizer, resolve_tokenizer_path
 
     return load_tokenizer(resolve_tokenizer_path(None, None))
 
 
 def test_masked_lm_masks_are_the_same_for_any_data_parallel_split() -> None:
     tokenizer = _tokenizer()
-    mask_id = encoder.ensure_mask_token(tokenizer, bert_config("mlm"))
+    mask_id = data_tasks.ensure_mask_token(tokenizer, bert_config("mlm"))
     assert mask_id == 4096 and len(tokenizer) == 4097
     g = torch.Generator().manual_seed(0)
     n, seq = 64, 32
@@ -394,7 +397,7 @@ def test_masked_lm_masks_are_the_same_for_any_data_parallel_split() -> None:
 
     def global_step(dp: int, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[float]]:
         layout = BatchLayout(2, 8 // dp, dp)
-        batches = encoder.MaskedLMBatches(GlobalBatches(rows, layout, seed=3), tokenizer, seed=3)
+        batches = data_tasks.MaskedLMBatches(GlobalBatches(rows, layout, seed=3), tokenizer, seed=3)
         parts = [batches.micro_batches(step, r) for r in range(dp)]
         order = [parts[r][j] for j in range(layout.grad_accum_steps) for r in range(dp)]
         cat = [torch.cat([x[0][k] for x in order]) for k in (0, 1)] + [torch.cat([x[1][0] for x in order])]
@@ -425,14 +428,14 @@ def test_classification_batches_from_jsonl(tmp_path: Path) -> None:
     cfg = DataConfig(source="json", data_files=[str(data)], seq_len=8)
     tokenizer = _tokenizer()
     layout = BatchLayout(2, 2, 2)
-    train, evaluation = encoder.build_batches(bert_config("cls"), cfg, tokenizer, layout, seed=0)
+    train, evaluation = data_tasks.build_batches(bert_config("cls"), cfg, tokenizer, layout, seed=0)
     assert evaluation is None
     (ids, pos), (labels, scale) = train.micro_batches(0, 1)[1]
     assert ids.shape == (2, 8) and labels.shape == (2,)
     assert float(scale) == pytest.approx(2 * 2 / 8)  # micro-batches x dp / examples in the global batch
     all_labels = torch.cat([mb[1][0] for r in range(2) for mb in train.micro_batches(0, r)])
     assert set(all_labels.tolist()) <= {0, 1, 2}
-    rows = encoder.classification_rows(cfg, tokenizer, bert_config("cls"))
+    rows = data_tasks.classification_rows(cfg, tokenizer, bert_config("cls"))
     first = tokenizer(texts[0])["input_ids"]
     assert rows.input_ids[0, : len(first)].tolist() == first
     assert rows.position_ids[0].tolist() == list(range(len(first))) + list(range(8 - len(first)))
@@ -441,7 +444,7 @@ def test_classification_batches_from_jsonl(tmp_path: Path) -> None:
     # Through the recipe's config and Prepared (every check before any rank starts).
     from launching import compose
     from pipefit.config import validate
-    from pipefit.train import Prepared
+    from pipefit.run.preflight import Prepared
 
     base = [
         "model=bert_cls_tiny",
@@ -462,10 +465,10 @@ def test_classification_batches_from_jsonl(tmp_path: Path) -> None:
 
     data.write_text(json.dumps({"text": "a", "label": 7}) + "\n")
     with pytest.raises(ConfigError, match=r"data\.label_field='label': row 0 has label 7; accepted: an integer"):
-        encoder.classification_rows(cfg, tokenizer, bert_config("cls"))
+        data_tasks.classification_rows(cfg, tokenizer, bert_config("cls"))
     cfg.label_field = "sentiment"
     with pytest.raises(ConfigError, match=r"data\.label_field='sentiment' is not a column of the data"):
-        encoder.classification_rows(cfg, tokenizer, bert_config("cls"))
+        data_tasks.classification_rows(cfg, tokenizer, bert_config("cls"))
 
 
 # -- pipefit verify -----------------------------------------------------------------------------------
@@ -500,10 +503,10 @@ def test_masked_lm_pipeline_training_matches_single_process_and_exports(tmp_path
     from transformers import BertForMaskedLM
 
     from launching import compose, local_run, metrics, run_recipe, tail
-    from pipefit import checkpoint
     from pipefit.config import validate
-    from pipefit.reference import train_reference
-    from pipefit.train import Prepared
+    from pipefit.parity.reference import train_reference
+    from pipefit.run.export import export
+    from pipefit.run.preflight import Prepared
 
     steps = 4
     folder, initial = saved_bert(tmp_path, "mlm")
@@ -515,7 +518,7 @@ def test_masked_lm_pipeline_training_matches_single_process_and_exports(tmp_path
     run_cfg = validate(compose(overrides))
     prepared = Prepared(run_cfg, 2)
     reference = BertForMaskedLM.from_pretrained(folder, attn_implementation="sdpa")
-    ref_losses = train_reference(encoder.DocumentMasked(reference), run_cfg, prepared.batches, steps)
+    ref_losses = train_reference(DocumentMasked(reference), run_cfg, prepared.batches, steps)
     pipe_losses = [m["loss"] for m in metrics(out)]
     assert len(pipe_losses) == steps
     rel = [abs(a - b) / abs(b) for a, b in zip(pipe_losses, ref_losses, strict=True)]
@@ -535,7 +538,7 @@ def test_masked_lm_pipeline_training_matches_single_process_and_exports(tmp_path
     torch.testing.assert_close(logits, probe["logits"], **TOL)
 
     # `pipefit export` of the step-4 checkpoint writes the same model.
-    again = checkpoint.export(out, tmp_path / "exported")
+    again = export(out, tmp_path / "exported")
     with torch.no_grad():
         relogits = BertForMaskedLM.from_pretrained(again).eval()(input_ids=probe["input_ids"]).logits
     torch.testing.assert_close(relogits, probe["logits"], **TOL)
@@ -581,8 +584,8 @@ def test_classification_pipeline_training_matches_single_process_and_exports(tmp
 
     from launching import compose, metrics, run_recipe, tail
     from pipefit.config import validate
-    from pipefit.reference import train_reference
-    from pipefit.train import Prepared
+    from pipefit.parity.reference import train_reference
+    from pipefit.run.preflight import Prepared
 
     steps, seq, ranks = 4, 16, 4
     folder, initial = saved_bert(tmp_path, "cls")

@@ -11,8 +11,8 @@ import pytest
 from conftest import saved_model
 from launching import compose
 from pipefit.config import ConfigError
-from pipefit.train import prepare
-from pipefit.weights import CheckpointError
+from pipefit.model.weights import CheckpointError
+from pipefit.run.preflight import prepare
 
 
 def _prepare(*overrides: str, env: dict[str, str] | None = None):
@@ -206,7 +206,7 @@ def test_ctrl_c_is_one_line_and_leaves_no_process(tmp_path: Path):
 )
 def test_hydra_composition_errors_are_one_line(argv: list[str], line: str, capsys: pytest.CaptureFixture[str]):
     from launching import CONF
-    from pipefit.train import check_overrides
+    from pipefit.run.exits import check_overrides
 
     with pytest.raises(SystemExit) as exit_:
         check_overrides(argv, CONF)
@@ -240,7 +240,7 @@ def test_console_shows_pipefit_lines_and_train_log_keeps_the_chatter(tmp_path: P
 
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from pipefit.train import _ChatterWriter, quiet_console, setup_logging
+    from pipefit.run.logs import _ChatterWriter, quiet_console, setup_logging
 
     def chatter(n: int) -> None:
         logging.getLogger("pipefit").info("step 1/2 loss 8.0000")

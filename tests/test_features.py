@@ -1,7 +1,7 @@
 """Training features: activation checkpointing, bf16/fp16, evaluation every N steps, progress bar, TensorBoard.
 
 The multi-process runs (``slow``) compare with the single-process HF reference
-(:mod:`pipefit.reference`): a Llama pp=2 x dp=2 run with activation checkpointing at every layer,
+(:mod:`pipefit.parity.reference`): a Llama pp=2 x dp=2 run with activation checkpointing at every layer,
 evaluation every 2 steps on padded rows (so the token weighting matters) and TensorBoard; and a
 bf16 and an fp16 run (one matrix frozen) against the fp32 reference.
 """
@@ -23,11 +23,13 @@ from transformers import AutoModelForCausalLM
 
 from conftest import saved_model
 from launching import REPO, compose, local_run, metrics, run_recipe, tail
-from pipefit import trainable
 from pipefit.config import ConfigError, RunConfig, validate
-from pipefit.data import BatchLayout, GlobalBatches
-from pipefit.reference import evaluate_reference, train_reference
-from pipefit.train import Prepared, _Reporter, eval_rounds, export_dtype
+from pipefit.data.batches import BatchLayout, GlobalBatches
+from pipefit.model import lora as trainable
+from pipefit.parity.reference import evaluate_reference, train_reference
+from pipefit.run.precision import export_dtype
+from pipefit.run.preflight import Prepared, eval_rounds
+from pipefit.run.reporting import _Reporter
 
 # --- fast: configuration errors, evaluation rounds, export dtype, the progress bar ---------------
 
@@ -84,7 +86,7 @@ def test_unsupported_precision_is_a_one_line_error_before_any_rank(monkeypatch: 
 def require_precision(precision: str, accelerator: object = None) -> None:
     """Skip the calling test, with pipefit's own one-line reason, where this machine's DeepSpeed
     accelerator cannot train in ``precision`` (pipefit refuses it there, rightly)."""
-    from pipefit.ds_config import check_precision
+    from pipefit.run.ds_config import check_precision
 
     try:
         check_precision(precision, accelerator)
@@ -114,7 +116,7 @@ def test_export_dtype_follows_the_model_config() -> None:
 
 def test_step_time_waits_for_the_device_queue() -> None:
     """train_batch returns once a GPU's kernels are queued: the step's time includes the synchronise."""
-    from pipefit.train import timed_train_batch
+    from pipefit.run.loop import timed_train_batch
 
     now = [100.0]
     events: list[str] = []

@@ -128,7 +128,7 @@ def test_killed_rank_ends_every_rank_within_bound(tmp_path: Path, victim: int, c
     print(f"time to fail after SIGKILL of rank {victim}: {elapsed:.1f} s")
 
     # The last completed checkpoint survives the failure and resumes (a partial save never counts).
-    from pipefit import checkpoint
+    from pipefit.run import checkpoint
 
     done = checkpoint.complete_checkpoints(checkpoint.checkpoint_root(out))
     assert done, "no complete checkpoint survived"

@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import FAMILIES, TIED_FAMILIES, build_loaded, random_tokens, run_layers, saved_model, tiny_hf_config
-from pipefit import adapters
-from pipefit.build import build_layers, layer_plan, make_skeleton, stage_layers
-from pipefit.stages import IGNORE_INDEX, BlockLayer, EmbedLayer, causal_lm_loss
-from pipefit.weights import hf_state_dict
+from pipefit.model import adapters
+from pipefit.model.layer_list import build_layers, layer_plan, make_skeleton, stage_layers
+from pipefit.model.layers import IGNORE_INDEX, BlockLayer, EmbedLayer, causal_lm_loss
+from pipefit.model.weights import hf_state_dict
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 
@@ -273,7 +273,7 @@ def test_masks_are_built_once_per_micro_batch_and_stage(monkeypatch: pytest.Monk
     and not at all for concat rows; the logits are bit-identical to masks built block by block."""
     import transformers.masking_utils as masking_utils
 
-    from pipefit.stages import MaskCache
+    from pipefit.model.layers import MaskCache
 
     scans: list[int] = []
     real = masking_utils.find_packed_sequence_indices

@@ -1,4 +1,4 @@
-"""Stage partitioning (pipefit.balance) against DeepSpeed's own PipelineModule partitioner."""
+"""Stage partitioning (pipefit.partition.balance) against DeepSpeed's own PipelineModule partitioner."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from deepspeed.runtime import utils as ds_utils
 from deepspeed.runtime.pipe.module import PipelineModule
 from transformers import GPT2Config, LlamaConfig, Qwen2Config
 
-from pipefit.balance import PartitionError, partition_balanced, partition_uniform, resolve_partition
-from pipefit.build import boundaries_for, build_layers, layer_plan, layer_specs, make_skeleton
+from pipefit.model.layer_list import build_layers, layer_plan, layer_specs, make_skeleton
+from pipefit.partition.balance import PartitionError, partition_balanced, partition_uniform, resolve_partition
+from pipefit.partition.boundaries import boundaries_for
 
 # Seven layers as layer_plan lays out a 4-block untied Llama: the names each layer answers to for type:REGEX.
 LLAMA_NAMES = [

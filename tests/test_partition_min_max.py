@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from pipefit.balance import (
+from pipefit.partition.balance import (
     PartitionError,
     StageMemory,
     partition_balanced,

@@ -9,7 +9,7 @@ import pytest
 
 from pipefit.cli import compose, main
 from pipefit.config import validate
-from pipefit.plan import _order_1f1b, bubble_fraction, format_plan, make_plan, simulate_1f1b
+from pipefit.partition.plan import _order_1f1b, bubble_fraction, format_plan, make_plan, simulate_1f1b
 
 
 def test_bubble_fraction() -> None:
@@ -147,16 +147,16 @@ def test_cli_bad_input_is_one_line(args, message, capsys: pytest.CaptureFixture[
 
 
 def test_cli_profile_plan_measures_once_then_reads_the_cache(tmp_path: Path, capsys, monkeypatch) -> None:
-    from pipefit import costs
+    from pipefit.partition import profile
 
     calls: list[str] = []
-    real = costs.measure_layer
+    real = profile.measure_layer
 
     def quick(skeleton, layer, workload, device="cpu", **kw):
         calls.append(layer.kind)
         return real(skeleton, layer, workload, device, min_runs=2, max_runs=3, warmup=1)
 
-    monkeypatch.setattr(costs, "measure_layer", quick)
+    monkeypatch.setattr(profile, "measure_layer", quick)
     args = ["plan", "pipeline.partition=profile", "data.seq_len=32", "--json", "--cache-dir", str(tmp_path)]
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out)
@@ -173,16 +173,16 @@ def test_cli_profile_plan_measures_on_the_given_device(tmp_path: Path, capsys, m
     """``--device cuda`` reaches the profiler (and its cache key); the default stays ``cpu``."""
     import torch
 
-    from pipefit import costs
+    from pipefit.partition import profile
 
     devices: list[str] = []
 
     def fake(skeleton, layer, workload, device="cpu", **kw):
         devices.append(device)
-        return costs.LayerProfile(forward_s=1e-3, backward_s=2e-3, activation_bytes=1024.0, runs=5, spread=0.0)
+        return profile.LayerProfile(forward_s=1e-3, backward_s=2e-3, activation_bytes=1024.0, runs=5, spread=0.0)
 
-    monkeypatch.setattr(costs, "measure_layer", fake)
-    monkeypatch.setattr(costs, "_device_name", lambda device: device)
+    monkeypatch.setattr(profile, "measure_layer", fake)
+    monkeypatch.setattr(profile, "_device_name", lambda device: device)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     base = ["plan", "pipeline.partition=profile", "hardware=h100", "--json", "--cache-dir", str(tmp_path)]

@@ -20,10 +20,13 @@ from transformers import AutoModelForCausalLM
 
 from conftest import build_loaded, random_tokens, run_layers, saved_model
 from launching import compose, local_run, metrics, run_recipe, tail
-from pipefit import checkpoint, train
-from pipefit.build import layer_plan, load_hf_config, make_skeleton
 from pipefit.config import ConfigError, validate
-from pipefit.weights import hf_state_dict
+from pipefit.model.hf import load_hf_config
+from pipefit.model.layer_list import layer_plan, make_skeleton
+from pipefit.model.weights import hf_state_dict
+from pipefit.run import checkpoint
+from pipefit.run import engine as run_engine
+from pipefit.run import precision as run_precision
 
 
 def _bf16_folder_and_upcast(tmp_path: Path) -> tuple[Path, Path, dict[str, torch.Tensor]]:
@@ -54,12 +57,12 @@ def test_bf16_checkpoint_builds_float32_stages_holding_its_exact_values(tmp_path
                 assert torch.equal(state[name], value.float()), name
         outputs.append(run_layers(layers, random_tokens()))
         # The export still writes the folder's own dtype.
-        assert train.export_dtype(hf_config) == (torch.bfloat16 if folder == bf16 else torch.float32)
+        assert run_precision.export_dtype(hf_config) == (torch.bfloat16 if folder == bf16 else torch.float32)
     assert torch.equal(outputs[0], outputs[1])
 
 
 def test_verify_on_a_bf16_checkpoint_compares_float32_with_float32(tmp_path: Path) -> None:
-    from pipefit.verify import verify
+    from pipefit.parity.verify import verify
 
     bf16, _, _ = _bf16_folder_and_upcast(tmp_path)
     report = verify(validate(compose(["model=local", f"model.path={bf16}", "pipeline.stages=2"])))
@@ -67,7 +70,7 @@ def test_verify_on_a_bf16_checkpoint_compares_float32_with_float32(tmp_path: Pat
 
 
 def test_reference_trainer_refuses_a_half_precision_model() -> None:
-    from pipefit.reference import train_reference
+    from pipefit.parity.reference import train_reference
 
     with pytest.raises(ValueError) as err:
         train_reference(nn.Linear(2, 2).to(torch.bfloat16), None, None, 1)  # type: ignore[arg-type]
@@ -107,16 +110,16 @@ def test_only_values_the_cast_rounds_are_kept_and_frozen_ones_only_by_the_writer
     rounded = nn.Parameter(torch.tensor([1.0 + 2.0**-12, 0.1]))  # not in either
     frozen = nn.Parameter(torch.tensor([0.1, 0.2]), requires_grad=False)
     module = nn.ParameterDict({"exact": exact, "rounded": rounded, "frozen": frozen})
-    assert train.rounded_by_cast(module, "fp32", writer=True) == {}
+    assert run_precision.rounded_by_cast(module, "fp32", writer=True) == {}
     for precision in ("bf16", "fp16"):
-        kept = train.rounded_by_cast(module, precision, writer=True)
+        kept = run_precision.rounded_by_cast(module, precision, writer=True)
         assert sorted(kept) == ["frozen", "rounded"]
         assert torch.equal(kept["rounded"], rounded.data) and kept["rounded"].dtype == torch.float32
-        assert sorted(train.rounded_by_cast(module, precision, writer=False)) == ["rounded"]
+        assert sorted(run_precision.rounded_by_cast(module, precision, writer=False)) == ["rounded"]
 
 
 def test_frozen_values_the_folder_holds_are_read_again_not_kept(tmp_path: Path) -> None:
-    from pipefit import trainable
+    from pipefit.model import lora as trainable
 
     folder, initial = saved_model(tmp_path, "llama")
     run = validate(compose(["model=local", f"model.path={folder}", "lora=qv", "lora.r=4"]))
@@ -126,8 +129,8 @@ def test_frozen_values_the_folder_holds_are_read_again_not_kept(tmp_path: Path) 
     module = nn.ModuleList(layers)
     changed = layers[1].block.self_attn.o_proj.weight
     changed.data.add_(1e-3)  # frozen, but no longer what the folder holds: must be kept
-    held = train.FrozenFromFolder(module, skeleton, str(folder))
-    kept = train.rounded_by_cast(module, "bf16", writer=True, folder=held)
+    held = run_precision.FrozenFromFolder(module, skeleton, str(folder))
+    kept = run_precision.rounded_by_cast(module, "bf16", writer=True, folder=held)
     frozen = {n for n, p in module.named_parameters() if not p.requires_grad}
     trainable_names = {n for n, p in module.named_parameters() if p.requires_grad}
     assert trainable_names and all("lora_" in n for n in trainable_names)
@@ -144,7 +147,7 @@ def test_frozen_values_the_folder_holds_are_read_again_not_kept(tmp_path: Path) 
     assert torch.equal(again[id(q_base)], reference["model.layers.0.self_attn.q_proj.weight"])
     assert id(changed) not in again and len(again) == sum(1 for p in layers[1].parameters() if id(p) in held.names)
     assert all(by_id[i] in frozen for i in again)
-    assert train.rounded_by_cast(module, "bf16", writer=False, folder=None).keys() == trainable_names & rounds
+    assert run_precision.rounded_by_cast(module, "bf16", writer=False, folder=None).keys() == trainable_names & rounds
 
 
 class _Grid:
@@ -183,10 +186,10 @@ def test_master_weights_are_fetched_per_parameter_and_kept_by_dp_rank_0_only(mon
         return masters[id(param)]
 
     monkeypatch.setattr(deepspeed.utils, "safe_get_full_fp32_param", fake_get)
-    got = train.master_weights(_engine(module), [module.weight])
+    got = run_precision.master_weights(_engine(module), [module.weight])
     assert list(got) == [id(module.weight)] and torch.equal(got[id(module.weight)], masters[id(module.weight)])
     assert asked == [id(module.weight)]
-    assert train.master_weights(_engine(module, dp_rank=1)) == {}
+    assert run_precision.master_weights(_engine(module, dp_rank=1)) == {}
     assert asked == [id(module.weight), id(module.weight), id(module.bias)]
 
 
@@ -210,7 +213,7 @@ def test_zero0_global_norm_clipping_uses_fused_norms_on_the_engine_device(monkey
 
     monkeypatch.setattr(dist, "all_reduce", fake_all_reduce)
     engine = _engine(this_stage)
-    train.install_global_norm_clipping(engine)
+    run_engine.install_global_norm_clipping(engine)
     before = [p.grad.clone() for p in this_stage.parameters()]
     engine.clip_fp32_gradients()
     assert reduced[0].dtype == torch.float32 and reduced[0].device == engine.device  # no fp64 copies
@@ -222,7 +225,7 @@ def test_zero0_global_norm_clipping_uses_fused_norms_on_the_engine_device(monkey
     # A stage without gradients still joins the collective, with a zero on the engine's device.
     empty = nn.Linear(2, 2)
     engine = _engine(empty, device=torch.device("cpu"))
-    train.install_global_norm_clipping(engine)
+    run_engine.install_global_norm_clipping(engine)
     engine.clip_fp32_gradients()
     assert float(reduced[1]) == pytest.approx(other_sq) and reduced[1].dtype == torch.float32
 

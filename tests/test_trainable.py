@@ -23,10 +23,10 @@ from transformers import AutoModelForCausalLM
 
 from conftest import random_tokens, run_layers, saved_model, tiny_hf_config
 from launching import compose, local_run, metrics, run_recipe, tail
-from pipefit import trainable
-from pipefit.build import build_layers, layer_plan, load_weights, make_skeleton, stage_layers, tied_aliases
 from pipefit.config import ConfigError, LoraConfig, RunConfig, TrainConfig, validate
-from pipefit.weights import finalize_export, hf_state_dict, write_shard
+from pipefit.model import lora as trainable
+from pipefit.model.layer_list import build_layers, layer_plan, load_weights, make_skeleton, stage_layers, tied_aliases
+from pipefit.model.weights import finalize_export, hf_state_dict, write_shard
 
 
 def _run(freeze: list[str] | None = None, lora: LoraConfig | None = None, seed: int = 7) -> RunConfig:
@@ -108,7 +108,7 @@ def test_bad_freeze_settings_are_one_line_errors():
         trainable.check(_run(["lm_head.weight"], LoraConfig(enabled=True)), skeleton, None)
 
     # A run refuses them while preparing, before any process group exists.
-    from pipefit.train import Prepared
+    from pipefit.run.preflight import Prepared
 
     with pytest.raises(ConfigError, match=r"^train\.freeze: 'lm_head\.bias' matches no parameter"):
         Prepared(validate(compose(["train.freeze=[lm_head.bias]"])), 2)
@@ -247,8 +247,8 @@ def _overrides(folder: Path, out: Path, zero: int, extra: list[str]) -> list[str
 
 
 def _reference(folder: Path, overrides: list[str]) -> tuple[object, object, list[float]]:
-    from pipefit.reference import train_reference
-    from pipefit.train import Prepared
+    from pipefit.parity.reference import train_reference
+    from pipefit.run.preflight import Prepared
 
     run = validate(compose(overrides))
     prepared = Prepared(run, 2)
@@ -297,8 +297,9 @@ def test_lora_pipeline_equals_peft_reference_and_its_checkpoints_carry_the_adapt
     """pp=2, ZeRO-1, tied (frozen) embedding: LoRA on q/v equals peft in one process; both exports reload."""
     from peft import PeftModel, get_peft_model_state_dict
 
-    from pipefit import checkpoint
-    from pipefit.reference import train_reference
+    from pipefit.parity.reference import train_reference
+    from pipefit.run import checkpoint
+    from pipefit.run.export import export
 
     folder, _ = saved_model(tmp_path, "llama_tied")
     out = tmp_path / "run"
@@ -350,7 +351,7 @@ def test_lora_pipeline_equals_peft_reference_and_its_checkpoints_carry_the_adapt
         assert not torch.allclose(v, ref_adapter[k], atol=1e-4), k  # steps 3-4 moved every adapter further
 
     # pipefit export from the final checkpoint == the run's merged export.
-    checkpoint.export(out / "checkpoints" / checkpoint.tag_for(STEPS), tmp_path / "from_ckpt")
+    export(out / "checkpoints" / checkpoint.tag_for(STEPS), tmp_path / "from_ckpt")
     a = AutoModelForCausalLM.from_pretrained(tmp_path / "from_ckpt").state_dict()
     for k, v in merged.state_dict().items():
         torch.testing.assert_close(a[k], v, atol=0, rtol=0, msg=k)

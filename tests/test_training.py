@@ -2,7 +2,7 @@
 
 Each case trains a tiny HF model as a DeepSpeed pipeline through ``recipes/finetune.py``, then
 trains the unmodified HF model in this process on the same global batches
-(:func:`pipefit.reference.train_reference`) and compares per-step losses and final weights.
+(:func:`pipefit.parity.reference.train_reference`) and compares per-step losses and final weights.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from transformers import AutoModelForCausalLM
 from conftest import saved_model
 from launching import compose, local_run, metrics, run_recipe, tail
 from pipefit.config import validate
-from pipefit.reference import train_reference
-from pipefit.train import Prepared
+from pipefit.parity.reference import train_reference
+from pipefit.run.preflight import Prepared
 
 pytestmark = pytest.mark.slow
 
@@ -183,8 +183,8 @@ def test_cost_model_partitions_reach_every_rank(tmp_path: Path):
     """``flops`` gives the boundaries the planner computes; ``profile`` is measured once and shared."""
     import json
 
-    from pipefit import costs
-    from pipefit.build import boundaries_for
+    from pipefit.partition import costs
+    from pipefit.partition.boundaries import boundaries_for
 
     for method in ("flops", "profile"):
         out = tmp_path / method

@@ -7,7 +7,7 @@ import time
 
 import torch.distributed as dist
 
-from pipefit.watchdog import PeerWatchdog
+from pipefit.run.watchdog import PeerWatchdog
 
 
 def _free_port() -> int:

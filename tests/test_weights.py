@@ -12,17 +12,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from conftest import FAMILIES, TIED_FAMILIES, random_tokens, run_layers, saved_model, tiny_hf_config
-from pipefit import weights
-from pipefit.build import (
-    build_layers,
-    layer_plan,
-    load_weights,
-    make_skeleton,
-    resolve_tokenizer_path,
-    stage_layers,
-)
-from pipefit.stages import EmbedLayer
-from pipefit.weights import CheckpointError, SafetensorsReader, check_model_folder
+from pipefit.model import weights
+from pipefit.model.hf import resolve_tokenizer_path
+from pipefit.model.layer_list import build_layers, layer_plan, load_weights, make_skeleton, stage_layers
+from pipefit.model.layers import EmbedLayer
+from pipefit.model.weights import CheckpointError, SafetensorsReader, check_model_folder
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 # Code, a non-ASCII word and runs of spaces: pre-tokenizers and normalisers disagree on these.
@@ -158,7 +152,7 @@ def test_exported_folder_autotokenizer_matches_training_tokenizer(tmp_path: Path
 @pytest.mark.parametrize("family", FAMILIES)
 def test_exported_folder_pipefit_tokenizer_matches_training_tokenizer(tmp_path: Path, family: str) -> None:
     """pipefit reloads a saved tokenizer as saved, whatever the model type (qwen2 included)."""
-    from pipefit.build import load_tokenizer
+    from pipefit.model.hf import load_tokenizer
 
     embedded = embedded_tokenizer()
     out_dir = tmp_path / "export"
@@ -352,7 +346,7 @@ def test_gpt_neox_checkpoint_naming_the_head_embed_out_loads(tmp_path: Path) -> 
 
 @pytest.fixture
 def opened_files(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Names of the files ``pipefit.weights`` opens with ``safe_open``, in order."""
+    """Names of the files ``pipefit.model.weights`` opens with ``safe_open``, in order."""
     opened: list[str] = []
     real_safe_open = weights.safe_open
 

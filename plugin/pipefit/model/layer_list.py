@@ -1,0 +1,62 @@
+"""The layer list of any model: embed + blocks + task head, and everything read from it.
+
+One entry per pipeline layer (:class:`~pipefit.model.layers.LayerInfo`): indices, names, checkpoint
+files and partition boundaries all come from it. Decoders (causal LM) build it in
+:mod:`pipefit.model.decoder`, encoders with task heads (masked LM, classification) in
+:mod:`pipefit.model.encoder`; the adapter's ``kind`` chooses, here and nowhere else in the model.
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+from typing import Any
+
+from torch import nn
+
+from pipefit.model import decoder, encoder
+from pipefit.model.adapters import for_config
+from pipefit.model.layers import TIED_KEY, LayerInfo, ModelSkeleton, stage_layers, tied_aliases
+
+__all__ = [
+    "TIED_KEY",
+    "LayerInfo",
+    "build_layers",
+    "layer_plan",
+    "layer_specs",
+    "load_weights",
+    "make_skeleton",
+    "stage_layers",
+    "tied_aliases",
+]
+
+
+def _builder(skeleton: ModelSkeleton) -> ModuleType:
+    return encoder if skeleton.adapter.kind == "encoder" else decoder
+
+
+def make_skeleton(hf_config: Any, seed: int = 0) -> ModelSkeleton:
+    adapter = for_config(hf_config)
+    if adapter.kind == "encoder":
+        return encoder.EncoderSkeleton(hf_config, adapter, seed=seed)
+    return ModelSkeleton(hf_config, adapter, seed=seed)
+
+
+def layer_plan(skeleton: ModelSkeleton) -> list[LayerInfo]:
+    """The ordered pipeline layers (see :func:`pipefit.model.decoder.layer_plan`)."""
+    return _builder(skeleton).layer_plan(skeleton)
+
+
+def layer_specs(skeleton: ModelSkeleton, device: str = "cpu") -> list[Any]:
+    """DeepSpeed layer specs in pipeline order (built lazily, only on the owning stage)."""
+    return _builder(skeleton).layer_specs(skeleton, device)
+
+
+def build_layers(skeleton: ModelSkeleton, start: int, stop: int, device: str = "cpu") -> list[nn.Module | Any]:
+    """Layers ``[start, stop)`` as callables, in one process (for ``pipefit verify`` and tests)."""
+    return _builder(skeleton).build_layers(skeleton, start, stop, device)
+
+
+def load_weights(module: nn.Module, skeleton: ModelSkeleton, model_path: str | os.PathLike) -> int:
+    """Fill every stage layer in ``module`` from ``model_path``; returns the number of tensors read."""
+    return _builder(skeleton).load_weights(module, skeleton, model_path)
