@@ -14,6 +14,7 @@ from pipefit.config.hardware import (
     resolve_hardware,
 )
 from pipefit.config.schema import (
+    COST_METHODS,
     DATA_LAYOUTS,
     DATA_SOURCES,
     DATA_TEMPLATES,
@@ -36,6 +37,7 @@ from pipefit.config.schema import (
 from pipefit.config.validate import check_attention, check_world, to_run_config, validate, validate_data
 
 __all__ = [
+    "COST_METHODS",
     "CUDA_PRESETS",
     "HARDWARE_PRESETS_DIR",
     "detect_device_memory_gib",

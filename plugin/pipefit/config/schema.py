@@ -14,6 +14,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+# pipeline.partition methods priced by a cost model (pipefit.partition.costs, .profile) and solved by min-max.
+COST_METHODS = ("flops", "profile")
 SCHEDULERS = ("cosine", "linear", "constant")
 OPTIMIZER_IMPLS = ("auto", "torch", "fused")
 DATA_SOURCES = ("pydoc", "text", "json", "hub")

@@ -17,7 +17,7 @@ from pipefit.data.batches import BatchLayout, GlobalBatches, Rows, pad_token_id
 from pipefit.data.batches import build_batches as build_lm_batches
 from pipefit.data.sources import load_raw_dataset
 from pipefit.model.layers import IGNORE_INDEX
-from pipefit.model.tasks import MASK_TOKEN, MASKED_LM, MLM_PROBABILITY, task_of
+from pipefit.model.tasks import CAUSAL_LM, MASK_TOKEN, MASKED_LM, MLM_PROBABILITY, SEQUENCE_CLASSIFICATION, task_of
 
 
 def ensure_mask_token(tokenizer: Any, hf_config: Any) -> int:
@@ -186,3 +186,16 @@ def build_batches(
 def make_batches_factory(hf_config: Any) -> Any:
     """:func:`pipefit.data.batches.build_batches`'s signature, for the encoder's task."""
     return functools.partial(build_batches, hf_config)
+
+
+# Each task's batch maker, called as ``pipefit.data.batches.build_batches`` is.
+BATCH_MAKERS: dict[str, Any] = {
+    CAUSAL_LM: lambda hf_config: build_lm_batches,
+    MASKED_LM: make_batches_factory,
+    SEQUENCE_CLASSIFICATION: make_batches_factory,
+}
+
+
+def batch_maker(hf_config: Any, task: str) -> Any:
+    """The training/evaluation batch builder of ``task`` (rows as they are for a causal LM)."""
+    return BATCH_MAKERS[task](hf_config)

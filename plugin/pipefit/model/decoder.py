@@ -8,12 +8,14 @@ will not own. :mod:`pipefit.model.layer_list` chooses this or :mod:`pipefit.mode
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 import torch
 from torch import nn
 
+from pipefit.config import ConfigError, RunConfig
 from pipefit.model.adapters import Adapter
 from pipefit.model.layers import (
     TIED_KEY,
@@ -28,6 +30,8 @@ from pipefit.model.layers import (
     tied_head_forward,
 )
 from pipefit.model.weights import SafetensorsReader, hf_state_dict, load_layer
+
+log = logging.getLogger("pipefit")
 
 
 def _numel(module: nn.Module) -> int:
@@ -154,3 +158,24 @@ def load_weights(module: nn.Module, skeleton: ModelSkeleton, model_path: str | o
         load_layer(layer, reader, aliases)
         count += len(hf_state_dict(layer))
     return count
+
+
+def check_run(run: RunConfig, skeleton: ModelSkeleton) -> None:
+    """``data.seq_len`` against the positions the model has: rows longer than a learned position table
+    would index past it in the first step (an error here); rotary positions extrapolate (a warning).
+    (The encoder's :func:`pipefit.model.encoder.check_run` checks its own table.)"""
+    limit = getattr(skeleton.config, "max_position_embeddings", None)
+    seq_len = run.data.seq_len
+    if not isinstance(limit, int) or seq_len <= limit:
+        return
+    if skeleton.adapter.position_embed:
+        raise ConfigError(
+            f"data.seq_len={seq_len} exceeds the model's {limit} learned positions (max_position_embeddings of "
+            f"{type(skeleton.config).__name__}); accepted: data.seq_len <= {limit}"
+        )
+    log.warning(
+        "data.seq_len=%d exceeds the model's max_position_embeddings=%d: its positions will extrapolate beyond "
+        "the length it was trained for",
+        seq_len,
+        limit,
+    )

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipefit.config import ConfigError, RunConfig
+from pipefit.config import COST_METHODS, ConfigError, RunConfig
 from pipefit.model.layers import (
     TIED_KEY,
     LayerInfo,
@@ -57,12 +57,11 @@ from pipefit.model.tasks import (
     MASKED_LM,
     auto_class,
     check_task_config,
+    unpriced_error,
 )
 from pipefit.model.weights import SafetensorsReader, hf_state_dict, load_layer
 
 log = logging.getLogger("pipefit")
-
-COST_METHODS = ("flops", "profile")
 
 
 class EncoderSkeleton(ModelSkeleton):
@@ -407,16 +406,9 @@ def load_weights(module: nn.Module, skeleton: EncoderSkeleton, model_path: Any) 
 # -- checks before any rank starts ------------------------------------------------------------------
 
 
-def cost_model_error(adapter: Any, method: str) -> ConfigError:
-    return ConfigError(
-        f"pipeline.partition={method} is not accepted for the encoder family {adapter.name!r} (the flops/profile "
-        "cost model prices decoder layers only); accepted: uniform, parameters, type:REGEX, manual"
-    )
-
-
 def check_partition(run: RunConfig, skeleton: EncoderSkeleton) -> None:
     if run.pipeline.partition in COST_METHODS:
-        raise cost_model_error(skeleton.adapter, run.pipeline.partition)
+        raise unpriced_error(skeleton.adapter, run.pipeline.partition)
 
 
 def check_run(run: RunConfig, skeleton: EncoderSkeleton) -> None:

@@ -3,7 +3,8 @@
 One entry per pipeline layer (:class:`~pipefit.model.layers.LayerInfo`): indices, names, checkpoint
 files and partition boundaries all come from it. Decoders (causal LM) build it in
 :mod:`pipefit.model.decoder`, encoders with task heads (masked LM, classification) in
-:mod:`pipefit.model.encoder`; the adapter's ``kind`` chooses, here and nowhere else in the model.
+:mod:`pipefit.model.encoder`; :data:`LAYER_LISTS` maps each task to its builder, and everything
+here reads that table (no consumer asks which family or task it holds).
 """
 
 from __future__ import annotations
@@ -14,14 +15,17 @@ from typing import Any
 
 from torch import nn
 
+from pipefit.config import RunConfig
 from pipefit.model import decoder, encoder
 from pipefit.model.adapters import for_config
 from pipefit.model.layers import TIED_KEY, LayerInfo, ModelSkeleton, stage_layers, tied_aliases
+from pipefit.model.tasks import CAUSAL_LM, MASKED_LM, SEQUENCE_CLASSIFICATION
 
 __all__ = [
     "TIED_KEY",
     "LayerInfo",
     "build_layers",
+    "check_run",
     "layer_plan",
     "layer_specs",
     "load_weights",
@@ -31,15 +35,21 @@ __all__ = [
 ]
 
 
+# Each task's layer list: the decoder's (embed, blocks, final norm, LM head) or the encoder's
+# (embed, blocks, its task head); each module gives layer_plan, layer_specs, build_layers,
+# load_weights and check_run.
+LAYER_LISTS: dict[str, ModuleType] = {CAUSAL_LM: decoder, MASKED_LM: encoder, SEQUENCE_CLASSIFICATION: encoder}
+# The meta-device model of an adapter's kind (an encoder's reads its task from the config).
+SKELETONS: dict[str, type[ModelSkeleton]] = {"decoder": ModelSkeleton, "encoder": encoder.EncoderSkeleton}
+
+
 def _builder(skeleton: ModelSkeleton) -> ModuleType:
-    return encoder if skeleton.adapter.kind == "encoder" else decoder
+    return LAYER_LISTS[skeleton.task]
 
 
 def make_skeleton(hf_config: Any, seed: int = 0) -> ModelSkeleton:
     adapter = for_config(hf_config)
-    if adapter.kind == "encoder":
-        return encoder.EncoderSkeleton(hf_config, adapter, seed=seed)
-    return ModelSkeleton(hf_config, adapter, seed=seed)
+    return SKELETONS[adapter.kind](hf_config, adapter, seed=seed)
 
 
 def layer_plan(skeleton: ModelSkeleton) -> list[LayerInfo]:
@@ -60,3 +70,8 @@ def build_layers(skeleton: ModelSkeleton, start: int, stop: int, device: str = "
 def load_weights(module: nn.Module, skeleton: ModelSkeleton, model_path: str | os.PathLike) -> int:
     """Fill every stage layer in ``module`` from ``model_path``; returns the number of tensors read."""
     return _builder(skeleton).load_weights(module, skeleton, model_path)
+
+
+def check_run(run: RunConfig, skeleton: ModelSkeleton) -> None:
+    """The task's own input checks of a training run (positions, attention, partition), before any rank."""
+    _builder(skeleton).check_run(run, skeleton)

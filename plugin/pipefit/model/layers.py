@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipefit.model.adapters import Adapter
+from pipefit.model.tasks import CAUSAL_LM
 
 # Label of a position that is not trained (PyTorch's cross-entropy ``ignore_index``).
 IGNORE_INDEX = -100
@@ -64,6 +65,8 @@ class ModelSkeleton:
     Parameters are float32 whatever the folder's ``config.dtype`` (a bf16 checkpoint loads into
     them exactly): the run's precision decides what DeepSpeed trains in, not the checkpoint.
     """
+
+    task = CAUSAL_LM  # an encoder's skeleton reads its task from the config
 
     def __init__(self, hf_config: Any, adapter: Adapter, seed: int = 0) -> None:
         from transformers import AutoModelForCausalLM

@@ -1,22 +1,44 @@
-"""The tasks an encoder is trained for: masked LM and sequence classification, read from the HF config.
+"""Tasks as data: causal LM, masked LM and sequence classification, and what differs between them.
 
-The task is chosen by ``hf_config.architectures`` (``BertForMaskedLM``,
-``BertForSequenceClassification``); each has the HF auto class that builds its reference model.
+A decoder family trains as a causal LM; an encoder's task is chosen by ``hf_config.architectures``
+(``BertForMaskedLM``, ``BertForSequenceClassification``). Each :class:`Task` says which HF auto
+class builds its reference model, whether its attention is bidirectional and whether the
+flops/profile cost models price its layers. Consumers look a task up in :data:`TASKS` (and the
+layer list and batches in their own tables keyed by task name); none asks which family it holds.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from pipefit.config import ConfigError
 
+CAUSAL_LM = "causal_lm"
 MASKED_LM = "masked_lm"
 SEQUENCE_CLASSIFICATION = "sequence_classification"
 # Masked LM: the token that replaces a masked position, and the share of real tokens masked.
 MASK_TOKEN = "<|mask|>"
 MLM_PROBABILITY = 0.15
-# The HF auto class that builds each task's model from a config.
-TASK_AUTO_CLASSES = {MASKED_LM: "AutoModelForMaskedLM", SEQUENCE_CLASSIFICATION: "AutoModelForSequenceClassification"}
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    auto_class: str  # the HF auto class that builds the task's model from a config
+    bidirectional: bool  # every token attends to its whole document (encoders), not only to earlier ones
+    priced: bool  # the flops/profile cost models price its layers (decoder layers only, for now)
+
+
+TASKS = {
+    CAUSAL_LM: Task(CAUSAL_LM, "AutoModelForCausalLM", bidirectional=False, priced=True),
+    MASKED_LM: Task(MASKED_LM, "AutoModelForMaskedLM", bidirectional=True, priced=False),
+    SEQUENCE_CLASSIFICATION: Task(
+        SEQUENCE_CLASSIFICATION, "AutoModelForSequenceClassification", bidirectional=True, priced=False
+    ),
+}
+# The tasks an encoder's ``architectures`` may name.
+TASK_AUTO_CLASSES = {t.name: t.auto_class for t in TASKS.values() if t.bidirectional}
 
 
 def auto_class(task: str) -> Any:
@@ -54,3 +76,11 @@ def check_task_config(hf_config: Any) -> str:
                 "num_labels >= 2 and problem_type null or single_label_classification (one label per example)"
             )
     return task
+
+
+def unpriced_error(adapter: Any, method: str) -> ConfigError:
+    """``pipeline.partition=flops|profile`` for a task whose layers no cost model prices."""
+    return ConfigError(
+        f"pipeline.partition={method} is not accepted for the encoder family {adapter.name!r} (the flops/profile "
+        "cost model prices decoder layers only); accepted: uniform, parameters, type:REGEX, manual"
+    )

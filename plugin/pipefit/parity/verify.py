@@ -17,11 +17,10 @@ import torch
 
 from pipefit.config import RunConfig
 from pipefit.model import encoder
-from pipefit.model.adapters import for_config
 from pipefit.model.hf import load_hf_config
 from pipefit.model.layer_list import build_layers, layer_plan, load_weights, make_skeleton, stage_layers
 from pipefit.model.layers import IGNORE_INDEX, causal_lm_loss, float32_model
-from pipefit.model.tasks import MASKED_LM, MLM_PROBABILITY
+from pipefit.model.tasks import CAUSAL_LM, MASKED_LM, MLM_PROBABILITY, SEQUENCE_CLASSIFICATION
 from pipefit.model.weights import SafetensorsReader, hf_state_dict
 from pipefit.parity.reference import task_reference_model
 from pipefit.partition.boundaries import boundaries_for
@@ -117,18 +116,18 @@ def run_stages(
 
 
 def verify(run: RunConfig, batch_size: int = 2, seq_len: int = 32, seed: int = 0, device: str = "cpu") -> VerifyReport:
-    """Compare on ``device`` in ``train.precision``: both models loaded in fp32, then cast alike."""
+    """Every stage built on its own, run in order, against the unmodified HF model of the config's task."""
     hf_config = load_hf_config(run.model.path, dict(run.model.hf_config))
     hf_config._attn_implementation = run.model.attn_implementation
-    if for_config(hf_config).kind == "encoder":  # encoder families: compared with their task's HF model
-        if device != "cpu" or run.train.precision != "fp32":
-            raise ValueError(
-                f"pipefit verify of an encoder runs on cpu in fp32 only (got --device={device}, "
-                f"train.precision={run.train.precision})"
-            )
-        return verify_encoder(run, hf_config, batch_size, seq_len, seed)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[run.train.precision]
     skeleton = make_skeleton(hf_config, seed=run.train.seed)
+    return VERIFIERS[skeleton.task](run, hf_config, skeleton, batch_size, seq_len, seed, device)
+
+
+def verify_causal_lm(
+    run: RunConfig, hf_config: Any, skeleton: Any, batch_size: int, seq_len: int, seed: int, device: str
+) -> VerifyReport:
+    """Compare on ``device`` in ``train.precision``: both models loaded in fp32, then cast alike."""
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[run.train.precision]
     plan = layer_plan(skeleton)
     boundaries = boundaries_for(skeleton, run.pipeline.partition, run.pipeline.stages, run.pipeline.boundaries)
     model = _reference_model(run, hf_config, run.model.path).eval()
@@ -167,14 +166,18 @@ def verify(run: RunConfig, batch_size: int = 2, seq_len: int = 32, seed: int = 0
 
 
 def verify_encoder(
-    run: RunConfig, hf_config: Any, batch_size: int = 2, seq_len: int = 32, seed: int = 0
+    run: RunConfig, hf_config: Any, skeleton: Any, batch_size: int, seq_len: int, seed: int, device: str
 ) -> VerifyReport:
-    """``pipefit verify`` for an encoder: every stage, run in order, against the HF task model.
+    """``pipefit verify`` for an encoder: every stage, run in order, against the HF task model (cpu, fp32).
 
     The last row is right-padded over its last quarter (HF gets the matching ``attention_mask``);
     hidden states and masked-LM logits are compared on the real tokens, classification logits in full.
     """
-    skeleton = make_skeleton(hf_config, seed=run.train.seed)
+    if device != "cpu" or run.train.precision != "fp32":
+        raise ValueError(
+            f"pipefit verify of an encoder runs on cpu in fp32 only (got --device={device}, "
+            f"train.precision={run.train.precision})"
+        )
     encoder.check_partition(run, skeleton)
     encoder.check_attention(run, skeleton)
     plan = layer_plan(skeleton)
@@ -244,6 +247,10 @@ def verify_encoder(
     diffs = [(i + 1, b, diff(crossing[b], captured[b])) for i, b in enumerate(boundaries[1:-1])]
     loss_pipe = float(causal_lm_loss(logits, (targets, torch.tensor([1.0 / n]))))
     return VerifyReport(boundaries, diffs, diff(logits, ref.logits), loss_pipe, float(ref.loss))
+
+
+# Each task's comparison with its HF model.
+VERIFIERS = {CAUSAL_LM: verify_causal_lm, MASKED_LM: verify_encoder, SEQUENCE_CLASSIFICATION: verify_encoder}
 
 
 def format_report(report: VerifyReport, plan: list[Any] | None = None) -> str:

@@ -19,6 +19,8 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from pipefit.config import COST_METHODS
+
 __all__ = [
     "PartitionError",
     "StageMemory",
@@ -31,8 +33,6 @@ __all__ = [
 ]
 
 METHODS = ("uniform", "parameters", "flops", "profile", "type:REGEX", "manual")
-# Methods whose per-layer costs come from a cost model (pipefit.partition.costs) and are solved by partition_min_max.
-COST_METHODS = ("flops", "profile")
 
 
 class PartitionError(ValueError):

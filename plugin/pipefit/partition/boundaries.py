@@ -6,9 +6,9 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from pipefit.model.encoder import cost_model_error
 from pipefit.model.layer_list import layer_plan
 from pipefit.model.layers import ModelSkeleton
+from pipefit.model.tasks import TASKS, unpriced_error
 from pipefit.partition import balance, costs
 from pipefit.partition.costs import Hardware, LayerCosts, Workload, flops_costs
 from pipefit.partition.profile import profile_costs, profile_layers
@@ -62,8 +62,8 @@ def price_layers(
 ) -> LayerCosts:
     """:class:`LayerCosts` for ``method`` (``flops`` or ``profile``) over the skeleton's layer list."""
 
-    if skeleton.adapter.kind == "encoder":  # encoder families (BERT) have no cost model: pipefit.model.encoder
-        raise cost_model_error(skeleton.adapter, method)
+    if not TASKS[skeleton.task].priced:
+        raise unpriced_error(skeleton.adapter, method)
 
     hw = hw or Hardware()
     plan = layer_plan(skeleton)

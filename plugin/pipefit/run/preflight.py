@@ -9,11 +9,10 @@ from typing import Any
 
 from pipefit.config import ConfigError, RunConfig, check_world, validate
 from pipefit.data import tasks as data_tasks
-from pipefit.data.batches import BatchLayout, GlobalBatches, build_batches
-from pipefit.model import encoder
+from pipefit.data.batches import BatchLayout, GlobalBatches
 from pipefit.model import lora as trainable
 from pipefit.model.hf import load_hf_config, load_tokenizer, resolve_tokenizer_path
-from pipefit.model.layer_list import layer_plan, make_skeleton
+from pipefit.model.layer_list import check_run, layer_plan, make_skeleton
 from pipefit.model.weights import SafetensorsReader
 from pipefit.partition import costs
 from pipefit.partition.boundaries import boundaries_for
@@ -67,11 +66,8 @@ class Prepared:
                 f"data.layout=pack is not accepted for {type(self.hf_config).__name__}: its attention mask ignores "
                 "position ids (as in HF), so packed documents would attend to each other; use data.layout=pad"
             )
-        check_positions(run, self.skeleton)
-        make_batches = build_batches
-        if self.skeleton.adapter.kind == "encoder":  # encoder tasks (BERT): checks, masked-LM/labelled batches
-            encoder.check_run(run, self.skeleton)
-            make_batches = data_tasks.make_batches_factory(self.hf_config)
+        check_run(run, self.skeleton)  # the task's own checks: positions, attention, partition
+        make_batches = data_tasks.batch_maker(self.hf_config, self.skeleton.task)
 
         stages = run.pipeline.stages
         planned_dp = world_size // stages if world_size >= stages and world_size % stages == 0 else 1
@@ -118,27 +114,6 @@ class Prepared:
         self.batches, self.eval_batches = make_batches(run.data, self.tokenizer, self.layout, run.train.seed)
         self.eval_rounds = eval_rounds(run.train.eval_batches, self.eval_batches)
         outputs.clear_previous_run(self)  # train.overwrite_output_dir, once every check has passed
-
-
-def check_positions(run: RunConfig, skeleton: Any) -> None:
-    """``data.seq_len`` against the positions the model has: rows longer than a learned position table
-    would index past it in the first step (an error here); rotary positions extrapolate (a warning).
-    Encoders check their own table (:func:`pipefit.model.encoder.check_run`)."""
-    limit = getattr(skeleton.config, "max_position_embeddings", None)
-    seq_len = run.data.seq_len
-    if skeleton.adapter.kind == "encoder" or not isinstance(limit, int) or seq_len <= limit:
-        return
-    if skeleton.adapter.position_embed:
-        raise ConfigError(
-            f"data.seq_len={seq_len} exceeds the model's {limit} learned positions (max_position_embeddings of "
-            f"{type(skeleton.config).__name__}); accepted: data.seq_len <= {limit}"
-        )
-    log.warning(
-        "data.seq_len=%d exceeds the model's max_position_embeddings=%d: its positions will extrapolate beyond "
-        "the length it was trained for",
-        seq_len,
-        limit,
-    )
 
 
 def explicit_keys(overrides: list[str]) -> set[str]:
