@@ -39,7 +39,7 @@ def test_every_registered_config_class_is_tested() -> None:
     decoders = [a for a in adapters.registered_adapters() if getattr(a, "kind", "decoder") == "decoder"]
     untested = {c for a in decoders for c in a.config_classes} - tested
     assert not untested, f"registered adapter config classes without a parity family in conftest: {sorted(untested)}"
-    # Encoder families (BERT) are covered by tests/test_encoder.py.
+    # Encoder families (BERT) are covered by tests/model/test_encoder.py.
     from test_encoder import TESTED_CONFIG_CLASSES
 
     encoders = {c for a in adapters.registered_adapters() if a.kind == "encoder" for c in a.config_classes}

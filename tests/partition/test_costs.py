@@ -19,7 +19,7 @@ from pipefit.partition.balance import PartitionError, partition_balanced, partit
 from pipefit.partition.boundaries import boundaries_for
 from pipefit.partition.costs import Hardware, Workload, attention_pairs, layer_flops
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[2] / "conf"
 LLAMA_32_1B = {
     "model_type": "llama",
     "hidden_size": 2048,

@@ -17,7 +17,7 @@ from pipefit.model.hf import load_hf_config
 from pipefit.model.layer_list import layer_plan, make_skeleton
 from pipefit.partition.boundaries import boundaries_for
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[2] / "conf"
 
 # Files whose required fields are ``???``: the overrides a user must add, and what validate() then says.
 REQUIRED_OVERRIDES: dict[str, list[str]] = {
