@@ -502,7 +502,7 @@ def test_masked_lm_pipeline_training_matches_single_process_and_exports(tmp_path
     from safetensors.torch import load_file
     from transformers import BertForMaskedLM
 
-    from launching import compose, local_run, metrics, run_recipe, tail
+    from launching import compose, local_run, losses_match, run_recipe, tail, weights_match
     from pipefit.config import validate
     from pipefit.parity.reference import train_reference
     from pipefit.run.export import export
@@ -519,19 +519,12 @@ def test_masked_lm_pipeline_training_matches_single_process_and_exports(tmp_path
     prepared = Prepared(run_cfg, 2)
     reference = BertForMaskedLM.from_pretrained(folder, attn_implementation="sdpa")
     ref_losses = train_reference(DocumentMasked(reference), run_cfg, prepared.batches, steps)
-    pipe_losses = [m["loss"] for m in metrics(out)]
-    assert len(pipe_losses) == steps
-    rel = [abs(a - b) / abs(b) for a, b in zip(pipe_losses, ref_losses, strict=True)]
-    assert max(rel) <= 1e-5, (pipe_losses, ref_losses)
-    print("masked-LM losses, pipeline vs one process, max relative difference:", max(rel))
+    rel = losses_match(out, ref_losses, steps)
+    print("masked-LM losses, pipeline vs one process, max relative difference:", rel)
 
     # The exported folder is a BertForMaskedLM with the reference's trained weights.
     exported = BertForMaskedLM.from_pretrained(out / "hf_model").eval()
-    ref_sd, exp_sd, init_sd = reference.state_dict(), exported.state_dict(), initial.state_dict()
-    assert set(ref_sd) == set(exp_sd)
-    assert max(float((ref_sd[k] - init_sd[k]).abs().max()) for k in ref_sd) > 1e-3
-    for k in ref_sd:
-        torch.testing.assert_close(exp_sd[k], ref_sd[k], atol=2e-5, rtol=1e-4, msg=k)
+    weights_match(exported, reference, initial)
     probe = load_file(out / "hf_model" / "pipeline_probe.safetensors")
     with torch.no_grad():
         logits = exported(input_ids=probe["input_ids"], position_ids=probe["position_ids"]).logits
@@ -582,7 +575,7 @@ def test_classification_pipeline_training_matches_single_process_and_exports(tmp
     from safetensors.torch import load_file
     from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
 
-    from launching import compose, metrics, run_recipe, tail
+    from launching import compose, losses_match, run_recipe, tail
     from pipefit.config import validate
     from pipefit.parity.reference import train_reference
     from pipefit.run.preflight import Prepared
@@ -642,11 +635,8 @@ def test_classification_pipeline_training_matches_single_process_and_exports(tmp
 
     reference = BertForSequenceClassification.from_pretrained(folder, attn_implementation="sdpa")
     ref_losses = train_reference(_AttentionMasked(reference, pad_id), run_cfg, HFBatches(), steps)
-    pipe_losses = [m["loss"] for m in metrics(out)]
-    assert len(pipe_losses) == steps
-    rel = [abs(a - b) / abs(b) for a, b in zip(pipe_losses, ref_losses, strict=True)]
-    assert max(rel) <= 1e-5, (pipe_losses, ref_losses)
-    print("classification losses, pipeline vs one process, max relative difference:", max(rel))
+    rel = losses_match(out, ref_losses, steps)
+    print("classification losses, pipeline vs one process, max relative difference:", rel)
 
     exported = AutoModelForSequenceClassification.from_pretrained(out / "hf_model").eval()
     assert type(exported).__name__ == "BertForSequenceClassification"
