@@ -61,9 +61,10 @@ def build_stage(shape: dict[str, Any], interval: int) -> Any:
     from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
     from transformers import LlamaConfig
 
-    from pipefit.build import build_pipeline_module, layer_plan, make_skeleton
     from pipefit.config import PipelineConfig, RunConfig
-    from pipefit.ds_config import build_ds_config
+    from pipefit.model.layer_list import layer_plan, make_skeleton
+    from pipefit.run.ds_config import build_ds_config
+    from pipefit.run.engine import build_pipeline_module
 
     hf = {k: v for k, v in shape.items() if k not in ("seq_len", "micro_batch_size")}
     cfg = LlamaConfig(**hf, max_position_embeddings=max(1024, shape["seq_len"]), tie_word_embeddings=False)
@@ -95,7 +96,7 @@ def micro_batch(shape: dict[str, Any]) -> tuple[Any, Any]:
 
 def saved_for_backward(module: Any, inputs: Any, labels: Any) -> tuple[int, torch.Tensor]:
     """Bytes held for backward after one forward (and the loss), and the loss."""
-    from pipefit.stages import causal_lm_loss
+    from pipefit.model.layers import causal_lm_loss
 
     own = {t.untyped_storage().data_ptr() for t in (*module.parameters(), *module.buffers())}
     held: dict[int, int] = {}
@@ -138,7 +139,7 @@ def measure(shape: dict[str, Any], interval: int) -> dict[str, Any]:
 
 def fwd_bwd_seconds(modules: list[Any], shape: dict[str, Any], rounds: int = 5) -> list[float]:
     """Median forward+backward time of each module, timed in alternation (drift falls on all alike)."""
-    from pipefit.stages import causal_lm_loss
+    from pipefit.model.layers import causal_lm_loss
 
     inputs, labels = micro_batch(shape)
     times: list[list[float]] = [[] for _ in modules]

@@ -58,7 +58,7 @@ def _tail(proc: subprocess.CompletedProcess[str]) -> str:
 def check_choices() -> str:
     from pipefit.cli import compose
     from pipefit.config import validate
-    from pipefit.ds_config import fused_adam_prebuilt
+    from pipefit.run.ds_config import fused_adam_prebuilt
 
     hw = validate(compose([])).hardware
     prebuilt, why = fused_adam_prebuilt()

@@ -46,11 +46,11 @@ def _rank_main(report: str, overrides: list[str]) -> None:
     """One rank: the recipe, with its memory recorded after start-up, during the export and at exit."""
     import atexit
 
-    from pipefit import train
+    from pipefit.run import engine, export
 
     rank = os.environ.get("RANK", "0")
     peaks: dict[str, float] = {}
-    restore, export = train.restore_fp32_masters, train.export_pipeline
+    restore, export_pipeline = engine.restore_fp32_masters, export.export_pipeline
 
     def restore_and_measure(engine, loaded):  # called right after deepspeed.initialize
         peaks["startup_mb"] = _status_mb("VmHWM")
@@ -60,10 +60,10 @@ def _rank_main(report: str, overrides: list[str]) -> None:
     def export_and_measure(*args, **kwargs):
         before = _status_mb("VmRSS")
         Path("/proc/self/clear_refs").write_text("5")  # restart the peak (VmHWM) from here
-        export(*args, **kwargs)
+        export_pipeline(*args, **kwargs)
         peaks["export_mb"] = _status_mb("VmHWM") - before
 
-    train.restore_fp32_masters, train.export_pipeline = restore_and_measure, export_and_measure
+    engine.restore_fp32_masters, export.export_pipeline = restore_and_measure, export_and_measure
 
     def write() -> None:
         Path(report, f"rank{rank}.json").write_text(json.dumps(peaks))

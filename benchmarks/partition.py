@@ -69,11 +69,11 @@ def _time_split(prepared, bounds: list[int], topo, steps: int) -> float:
     import deepspeed
     import torch.distributed as dist
 
-    from pipefit import build
-    from pipefit.ds_config import build_ds_config
+    from pipefit.run.ds_config import build_ds_config
+    from pipefit.run.engine import build_pipeline_module
 
     run = prepared.run
-    module = build.build_pipeline_module(prepared.skeleton, bounds, topo, "cpu")
+    module = build_pipeline_module(prepared.skeleton, bounds, topo, "cpu")
     # One parameter group on every stage: DeepSpeed's ZeRO-1 all-reduces the gradient norm across
     # stages once per group, so a stage with only 2-D weights (embedding or head alone) and hence a
     # single weight-decay group would pair its all-reduces wrongly with a two-group stage and hang.
@@ -103,11 +103,12 @@ def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
     from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 
-    from pipefit import build, costs
     from pipefit.cli import compose
     from pipefit.config import validate
-    from pipefit.plan import evaluate
-    from pipefit.train import Prepared
+    from pipefit.partition import boundaries, costs
+    from pipefit.partition.boundaries import boundaries_for
+    from pipefit.partition.plan import evaluate
+    from pipefit.run.preflight import Prepared
 
     torch.set_num_threads(1)
     shape = QUICK if args.quick else FULL
@@ -127,16 +128,16 @@ def worker(args: argparse.Namespace) -> None:
     workload = costs.Workload.from_run(run, 1)
     hw = costs.Hardware.from_config(run.hardware)
     priced = {
-        "flops": costs.price_layers(skeleton, "flops", workload, hw),
-        "profile": costs.price_layers(
+        "flops": boundaries.price_layers(skeleton, "flops", workload, hw),
+        "profile": boundaries.price_layers(
             skeleton, "profile", workload, hw, cache_dir=args.cache_dir, measure=rank == 0, broadcast=broadcast
         ),
     }
     methods = {
-        "parameters": build.boundaries_for(skeleton, "parameters", 2, None),
-        "uniform": build.boundaries_for(skeleton, "uniform", 2, None),
-        "flops": build.boundaries_for(skeleton, "flops", 2, None, layer_costs=priced["flops"]),
-        "profile": build.boundaries_for(skeleton, "profile", 2, None, layer_costs=priced["profile"]),
+        "parameters": boundaries_for(skeleton, "parameters", 2, None),
+        "uniform": boundaries_for(skeleton, "uniform", 2, None),
+        "flops": boundaries_for(skeleton, "flops", 2, None, layer_costs=priced["flops"]),
+        "profile": boundaries_for(skeleton, "profile", 2, None, layer_costs=priced["profile"]),
     }
     splits = [[0, b, n] for b in range(1, n)]
     measured: dict[str, list[float]] = {str(s): [] for s in splits}
@@ -171,14 +172,14 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def single_process(shape: dict, output_dir: str, steps: int) -> float:
-    """Median step time of the same model trained by one process with one thread (pipefit.reference)."""
+    """Median step time of the same model trained by one process with one thread (pipefit.parity.reference)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pipefit import reference
     from pipefit.cli import compose
     from pipefit.config import validate
-    from pipefit.train import Prepared
+    from pipefit.parity import reference
+    from pipefit.run.preflight import Prepared
 
     torch.set_num_threads(1)
     run = validate(compose([*overrides(shape, output_dir), "pipeline.stages=1"]))
@@ -201,17 +202,18 @@ def measure_profile(shape: dict, output_dir: str, cache_dir: str) -> None:
     """
     import torch
 
-    from pipefit import costs
-    from pipefit.build import layer_plan, load_hf_config, make_skeleton
     from pipefit.cli import compose
     from pipefit.config import validate
+    from pipefit.model.hf import load_hf_config
+    from pipefit.model.layer_list import layer_plan, make_skeleton
+    from pipefit.partition import costs, profile
 
     torch.set_num_threads(1)
     run = validate(compose(overrides(shape, output_dir)))
     hf_config = load_hf_config(run.model.path, dict(run.model.hf_config))
     hf_config._attn_implementation = run.model.attn_implementation
     skeleton = make_skeleton(hf_config, seed=run.train.seed)
-    costs.profile_layers(skeleton, layer_plan(skeleton), costs.Workload.from_run(run, 1), cache_dir=cache_dir)
+    profile.profile_layers(skeleton, layer_plan(skeleton), costs.Workload.from_run(run, 1), cache_dir=cache_dir)
 
 
 def _free_port() -> int:

@@ -25,8 +25,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 import pipefit.config  # noqa: F401  (registers the schema with Hydra's ConfigStore)
-from pipefit.train import check_overrides
-from pipefit.train import main as train_main
+from pipefit.run.exits import check_overrides
+from pipefit.run.main import main as train_main
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

@@ -176,7 +176,7 @@ def build_loaded(skeleton: Any, folder: Path, start: int, stop: int) -> list[Any
     """Layers ``[start, stop)`` built by one ``build_layers`` call and filled from ``folder``, like one rank."""
     from torch import nn
 
-    from pipefit.build import build_layers, load_weights
+    from pipefit.model.layer_list import build_layers, load_weights
 
     layers = build_layers(skeleton, start, stop)
     load_weights(nn.ModuleList(layers), skeleton, folder)

@@ -1,4 +1,5 @@
-"""Run the real recipe under ``accelerate launch`` (real processes, CPU, gloo) and read what it wrote."""
+"""Run the real recipe under ``accelerate launch`` (real processes, CPU, gloo), read what it wrote, and
+compare it with the single-process reference."""
 
 from __future__ import annotations
 
@@ -52,6 +53,27 @@ def local_run(folder: Path, out: Path, steps: int, *extra: str, accum: int = 2, 
 
 def metrics(output_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses_match(output_dir: Path, ref_losses: list[float], steps: int, rel_tol: float = 1e-5) -> float:
+    """The run's per-step losses (``metrics.jsonl``) against the reference's: one per step, each within
+    ``rel_tol`` of it (relative). Returns the largest relative difference."""
+    pipe_losses = [m["loss"] for m in metrics(output_dir)]
+    assert len(pipe_losses) == steps
+    rel = [abs(a - b) / abs(b) for a, b in zip(pipe_losses, ref_losses, strict=True)]
+    assert max(rel) <= rel_tol, (pipe_losses, ref_losses)
+    return max(rel)
+
+
+def weights_match(exported: Any, reference: Any, initial: Any) -> None:
+    """The exported model holds the reference's trained weights, and those moved well beyond the tolerance."""
+    import torch
+
+    ref_sd, exp_sd, init_sd = reference.state_dict(), exported.state_dict(), initial.state_dict()
+    assert set(ref_sd) == set(exp_sd)
+    assert max(float((ref_sd[k] - init_sd[k]).abs().max()) for k in ref_sd) > 1e-3
+    for k in ref_sd:
+        torch.testing.assert_close(exp_sd[k], ref_sd[k], atol=2e-5, rtol=1e-4, msg=k)
 
 
 # In-process configs write nowhere; without an output_dir of their own they point at a folder that does

@@ -1,0 +1,1 @@
+"""Data: datasets -> token rows (concat, pack, pad; chat and instruction templates) -> micro-batches."""

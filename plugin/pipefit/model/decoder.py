@@ -1,0 +1,181 @@
+"""The decoder (causal LM) layer list: embed, blocks, final norm, LM head (tied or not).
+
+The layer list (:func:`layer_plan`) is the single source of truth: its order is the pipeline
+order, DeepSpeed's layer indices and the partition's coordinates. Figures the partitioner needs
+(parameter counts, type names) come from the meta-device skeleton, so no rank builds a layer it
+will not own. :mod:`pipefit.model.layer_list` chooses this or :mod:`pipefit.model.encoder`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipefit.config import ConfigError, RunConfig
+from pipefit.model.adapters import Adapter
+from pipefit.model.layers import (
+    TIED_KEY,
+    BlockLayer,
+    EmbedLayer,
+    HeadLayer,
+    LayerInfo,
+    ModelSkeleton,
+    NormLayer,
+    stage_layers,
+    tied_aliases,
+    tied_head_forward,
+)
+from pipefit.model.weights import SafetensorsReader, hf_state_dict, load_layer
+
+log = logging.getLogger("pipefit")
+
+
+def _numel(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def layer_plan(skeleton: ModelSkeleton) -> list[LayerInfo]:
+    """The ordered pipeline layers: embedding, each block, final norm, LM head.
+
+    The embedding layer also holds learned positions and an input projection, the norm layer an
+    output projection, where the family has them (``hf_prefixes`` lists what each layer holds).
+    """
+    a: Adapter = skeleton.adapter
+    cfg = skeleton.config
+    model = skeleton.model
+    tied = a.tied(cfg)
+    embed_prefixes = tuple(p for p in (a.embed, a.project_in, a.position_embed) if skeleton.has(p))
+    embed_params = sum(_numel(model.get_submodule(p)) for p in embed_prefixes)
+    layers = [
+        LayerInfo(
+            0, "embed", embed_prefixes, embed_params, ("EmbedLayer", type(model.get_submodule(a.embed)).__name__), tied
+        )
+    ]
+    for b in range(a.num_blocks(cfg)):
+        prefix = a.block_prefix(b)
+        block = model.get_submodule(prefix)
+        layers.append(
+            LayerInfo(
+                len(layers), "block", (prefix,), _numel(block), ("BlockLayer", type(block).__name__), block_index=b
+            )
+        )
+    norm_prefixes = tuple(p for p in (a.final_norm, a.project_out) if skeleton.has(p))
+    norm_params = sum(_numel(model.get_submodule(p)) for p in norm_prefixes)
+    norm_type = type(model.get_submodule(norm_prefixes[0])).__name__ if norm_prefixes else "Identity"
+    layers.append(LayerInfo(len(layers), "norm", norm_prefixes, norm_params, ("NormLayer", norm_type)))
+    if tied:
+        # DeepSpeed counts the module each TiedLayerSpec builds; the head's (role="head") holds
+        # only the token embedding, even where a family adds learned positions to the embedding.
+        head_params = _numel(model.get_submodule(a.embed))
+        layers.append(LayerInfo(len(layers), "head", (a.embed,), head_params, ("EmbedLayer", "TiedHead"), True))
+    else:
+        head = model.get_submodule(a.lm_head)
+        layers.append(LayerInfo(len(layers), "head", (a.lm_head,), _numel(head), ("HeadLayer", type(head).__name__)))
+    return layers
+
+
+def layer_specs(skeleton: ModelSkeleton, device: str = "cpu") -> list[Any]:
+    """DeepSpeed layer specs in pipeline order (built lazily, only on the owning stage)."""
+    from deepspeed.pipe import LayerSpec, TiedLayerSpec  # deepspeed: heavy, imported where specs are made
+
+    plan = layer_plan(skeleton)
+    specs: list[Any] = []
+    for layer in plan:
+        if layer.kind == "embed":
+            if layer.tied:
+                specs.append(
+                    TiedLayerSpec(
+                        TIED_KEY, EmbedLayer, skeleton, 0, device, "embed", tied_weight_attr=["embed_tokens.weight"]
+                    )
+                )
+            else:
+                specs.append(LayerSpec(EmbedLayer, skeleton, 0, device))
+        elif layer.kind == "block":
+            specs.append(LayerSpec(BlockLayer, skeleton, layer.index, layer.block_index, device))
+        elif layer.kind == "norm":
+            specs.append(LayerSpec(NormLayer, skeleton, layer.index, device))
+        elif layer.tied:
+            specs.append(
+                TiedLayerSpec(
+                    TIED_KEY,
+                    EmbedLayer,
+                    skeleton,
+                    0,
+                    device,
+                    "head",
+                    forward_fn=tied_head_forward,
+                    tied_weight_attr=["embed_tokens.weight"],
+                )
+            )
+        else:
+            specs.append(LayerSpec(HeadLayer, skeleton, layer.index, device))
+    return specs
+
+
+def build_layers(skeleton: ModelSkeleton, start: int, stop: int, device: str = "cpu") -> list[nn.Module | Any]:
+    """Layers ``[start, stop)`` as callables, in one process (for ``pipefit verify`` and tests).
+
+    A tied head whose embedding is in the same range reuses that module, as DeepSpeed does.
+    """
+    plan = layer_plan(skeleton)
+    shared: EmbedLayer | None = None
+    out: list[Any] = []
+    for layer in plan[start:stop]:
+        if layer.kind == "embed":
+            shared = EmbedLayer(skeleton, 0, device, "embed")
+            out.append(shared)
+        elif layer.kind == "block":
+            out.append(BlockLayer(skeleton, layer.index, layer.block_index, device))
+        elif layer.kind == "norm":
+            out.append(NormLayer(skeleton, layer.index, device))
+        elif layer.tied:
+            embed = shared if shared is not None else EmbedLayer(skeleton, 0, device, "head")
+            out.append(_TiedHead(embed))
+        else:
+            out.append(HeadLayer(skeleton, layer.index, device))
+    return out
+
+
+class _TiedHead(nn.Module):
+    def __init__(self, embed: EmbedLayer) -> None:
+        super().__init__()
+        self.embed = embed
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return tied_head_forward(self.embed, hidden)
+
+
+def load_weights(module: nn.Module, skeleton: ModelSkeleton, model_path: str | os.PathLike) -> int:
+    """Fill every stage layer in ``module`` from ``model_path``; returns the number of tensors read."""
+    reader = SafetensorsReader(model_path)
+    aliases = {**dict(skeleton.adapter.checkpoint_aliases), **tied_aliases(skeleton)}
+    count = 0
+    for layer in stage_layers(module):
+        load_layer(layer, reader, aliases)
+        count += len(hf_state_dict(layer))
+    return count
+
+
+def check_run(run: RunConfig, skeleton: ModelSkeleton) -> None:
+    """``data.seq_len`` against the positions the model has: rows longer than a learned position table
+    would index past it in the first step (an error here); rotary positions extrapolate (a warning).
+    (The encoder's :func:`pipefit.model.encoder.check_run` checks its own table.)"""
+    limit = getattr(skeleton.config, "max_position_embeddings", None)
+    seq_len = run.data.seq_len
+    if not isinstance(limit, int) or seq_len <= limit:
+        return
+    if skeleton.adapter.position_embed:
+        raise ConfigError(
+            f"data.seq_len={seq_len} exceeds the model's {limit} learned positions (max_position_embeddings of "
+            f"{type(skeleton.config).__name__}); accepted: data.seq_len <= {limit}"
+        )
+    log.warning(
+        "data.seq_len=%d exceeds the model's max_position_embeddings=%d: its positions will extrapolate beyond "
+        "the length it was trained for",
+        seq_len,
+        limit,
+    )

@@ -1,0 +1,1 @@
+"""Parity: the unmodified Hugging Face model as the yardstick (reference trainer, ``pipefit verify``)."""

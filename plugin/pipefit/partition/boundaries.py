@@ -1,0 +1,75 @@
+"""The one place that turns ``pipeline.partition`` into stage boundaries over the layer list."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from pipefit.model.layer_list import layer_plan
+from pipefit.model.layers import ModelSkeleton
+from pipefit.model.tasks import TASKS, unpriced_error
+from pipefit.partition import balance, costs
+from pipefit.partition.costs import Hardware, LayerCosts, Workload, flops_costs
+from pipefit.partition.profile import profile_costs, profile_layers
+
+
+def boundaries_for(
+    skeleton: ModelSkeleton,
+    method: str,
+    num_stages: int,
+    boundaries: list[int] | None,
+    workload: Any = None,
+    hardware: Any = None,
+    layer_costs: Any = None,
+) -> list[int]:
+    """Stage boundaries for ``pipeline.partition=method``.
+
+    ``flops`` and ``profile`` price the layers with :mod:`pipefit.partition.costs` (pass ``layer_costs``
+    already computed, e.g. measured on rank 0 and broadcast, or a ``workload`` and ``hardware`` to
+    price them here) and solve :func:`balance.partition_min_max` under ``hardware``'s memory cap.
+    """
+    plan = layer_plan(skeleton)
+    extra: dict[str, Any] = {}
+    if method in balance.COST_METHODS:
+        if layer_costs is None:
+            if workload is None:
+                raise balance.PartitionError(
+                    f"pipeline.partition={method} needs the micro-batch shape; "
+                    "pass workload=costs.Workload.from_run(run)"
+                )
+            hw = costs.Hardware.from_config(hardware) if hardware is not None else costs.Hardware()
+            layer_costs = price_layers(skeleton, method, workload, hw)
+        extra = {
+            "costs": layer_costs.per_layer(),
+            "memory": layer_costs.memory,
+            "memory_cap": layer_costs.memory_cap,
+            "boundary_costs": layer_costs.boundary_costs(),
+        }
+    params = [layer.num_params for layer in plan]
+    return balance.resolve_partition(method, num_stages, params, [x.type_names for x in plan], boundaries, **extra)
+
+
+def price_layers(
+    skeleton: Any,
+    method: str,
+    workload: Workload,
+    hw: Hardware | None = None,
+    device: str = "cpu",
+    cache_dir: str | os.PathLike | None = None,
+    measure: bool = True,
+    broadcast: Callable[[Any], Any] | None = None,
+) -> LayerCosts:
+    """:class:`LayerCosts` for ``method`` (``flops`` or ``profile``) over the skeleton's layer list."""
+
+    if not TASKS[skeleton.task].priced:
+        raise unpriced_error(skeleton.adapter, method)
+
+    hw = hw or Hardware()
+    plan = layer_plan(skeleton)
+    if method == "flops":
+        return flops_costs(skeleton.config, plan, workload, hw)
+    if method == "profile":
+        profiles = profile_layers(skeleton, plan, workload, device, cache_dir, measure, broadcast)
+        return profile_costs(skeleton.config, plan, workload, hw, profiles)
+    raise ValueError(f"pipeline.partition={method!r} has no cost model; accepted: flops, profile")

@@ -1,0 +1,334 @@
+"""``pipefit plan``: the partition, memory per stage and predicted step time, without training.
+
+No process group is started and no layer is built (except, for ``pipeline.partition=profile``,
+one layer at a time to time it). Every figure comes from one :class:`pipefit.partition.costs.LayerCosts`:
+``flops`` prices the layers unless the run asks for ``profile``, and the same prices rate the
+chosen split and the comparison rows (``uniform``, ``parameters``, and the cost-optimal split).
+
+The step time is a simulation of DeepSpeed's 1F1B schedule (:func:`simulate_1f1b`): stage ``s``
+runs ``min(p - s - 1, m)`` warm-up forwards, then alternates one forward and one backward, then
+drains its backwards; a forward waits for the previous stage's forward of the same micro-batch
+and a backward for the next stage's backward, each plus one boundary transfer. After its last
+backward each stage reduces its gradients (the stages sharing a tied embedding wait for each
+other) and steps its optimizer; the step ends when the last stage is done.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipefit.model.hf import load_hf_config
+from pipefit.model.layer_list import layer_plan, make_skeleton
+from pipefit.partition import balance
+from pipefit.partition.boundaries import boundaries_for, price_layers
+from pipefit.partition.costs import Hardware, LayerCosts, Workload
+
+__all__ = ["Timeline", "bubble_fraction", "format_plan", "make_plan", "simulate_1f1b", "write_png"]
+
+COMPARED = ("uniform", "parameters")
+
+
+@dataclass
+class Timeline:
+    """What :func:`simulate_1f1b` found: the step time and every operation's start and end."""
+
+    step_s: float
+    # (stage, "F" | "B" | "step", micro-batch or -1, start, end)
+    ops: list[tuple[int, str, int, float, float]] = field(default_factory=list)
+
+    def busy(self, stage: int) -> float:
+        return sum(end - start for s, kind, _, start, end in self.ops if s == stage and kind in "FB")
+
+
+def bubble_fraction(num_stages: int, micro_batches: int) -> float:
+    """Idle share of an ideal 1F1B step with equal stages: (p - 1) / (m + p - 1)."""
+    return (num_stages - 1) / (micro_batches + num_stages - 1)
+
+
+def _order_1f1b(stage: int, num_stages: int, micro_batches: int) -> list[tuple[str, int]]:
+    warm = min(num_stages - stage - 1, micro_batches)
+    order = [("F", i) for i in range(warm)]
+    for i in range(micro_batches - warm):
+        order += [("F", warm + i), ("B", i)]
+    order += [("B", i) for i in range(micro_batches - warm, micro_batches)]
+    return order
+
+
+def simulate_1f1b(
+    forward_s: Sequence[float],
+    backward_s: Sequence[float],
+    micro_batches: int,
+    transfer_s: float = 0.0,
+    step_s: Sequence[float] | None = None,
+    tied_stages: Sequence[int] = (),
+) -> Timeline:
+    """Event simulation of one training step under 1F1B (see the module docstring).
+
+    Args:
+        forward_s, backward_s: per stage, seconds for one micro-batch.
+        micro_batches: micro-batches per step.
+        transfer_s: seconds for activations (or gradients) to cross one boundary.
+        step_s: per stage, the per-step work after the last backward (reduction, optimizer).
+        tied_stages: stages that all-reduce a tied weight: each starts its per-step work only
+            when all of them have finished their backwards.
+    """
+    p, m = len(forward_s), int(micro_batches)
+    if len(backward_s) != p or p < 1 or m < 1:
+        raise ValueError(f"simulate_1f1b: {p} forward and {len(backward_s)} backward times, {m} micro-batches")
+    orders = [_order_1f1b(s, p, m) for s in range(p)]
+    done: dict[tuple[str, int, int], float] = {}
+    free = [0.0] * p
+    nxt = [0] * p
+    ops: list[tuple[int, str, int, float, float]] = []
+    remaining = sum(len(o) for o in orders)
+    while remaining:
+        progressed = False
+        for s in range(p):
+            while nxt[s] < len(orders[s]):
+                kind, i = orders[s][nxt[s]]
+                if kind == "F":
+                    dep = None if s == 0 else ("F", s - 1, i)
+                else:
+                    dep = ("F", s, i) if s == p - 1 else ("B", s + 1, i)
+                if dep is not None and dep not in done:
+                    break
+                ready = 0.0 if dep is None else done[dep] + (transfer_s if dep[1] != s else 0.0)
+                start = max(free[s], ready)
+                end = start + (forward_s[s] if kind == "F" else backward_s[s])
+                done[(kind, s, i)] = end
+                free[s] = end
+                ops.append((s, kind, i, start, end))
+                nxt[s] += 1
+                remaining -= 1
+                progressed = True
+        if not progressed:  # pragma: no cover - 1F1B cannot deadlock; a guard against future edits
+            raise RuntimeError("simulate_1f1b: schedule deadlocked")
+    finish = list(free)
+    tied = [s for s in tied_stages if 0 <= s < p]
+    if len(set(tied)) > 1:
+        sync = max(finish[s] for s in tied)
+        for s in tied:
+            finish[s] = sync
+    per_step = list(step_s) if step_s is not None else [0.0] * p
+    for s in range(p):
+        ops.append((s, "step", -1, finish[s], finish[s] + per_step[s]))
+    return Timeline(step_s=max(finish[s] + per_step[s] for s in range(p)), ops=ops)
+
+
+def _stage_rows(costs: LayerCosts, plan: Sequence[Any], bounds: Sequence[int]) -> list[dict[str, Any]]:
+    p = len(bounds) - 1
+    per_layer = costs.per_layer()
+    stage_cost = balance.stage_costs(per_layer, bounds, costs.boundary_costs())
+    total = sum(stage_cost)
+    rows = []
+    for s in range(p):
+        a, b = bounds[s], bounds[s + 1]
+        masks = dict(m for m in costs.attention_masks[a:b] if m is not None)  # one per kind and micro-batch
+        mask_bytes = costs.memory.in_flight(s, p) * sum(masks.values())
+        rows.append(
+            {
+                "stage": s,
+                "layers": [a, b],
+                "num_layers": b - a,
+                "kinds": [plan[i].kind for i in range(a, b)],
+                "params": sum(plan[i].num_params for i in range(a, b)),
+                "cost_s": stage_cost[s],
+                "share": stage_cost[s] / total if total else 0.0,
+                "forward_s": sum(costs.forward_s[a:b]),
+                "backward_s": sum(costs.backward_s[a:b]),
+                "per_step_s": sum(costs.per_step_s[a:b]),
+                "memory_bytes": costs.memory.stage_bytes(s, p, a, b) + mask_bytes,
+                "mask_bytes": mask_bytes,
+                "in_flight_micro_batches": costs.memory.in_flight(s, p),
+            }
+        )
+    return rows
+
+
+def evaluate(costs: LayerCosts, plan: Sequence[Any], bounds: Sequence[int]) -> dict[str, Any]:
+    """Every figure ``plan`` reports for one split."""
+    rows = _stage_rows(costs, plan, bounds)
+    p = len(rows)
+    stage_cost = [r["cost_s"] for r in rows]
+    tied_stages = sorted({s for s, r in enumerate(rows) for i in range(*r["layers"]) if plan[i].tied})
+    timeline = simulate_1f1b(
+        [r["forward_s"] for r in rows],
+        [r["backward_s"] for r in rows],
+        costs.micro_batches,
+        costs.transfer_s if p > 1 else 0.0,
+        [r["per_step_s"] for r in rows],
+        tied_stages,
+    )
+    mean = sum(stage_cost) / p
+    return {
+        "boundaries": list(bounds),
+        "stages": rows,
+        "bottleneck_s": max(stage_cost),
+        "bottleneck_over_mean": max(stage_cost) / mean if mean else 1.0,
+        "peak_memory_bytes": max(r["memory_bytes"] for r in rows),
+        "fits_memory": max(r["memory_bytes"] for r in rows) <= costs.memory_cap,
+        "predicted_step_s": timeline.step_s,
+        "timeline": [list(op) for op in timeline.ops],
+    }
+
+
+def make_plan(run: Any, dp: int = 1, device: str = "cpu", cache_dir: str | None = None) -> dict[str, Any]:
+    """The plan for a validated :class:`pipefit.config.RunConfig` on ``run.hardware``."""
+
+    hf_config = load_hf_config(run.model.path, dict(run.model.hf_config))
+    hf_config._attn_implementation = run.model.attn_implementation
+    skeleton = make_skeleton(hf_config, seed=run.train.seed)
+    plan = layer_plan(skeleton)
+    p = run.pipeline
+    hw = Hardware.from_config(run.hardware)
+    workload = Workload.from_run(run, dp)
+    model_name = "profile" if p.partition == "profile" else "flops"
+    costs = price_layers(skeleton, model_name, workload, hw, device=device, cache_dir=cache_dir)
+    chosen = boundaries_for(skeleton, p.partition, p.stages, p.boundaries, layer_costs=costs)
+    methods: dict[str, dict[str, Any]] = {p.partition: evaluate(costs, plan, chosen)}
+    for name in (*COMPARED, model_name):
+        if name not in methods:
+            methods[name] = evaluate(costs, plan, boundaries_for(skeleton, name, p.stages, None, layer_costs=costs))
+    return {
+        "model": run.model.name,
+        "num_layers": len(plan),
+        "stages": p.stages,
+        "dp": dp,
+        "micro_batches": workload.micro_batches,
+        "micro_batch_size": workload.micro_batch_size,
+        "seq_len": workload.seq_len,
+        "precision": workload.precision,
+        "hardware": run.hardware.name,
+        "cost_model": model_name,
+        "attention": run.model.attn_implementation,
+        "layout": run.data.layout,
+        "chosen": p.partition,
+        "bubble_fraction": bubble_fraction(p.stages, workload.micro_batches),
+        "memory_cap_bytes": costs.memory_cap,
+        "transfer_s": costs.transfer_s,
+        "layers": [
+            {
+                "index": layer.index,
+                "kind": layer.kind,
+                "params": layer.num_params,
+                "cost_s": c,
+                "forward_s": costs.forward_s[layer.index],
+                "backward_s": costs.backward_s[layer.index],
+                "per_step_s": costs.per_step_s[layer.index],
+                "flops": costs.flops[layer.index].total if costs.flops else None,
+                "activation_bytes": costs.memory.activation[layer.index],
+            }
+            for layer, c in zip(plan, costs.per_layer(), strict=True)
+        ],
+        "methods": methods,
+    }
+
+
+def _gib(x: float) -> str:
+    return f"{x / 2**30:.2f}"
+
+
+def _seconds(x: float) -> str:
+    return f"{x * 1e3:.3f} ms" if x < 1 else f"{x:.3f} s"
+
+
+def _layer_span(a: int, b: int, kinds: list[str]) -> str:
+    names = {"embed": "emb", "norm": "norm", "head": "head"}
+    parts: list[str] = []
+    blocks = sum(1 for k in kinds if k == "block")
+    for k in kinds:
+        if k == "block":
+            if blocks:
+                parts.append(f"{blocks} blk")
+                blocks = 0
+        else:
+            parts.append(names[k])
+    return f"{a}-{b - 1} ({'+'.join(parts)})"
+
+
+def format_plan(report: dict[str, Any]) -> str:
+    """The human-readable plan: one row per stage of the chosen split, then the comparison."""
+    chosen = report["methods"][report["chosen"]]
+    lines = [
+        f"pipefit plan: {report['model']}, {report['num_layers']} layers, pp={report['stages']} x dp={report['dp']}, "
+        f"{report['micro_batches']} micro-batches of {report['micro_batch_size']} x {report['seq_len']} tokens, "
+        f"{report['precision']}, hardware={report['hardware']}, costs priced by {report['cost_model']}",
+        f"partition={report['chosen']}: boundaries {chosen['boundaries']}",
+        f"{'stage':>5}  {'layers':<24} {'params':>14} {'cost/step':>12} {'share':>6} {'memory GiB':>10} "
+        f"{'in flight':>9}",
+    ]
+    for r in chosen["stages"]:
+        lines.append(
+            f"{r['stage']:>5}  {_layer_span(*r['layers'], r['kinds']):<24} {r['params']:>14,} "
+            f"{_seconds(r['cost_s']):>12} {r['share']:>6.1%} {_gib(r['memory_bytes']):>10} "
+            f"{r['in_flight_micro_batches']:>9}"
+        )
+    cap = report["memory_cap_bytes"]
+    if any(r["mask_bytes"] for r in chosen["stages"]):
+        per_stage = ", ".join(_gib(r["mask_bytes"]) for r in chosen["stages"])
+        lines.append(
+            f"memory includes dense [b,1,s,s] attention masks ({report['attention']}, data.layout={report['layout']}), "
+            f"one per micro-batch in flight: {per_stage} GiB by stage"
+        )
+    lines += [
+        f"bottleneck/mean {chosen['bottleneck_over_mean']:.3f}   "
+        f"bubble (p-1)/(m+p-1) {report['bubble_fraction']:.3f}   "
+        f"predicted step {_seconds(chosen['predicted_step_s'])}   "
+        f"peak stage memory {_gib(chosen['peak_memory_bytes'])}"
+        f" of {_gib(cap)} GiB{'' if chosen['fits_memory'] else '  (DOES NOT FIT)'}",
+        "",
+        f"{'method':<12} {'boundaries':<28} {'bottleneck/mean':>15} {'predicted step':>15} {'vs chosen':>9} "
+        f"{'peak GiB':>9}",
+    ]
+    for name, m in report["methods"].items():
+        lines.append(
+            f"{name:<12} {str(m['boundaries']):<28} {m['bottleneck_over_mean']:>15.3f} "
+            f"{_seconds(m['predicted_step_s']):>15} {m['predicted_step_s'] / chosen['predicted_step_s']:>8.3f}x "
+            f"{_gib(m['peak_memory_bytes']):>9}{'' if m['fits_memory'] else '  does not fit'}"
+        )
+    return "\n".join(lines)
+
+
+def to_json(report: dict[str, Any]) -> str:
+    return json.dumps(report, indent=1)
+
+
+def write_png(report: dict[str, Any], path: str) -> None:
+    """Per-stage cost bars of every method, and the chosen split's 1F1B timeline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = report["methods"]
+    chosen = methods[report["chosen"]]
+    p = report["stages"]
+    fig, (bars, line) = plt.subplots(2, 1, figsize=(11, 3.2 + 0.5 * p + 2.5), gridspec_kw={"height_ratios": [1, 1]})
+    width = 0.8 / len(methods)
+    for k, (name, m) in enumerate(methods.items()):
+        xs = [s + k * width for s in range(p)]
+        ratio = m["bottleneck_over_mean"]
+        bars.bar(xs, [r["cost_s"] for r in m["stages"]], width, label=f"{name} {m['boundaries']} max/mean {ratio:.2f}")
+    bars.set_xticks([s + 0.4 - width / 2 for s in range(p)], [f"stage {s}" for s in range(p)])
+    bars.set_ylabel("seconds per step")
+    bars.set_title(f"{report['model']}: stage cost by partition method ({report['cost_model']} prices)")
+    top = max(r["cost_s"] for m in methods.values() for r in m["stages"])
+    bars.set_ylim(0, top * 1.3)
+    bars.legend(fontsize=8, loc="upper center", ncol=len(methods))
+    colors = {"F": "tab:blue", "B": "tab:orange", "step": "tab:gray"}
+    for stage, kind, micro, start, end in chosen["timeline"]:
+        line.broken_barh([(start, end - start)], (p - 1 - stage - 0.4, 0.8), facecolors=colors[kind], edgecolor="white")
+        if kind != "step" and (end - start) > chosen["predicted_step_s"] / 60:
+            line.text((start + end) / 2, p - 1 - stage, f"{kind}{micro}", ha="center", va="center", fontsize=7)
+    line.set_yticks(range(p), [f"stage {p - 1 - s}" for s in range(p)])
+    line.set_xlabel("seconds (white gaps: pipeline bubbles)")
+    line.set_title(
+        f"1F1B, partition={report['chosen']} {chosen['boundaries']}: predicted step "
+        f"{chosen['predicted_step_s']:.4g} s, bubble (p-1)/(m+p-1) = {report['bubble_fraction']:.3f}"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,1 @@
+"""The training run: preflight, engine, precision, loop, reporting, checkpoints, export, watchdog, main."""

@@ -1,0 +1,149 @@
+"""What a run reports: per-step metrics (console, ``metrics.jsonl``, tensorboard) and ``partition.json``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from pipefit.config import RunConfig
+from pipefit.run.logs import write_atomic
+from pipefit.run.preflight import Prepared
+
+log = logging.getLogger("pipefit")
+
+
+def optimizer_state_bytes(engine: Any) -> int:
+    """Bytes of optimizer state (e.g. Adam moments) this rank holds; ZeRO-1 shards it over dp."""
+    opt = engine.optimizer
+    inner = getattr(opt, "optimizer", opt)  # ZeRO wraps the torch optimizer
+    total = 0
+    for state in inner.state.values():
+        for value in state.values():
+            if torch.is_tensor(value) and value.dim() > 0:
+                total += value.numel() * value.element_size()
+    return total
+
+
+def write_partition(engine: Any, prepared: Prepared, output_dir: Path, rank: int, stage_id: int) -> None:
+    """Rank 0 writes ``partition.json``: boundaries, and what each rank built and holds.
+
+    Per rank: its stage and data-parallel index, its layer range, its parameter count and the
+    bytes of optimizer state it holds after training (ZeRO-1 divides these by the dp degree).
+    """
+    import torch.distributed as dist
+
+    module = engine.module
+    built = {
+        "rank": rank,
+        "stage": stage_id,
+        "data": engine.grid.get_data_parallel_rank(),
+        "layers": [module._local_start, module._local_stop],
+        "params": sum(p.numel() for p in module.parameters()),
+        "optimizer_state_bytes": optimizer_state_bytes(engine),
+        "param_dtype": str(next(module.parameters()).dtype).replace("torch.", ""),
+    }
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, built)
+    if rank == 0:
+        record = {
+            "method": prepared.run.pipeline.partition,
+            "boundaries": prepared.boundaries,
+            "zero_stage": prepared.run.zero.stage,
+            "data_parallel": prepared.dp,
+            "layers": [{"index": x.index, "kind": x.kind, "params": x.num_params} for x in prepared.plan],
+            "ranks": gathered,
+        }
+        write_atomic(output_dir / "partition.json", json.dumps(record, indent=2))
+
+
+def log_plan(prepared: Prepared) -> None:
+    b = prepared.boundaries
+    for s in range(len(b) - 1):
+        layers = prepared.plan[b[s] : b[s + 1]]
+        kinds = ", ".join(f"{x.index}:{x.kind}" for x in layers)
+        log.info(
+            "stage %d: layers [%d, %d) params %d (%s)", s, b[s], b[s + 1], sum(x.num_params for x in layers), kinds
+        )
+
+
+class _Reporter:
+    """What a step reports besides ``metrics.jsonl`` and the log: rank 0's tqdm bar and TensorBoard events.
+
+    With ``train.tensorboard`` every rank takes part in gathering the per-rank ``train_batch`` wall
+    times (one small all-gather a step); only rank 0 writes.
+    """
+
+    def __init__(self, engine: Any, run: RunConfig, output_dir: Path, rank: int, first: int) -> None:
+        t = run.train
+        self.engine = engine
+        self.gather = t.tensorboard
+        self.bar: Any = None
+        self.writer: Any = None
+        if rank != 0:
+            return
+        if t.progress_bar and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=t.max_steps, initial=first, unit="step", dynamic_ncols=True, file=sys.stderr)
+        if t.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # After a resume, TensorBoard drops what an earlier launch logged beyond the resumed step.
+            self.writer = SummaryWriter(str(output_dir / "tensorboard"), purge_step=first + 1 if first else None)
+
+    def stage_times(self, seconds: float) -> dict[int, float]:
+        """Each stage's ``train_batch`` wall time (its slowest data-parallel replica). Collective."""
+        import torch.distributed as dist
+
+        if not self.gather:
+            return {}
+        mine = torch.tensor([float(self.engine.stage_id), seconds], dtype=torch.float64, device=self.engine.device)
+        every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(every, mine)
+        out: dict[int, float] = {}
+        for stage, sec in (x.tolist() for x in every):
+            out[int(stage)] = max(out.get(int(stage), 0.0), sec)
+        return out
+
+    def step(self, record: dict[str, Any], stage_times: dict[int, float]) -> None:
+        step = record["step"]
+        if self.bar is not None:
+            shown = {"loss": f"{record['loss']:.4f}", "tok/s": f"{record['tokens_per_s'] or 0:.0f}"}
+            if "eval_loss" in record:
+                shown["eval"] = f"{record['eval_loss']:.4f}"
+            self.bar.set_postfix(shown, refresh=False)
+            self.bar.update(1)
+        if self.writer is not None:
+            for key, tag in (
+                ("loss", "train/loss"),
+                ("lr", "train/lr"),
+                ("grad_norm", "train/grad_norm"),
+                ("tokens_per_s", "train/tokens_per_s"),
+                ("step_time_s", "train/step_time_s"),
+                ("eval_loss", "eval/loss"),
+                ("eval_ppl", "eval/ppl"),
+            ):
+                if record.get(key) is not None:
+                    self.writer.add_scalar(tag, record[key], step)
+            for stage, sec in stage_times.items():
+                self.writer.add_scalar(f"stage_step_time_s/stage{stage}", sec, step)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def write_run_files(prepared: Prepared, output_dir: Path, ds_cfg: dict[str, Any]) -> None:
+    """Rank 0: ``config.yaml`` (the validated config) and ``ds_config.json``, then the plan in the log."""
+    run = prepared.run
+    write_atomic(output_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(run)))
+    write_atomic(output_dir / "ds_config.json", json.dumps(ds_cfg, indent=2))
+    log_plan(prepared)
