@@ -12,7 +12,6 @@ import logging
 import os
 from typing import Any
 
-import torch
 from torch import nn
 
 from pipefit.config import ConfigError, RunConfig
@@ -25,6 +24,7 @@ from pipefit.model.layers import (
     LayerInfo,
     ModelSkeleton,
     NormLayer,
+    TiedHead,
     stage_layers,
     tied_aliases,
     tied_head_forward,
@@ -134,19 +134,10 @@ def build_layers(skeleton: ModelSkeleton, start: int, stop: int, device: str = "
             out.append(NormLayer(skeleton, layer.index, device))
         elif layer.tied:
             embed = shared if shared is not None else EmbedLayer(skeleton, 0, device, "head")
-            out.append(_TiedHead(embed))
+            out.append(TiedHead(embed, tied_head_forward))
         else:
             out.append(HeadLayer(skeleton, layer.index, device))
     return out
-
-
-class _TiedHead(nn.Module):
-    def __init__(self, embed: EmbedLayer) -> None:
-        super().__init__()
-        self.embed = embed
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return tied_head_forward(self.embed, hidden)
 
 
 def load_weights(module: nn.Module, skeleton: ModelSkeleton, model_path: str | os.PathLike) -> int:

@@ -49,6 +49,7 @@ from pipefit.model.layers import (
     LayerInfo,
     ModelSkeleton,
     StageLayer,
+    TiedHead,
     float32_model,
     mask_cache,
     stage_layers,
@@ -200,15 +201,6 @@ class ClassifierLayer(StageLayer):
         return self.classifier(self.dropout(pooled))
 
 
-class _TiedMLMHead(nn.Module):
-    def __init__(self, embed: EncoderEmbedLayer) -> None:
-        super().__init__()
-        self.embed = embed
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return mlm_tied_head_forward(self.embed, hidden)
-
-
 # -- the layer list ----------------------------------------------------------------------------------
 
 
@@ -324,7 +316,8 @@ def build_layers(skeleton: EncoderSkeleton, start: int, stop: int, device: str =
             shared = EncoderEmbedLayer(skeleton, 0, device, "embed")
             out.append(shared)
         elif layer.kind == "head" and layer.tied:
-            out.append(_TiedMLMHead(shared if shared is not None else EncoderEmbedLayer(skeleton, 0, device, "head")))
+            embed = shared if shared is not None else EncoderEmbedLayer(skeleton, 0, device, "head")
+            out.append(TiedHead(embed, mlm_tied_head_forward))
         else:
             cls, args = _layer_args(skeleton, layer, device)
             out.append(cls(*args))

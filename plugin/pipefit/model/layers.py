@@ -182,6 +182,19 @@ def tied_head_forward(embed: EmbedLayer, hidden: torch.Tensor) -> torch.Tensor:
     return softcap(F.linear(hidden, embed.embed_tokens.weight), embed.final_logit_softcap)
 
 
+class TiedHead(nn.Module):
+    """A tied head built in one process (``build_layers``): the embedding layer it shares, applied by the
+    same ``forward_fn`` that the ``TiedLayerSpec`` gives DeepSpeed (decoder LM head, masked-LM decoder)."""
+
+    def __init__(self, embed: nn.Module, forward_fn: Callable[[Any, torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.embed = embed
+        self.forward_fn = forward_fn
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.forward_fn(self.embed, hidden)
+
+
 class MaskCache:
     """The attention mask of the micro-batch in flight, built once per stage rather than once per block.
 
