@@ -167,6 +167,21 @@ def test_progress_bar_only_on_rank_0_at_a_terminal(
     assert not (tmp_path / "tensorboard").exists()  # train.tensorboard is off by default
 
 
+@pytest.mark.parametrize(
+    ("first", "kept"), [(0, []), (2, [1, 2]), (5, [1, 2, 3, 4])], ids=["fresh", "resume-2", "past"]
+)
+def test_a_launch_keeps_one_history_in_metrics(tmp_path: Path, first: int, kept: list[int]) -> None:
+    """A launch starting at step first+1 drops what an earlier launch logged beyond ``first``:
+    a rerun from scratch or a resume from an older checkpoint never leaves a step twice."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (1, 2, 3, 4)) + '{"step": 5')
+    run = RunConfig()
+    _Reporter(SimpleNamespace(stage_id=0, device="cpu"), run, tmp_path, 1, first=first).close()
+    assert len(path.read_text().splitlines()) == 5  # rank 1 leaves the file alone
+    _Reporter(SimpleNamespace(stage_id=0, device="cpu"), run, tmp_path, 0, first=first).close()
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == kept
+
+
 # --- activation checkpointing: bytes held for backward, measured in one process ------------------
 
 

@@ -18,6 +18,25 @@ from pipefit.run.preflight import Prepared
 log = logging.getLogger("pipefit")
 
 
+def keep_history_until(metrics_path: Path, first: int) -> None:
+    """Drop the records of steps after ``first`` from ``metrics.jsonl`` (atomically), before a launch
+    that starts at step ``first + 1`` appends its own: a rerun from scratch (``first=0``) or a resume
+    from an earlier checkpoint than the last logged step leaves one history, each step once."""
+    if not metrics_path.is_file():
+        return
+    lines = metrics_path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            step = int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a crash
+        if step <= first:
+            kept.append(line)
+    if len(kept) != len(lines):
+        write_atomic(metrics_path, "".join(f"{line}\n" for line in kept))
+
+
 def optimizer_state_bytes(engine: Any) -> int:
     """Bytes of optimizer state (e.g. Adam moments) this rank holds; ZeRO-1 shards it over dp."""
     opt = engine.optimizer
@@ -87,6 +106,7 @@ class _Reporter:
         self.writer: Any = None
         if rank != 0:
             return
+        keep_history_until(output_dir / "metrics.jsonl", first)
         if t.progress_bar and sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -94,8 +114,8 @@ class _Reporter:
         if t.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            # After a resume, TensorBoard drops what an earlier launch logged beyond the resumed step.
-            self.writer = SummaryWriter(str(output_dir / "tensorboard"), purge_step=first + 1 if first else None)
+            # Like metrics.jsonl: what an earlier launch logged beyond the step this one starts from goes.
+            self.writer = SummaryWriter(str(output_dir / "tensorboard"), purge_step=first + 1)
 
     def stage_times(self, seconds: float) -> dict[int, float]:
         """Each stage's ``train_batch`` wall time (its slowest data-parallel replica). Collective."""
