@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import saved_model
-from launching import compose
+from launching import compose, local_run
 from pipefit.config import ConfigError
 from pipefit.model.weights import CheckpointError
 from pipefit.run.preflight import prepare
@@ -81,19 +81,6 @@ def test_deepspeed_file_blocks_are_refused_before_any_rank_starts(tmp_path: Path
     )
 
 
-def _tiny_run(folder: Path, out: Path, steps: int, *extra: str) -> list[str]:
-    return [
-        "model=local",
-        f"model.path={folder}",
-        "data.seq_len=32",
-        f"train.max_steps={steps}",
-        "train.micro_batch_size=2",
-        "train.grad_accum_steps=2",
-        f"output_dir={out}",
-        *extra,
-    ]
-
-
 @pytest.mark.slow
 def test_a_ranks_own_error_is_one_line_naming_it_at_once(tmp_path: Path):
     """Stage 1's weights do not fit (found only when that rank loads them): one line naming rank 1,
@@ -110,7 +97,7 @@ def test_a_ranks_own_error_is_one_line_naming_it_at_once(tmp_path: Path):
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     out = tmp_path / "run"
     started = time.monotonic()
-    proc = run_recipe(_tiny_run(folder, out, 3, "train.heartbeat_timeout_s=120"))
+    proc = run_recipe(local_run(folder, out, 3, "train.heartbeat_timeout_s=120"))
     elapsed = time.monotonic() - started
     assert proc.returncode == 1, tail(proc)
     console = proc.stdout + proc.stderr
@@ -160,7 +147,7 @@ def test_ctrl_c_is_one_line_and_leaves_no_process(tmp_path: Path):
 
     folder, _ = saved_model(tmp_path, "llama")
     out = tmp_path / "run"
-    overrides = _tiny_run(folder, out, 1000, "train.save_every=2")
+    overrides = local_run(folder, out, 1000, "train.save_every=2")
     rc, console = _interrupt(
         [accelerate_bin(), "launch", "--config_file", str(CPU_LAUNCH), str(RECIPE), *overrides], out, 3
     )
@@ -182,7 +169,7 @@ def test_ctrl_c_is_one_line_and_leaves_no_process(tmp_path: Path):
 
     # One process (no launcher): the rank's own exit status is Ctrl-C's, 130.
     single = tmp_path / "single"
-    overrides = _tiny_run(folder, single, 1000, "pipeline.stages=1", "train.heartbeat_timeout_s=0")
+    overrides = local_run(folder, single, 1000, "pipeline.stages=1", "train.heartbeat_timeout_s=0")
     rc, console = _interrupt([sys.executable, str(RECIPE), *overrides], single, 2)
     assert rc == 130, console
     step = metrics(single)[-1]["step"]
