@@ -27,14 +27,14 @@ class Task:
     name: str
     auto_class: str  # the HF auto class that builds the task's model from a config
     bidirectional: bool  # every token attends to its whole document (encoders), not only to earlier ones
-    priced: bool  # the flops/profile cost models price its layers (decoder layers only, for now)
+    priced: bool  # the flops/profile cost models price its layers
 
 
 TASKS = {
     CAUSAL_LM: Task(CAUSAL_LM, "AutoModelForCausalLM", bidirectional=False, priced=True),
-    MASKED_LM: Task(MASKED_LM, "AutoModelForMaskedLM", bidirectional=True, priced=False),
+    MASKED_LM: Task(MASKED_LM, "AutoModelForMaskedLM", bidirectional=True, priced=True),
     SEQUENCE_CLASSIFICATION: Task(
-        SEQUENCE_CLASSIFICATION, "AutoModelForSequenceClassification", bidirectional=True, priced=False
+        SEQUENCE_CLASSIFICATION, "AutoModelForSequenceClassification", bidirectional=True, priced=True
     ),
 }
 # The tasks an encoder's ``architectures`` may name.
