@@ -456,6 +456,26 @@ def test_profile_measures_bert_layers(case: str, tmp_path: Path) -> None:
     assert bounds[0] == 0 and bounds[-1] == 6 and len(bounds) == 3
 
 
+@pytest.mark.parametrize(("case", "bounds"), [("mlm", [0, 5, 6]), ("cls", [0, 2, 6])])
+def test_plan_prices_a_local_encoder_folder(
+    case: str, bounds: list[int], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pipefit.cli import main
+
+    folder, _ = saved_bert(tmp_path, case)
+    capsys.readouterr()  # what saving the folder printed
+    assert main(["plan", "model=local", f"model.path={folder}", "data.seq_len=32", "--json"]) == 0
+    out = capsys.readouterr().out
+    report = json.loads(out)
+    assert report["chosen"] == "flops" and report["methods"]["flops"]["boundaries"] == bounds
+    best = report["methods"]["flops"]["bottleneck_s"]
+    assert all(best <= m["bottleneck_s"] for m in report["methods"].values())
+    assert [x["kind"] for x in report["layers"]][-2:] == (
+        ["transform", "head"] if case == "mlm" else ["pooler", "head"]
+    )
+    assert all(x["flops"] > 0 for x in report["layers"])
+
+
 # -- data ---------------------------------------------------------------------------------------------
 
 
