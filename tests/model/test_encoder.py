@@ -639,6 +639,41 @@ def test_masked_lm_pipeline_training_matches_single_process_and_exports(tmp_path
     torch.testing.assert_close(relogits, probe["logits"], **TOL)
 
 
+@pytest.mark.slow
+def test_a_minilm_shaped_folder_is_planned_and_trained_with_a_priced_split(tmp_path: Path) -> None:
+    """A masked-LM folder of MiniLM-L6's shape (6 blocks, hidden 384, vocab 30522), no partition named:
+    the run takes the split ``pipefit plan`` chose as the smallest bottleneck, and says so."""
+    import math
+
+    from transformers import BertConfig, BertForMaskedLM
+
+    from launching import compose, local_run, metrics, run_recipe, tail
+    from pipefit.config import validate
+    from pipefit.partition.plan import make_plan
+
+    shape = {"hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12, "intermediate_size": 1536}
+    torch.manual_seed(0)
+    folder = tmp_path / "minilm"
+    BertForMaskedLM(BertConfig(vocab_size=30522, architectures=["BertForMaskedLM"], **shape)).save_pretrained(folder)
+    out = tmp_path / "run"
+    overrides = local_run(folder, out, 2, "train.export=false")
+    report = make_plan(validate(compose(overrides)))
+    methods = report["methods"]
+    # The decoder over 30522 words outweighs the blocks: it gets a stage (almost) to itself.
+    assert report["chosen"] == "flops" and methods["flops"]["boundaries"] == [0, 7, 9]
+    assert methods["parameters"]["boundaries"] == [0, 4, 9]
+    assert all(methods["flops"]["bottleneck_s"] <= m["bottleneck_s"] for m in methods.values())
+
+    proc = run_recipe(overrides, num_processes=2)
+    assert proc.returncode == 0, tail(proc)
+    part = json.loads((out / "partition.json").read_text())
+    assert (part["method"], part["boundaries"]) == ("flops", [0, 7, 9])
+    assert sorted(r["layers"] for r in part["ranks"]) == [[0, 7], [7, 9]]
+    assert "partition=flops: boundaries [0, 7, 9]" in proc.stdout + proc.stderr
+    losses = [m["loss"] for m in metrics(out)]
+    assert len(losses) == 2 and all(abs(x - math.log(30522)) < 1.0 for x in losses)  # random init: ~ln(vocab)
+
+
 # Three topics, one label each; texts of 4 to 35 tokens, so rows of 16 are padded or truncated.
 TOPICS = [
     "the cat sat on the warm mat and purred",
