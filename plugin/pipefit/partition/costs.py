@@ -16,7 +16,7 @@ Constants (documented guesses, not measurements; ``profile`` replaces the comput
 
 - backward = 2 x forward for matmuls (gradient of the input and of the weight), attention and
   element-wise work;
-- element-wise FLOPs per element: norm 5, softmax 5, SiLU-gate 5, GELU 8, rotary 3 per rotated
+- element-wise FLOPs per element: norm 5, softmax 5, SiLU-gate 5, GELU 8, tanh 8, rotary 3 per rotated
   element, cross-entropy 5 per logit, soft-cap 3 per capped score or logit, residual add 1;
 - :data:`OPTIMIZER_BYTES_PER_PARAM` bytes of memory traffic per trainable parameter per step
   for AdamW (read weight, gradient, two moments; write weight and moments; read gradient once more
@@ -51,38 +51,17 @@ __all__ = [
 
 
 BACKWARD_FACTOR = 2.0
-
-
 NORM_FLOPS_PER_ELEMENT = 5.0
-
-
 SOFTMAX_FLOPS_PER_ELEMENT = 5.0
-
-
 GATED_ACT_FLOPS_PER_ELEMENT = 5.0
-
-
 GELU_FLOPS_PER_ELEMENT = 8.0
-
-
 TANH_FLOPS_PER_ELEMENT = 8.0  # the pooler's activation, priced like GELU
-
-
 ROTARY_FLOPS_PER_ELEMENT = 3.0
-
-
 CROSS_ENTROPY_FLOPS_PER_LOGIT = 5.0
-
-
 SOFTCAP_FLOPS_PER_ELEMENT = 3.0  # divide, tanh, multiply
 
-
 OPTIMIZER_BYTES_PER_PARAM = 32.0
-
-
 POSITION_ID_BYTES = 8
-
-
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
@@ -264,8 +243,7 @@ def task_name(hf_config: Any) -> str:
 
 
 def _head_shape(hf_config: Any, shape: ModelShape, b: int, s: int) -> tuple[int, int]:
-    """``(rows, outputs)`` of the task head: one logit per vocabulary entry per token (causal and
-    masked LM), or one per label per row (classification, on the pooled first token)."""
+    """``(rows, outputs)`` of the task head: per token over the vocabulary (LMs), or per row over labels."""
     if task_name(hf_config) == SEQUENCE_CLASSIFICATION:
         return b, int(hf_config.num_labels)
     return b * s, shape.vocab
