@@ -81,6 +81,6 @@ def check_task_config(hf_config: Any) -> str:
 def unpriced_error(adapter: Any, method: str) -> ConfigError:
     """``pipeline.partition=flops|profile`` for a task whose layers no cost model prices."""
     return ConfigError(
-        f"pipeline.partition={method} is not accepted for the encoder family {adapter.name!r} (the flops/profile "
-        "cost model prices decoder layers only); accepted: uniform, parameters, type:REGEX, manual"
+        f"pipeline.partition={method} is not accepted for the family {adapter.name!r} (the flops/profile "
+        "cost models do not price its task's layers); accepted: uniform, parameters, type:REGEX, manual"
     )
