@@ -161,8 +161,9 @@ def test_verify_runs_in_the_training_precision(precision: str):
     from pipefit.config import validate
     from pipefit.parity.verify import verify
 
-    fp32 = verify(validate(compose(["pipeline.stages=2"])))
-    low = verify(validate(compose(["pipeline.stages=2", f"train.precision={precision}"])))
+    split = ["pipeline.stages=2", "pipeline.partition=parameters"]
+    fp32 = verify(validate(compose(split)))
+    low = verify(validate(compose([*split, f"train.precision={precision}"])))
     assert (low.boundary_diffs, low.logits_diff, low.loss_pipeline) == ([(1, 3, 0.0)], 0.0, low.loss_hf)
     assert 1e-6 < abs(low.loss_pipeline - fp32.loss_pipeline) < 1e-2
 

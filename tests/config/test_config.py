@@ -133,7 +133,7 @@ def test_defaults_compose_to_the_documented_run() -> None:
     run = compose_run()
     assert run.model.name == "llama_tiny"
     assert run.model.hf_config["num_hidden_layers"] == 4
-    assert (run.pipeline.stages, run.pipeline.partition, run.pipeline.boundaries) == (2, "parameters", None)
+    assert (run.pipeline.stages, run.pipeline.partition, run.pipeline.boundaries) == (2, "flops", None)
     assert run.zero.stage == 1
     assert (run.train.micro_batch_size, run.train.grad_accum_steps, run.train.precision) == (4, 4, "fp32")
     assert run.output_dir == "outputs/llama_tiny"

@@ -93,7 +93,7 @@ class DataConfig:
 class PipelineConfig:
     stages: int = 2
     # uniform | parameters | flops | profile | type:REGEX | manual
-    partition: str = "parameters"
+    partition: str = "flops"
     boundaries: list[int] | None = None
     activation_checkpoint_interval: int = 0
 

@@ -29,8 +29,9 @@ truncated to ``data.seq_len`` and right-padded.
 
 Reference: :class:`pipefit.parity.reference.DocumentMasked` gives the unmodified HF model the same document mask, so
 :func:`pipefit.parity.reference.train_reference` is the single-process yardstick for encoders too.
-Not supported: the ``flops``/``profile`` cost model (and so ``pipefit plan``), token types other
-than zero, regression and multi-label classification.
+Priced like decoders by the ``flops``/``profile`` cost models (:mod:`pipefit.partition.costs`), so
+``pipefit plan`` and the default partition balance them. Not supported: token types other than
+zero, regression and multi-label classification.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipefit.config import COST_METHODS, ConfigError, RunConfig
+from pipefit.config import ConfigError, RunConfig
 from pipefit.model.layers import (
     TIED_KEY,
     LayerInfo,
@@ -58,7 +59,6 @@ from pipefit.model.tasks import (
     MASKED_LM,
     auto_class,
     check_task_config,
-    unpriced_error,
 )
 from pipefit.model.weights import SafetensorsReader, hf_state_dict, load_layer
 
@@ -399,14 +399,8 @@ def load_weights(module: nn.Module, skeleton: EncoderSkeleton, model_path: Any) 
 # -- checks before any rank starts ------------------------------------------------------------------
 
 
-def check_partition(run: RunConfig, skeleton: EncoderSkeleton) -> None:
-    if run.pipeline.partition in COST_METHODS:
-        raise unpriced_error(skeleton.adapter, run.pipeline.partition)
-
-
 def check_run(run: RunConfig, skeleton: EncoderSkeleton) -> None:
     """Encoder-specific input errors of a training run, one line each, before any process group exists."""
-    check_partition(run, skeleton)
     check_attention(run, skeleton)
     max_positions = int(getattr(skeleton.config, "max_position_embeddings", run.data.seq_len))
     if run.data.seq_len > max_positions:

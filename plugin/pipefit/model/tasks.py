@@ -27,14 +27,14 @@ class Task:
     name: str
     auto_class: str  # the HF auto class that builds the task's model from a config
     bidirectional: bool  # every token attends to its whole document (encoders), not only to earlier ones
-    priced: bool  # the flops/profile cost models price its layers (decoder layers only, for now)
+    priced: bool  # the flops/profile cost models price its layers
 
 
 TASKS = {
     CAUSAL_LM: Task(CAUSAL_LM, "AutoModelForCausalLM", bidirectional=False, priced=True),
-    MASKED_LM: Task(MASKED_LM, "AutoModelForMaskedLM", bidirectional=True, priced=False),
+    MASKED_LM: Task(MASKED_LM, "AutoModelForMaskedLM", bidirectional=True, priced=True),
     SEQUENCE_CLASSIFICATION: Task(
-        SEQUENCE_CLASSIFICATION, "AutoModelForSequenceClassification", bidirectional=True, priced=False
+        SEQUENCE_CLASSIFICATION, "AutoModelForSequenceClassification", bidirectional=True, priced=True
     ),
 }
 # The tasks an encoder's ``architectures`` may name.
@@ -81,6 +81,6 @@ def check_task_config(hf_config: Any) -> str:
 def unpriced_error(adapter: Any, method: str) -> ConfigError:
     """``pipeline.partition=flops|profile`` for a task whose layers no cost model prices."""
     return ConfigError(
-        f"pipeline.partition={method} is not accepted for the encoder family {adapter.name!r} (the flops/profile "
-        "cost model prices decoder layers only); accepted: uniform, parameters, type:REGEX, manual"
+        f"pipeline.partition={method} is not accepted for the family {adapter.name!r} (the flops/profile "
+        "cost models do not price its task's layers); accepted: uniform, parameters, type:REGEX, manual"
     )

@@ -23,7 +23,7 @@ from pipefit.model.layers import IGNORE_INDEX, causal_lm_loss, float32_model
 from pipefit.model.tasks import CAUSAL_LM, MASKED_LM, MLM_PROBABILITY, SEQUENCE_CLASSIFICATION
 from pipefit.model.weights import SafetensorsReader, hf_state_dict
 from pipefit.parity.reference import task_reference_model
-from pipefit.partition.boundaries import boundaries_for
+from pipefit.partition.boundaries import run_boundaries
 
 
 @dataclass
@@ -129,7 +129,7 @@ def verify_causal_lm(
     """Compare on ``device`` in ``train.precision``: both models loaded in fp32, then cast alike."""
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[run.train.precision]
     plan = layer_plan(skeleton)
-    boundaries = boundaries_for(skeleton, run.pipeline.partition, run.pipeline.stages, run.pipeline.boundaries)
+    boundaries = run_boundaries(skeleton, run)
     model = _reference_model(run, hf_config, run.model.path).eval()
     with loaded_stages(model, skeleton, boundaries, run.model.path) as (stages, _):
         pass
@@ -178,10 +178,9 @@ def verify_encoder(
             f"pipefit verify of an encoder runs on cpu in fp32 only (got --device={device}, "
             f"train.precision={run.train.precision})"
         )
-    encoder.check_partition(run, skeleton)
     encoder.check_attention(run, skeleton)
     plan = layer_plan(skeleton)
-    boundaries = boundaries_for(skeleton, run.pipeline.partition, run.pipeline.stages, run.pipeline.boundaries)
+    boundaries = run_boundaries(skeleton, run)
     model = task_reference_model(hf_config, run.model.path, run.train.seed).eval()
     with loaded_stages(model, skeleton, boundaries, run.model.path) as (stages, folder):
         # A task head the folder lacks is random in both models: give HF the pipeline's (seeded) one.

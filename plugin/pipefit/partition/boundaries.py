@@ -50,6 +50,15 @@ def boundaries_for(
     return balance.resolve_partition(method, num_stages, params, [x.type_names for x in plan], boundaries, **extra)
 
 
+def run_boundaries(skeleton: ModelSkeleton, run: Any, dp: int = 1) -> list[int]:
+    """The boundaries a validated run asks for, without ranks: ``profile`` (measured once the ranks
+    exist) is stood in for by ``flops``, as in the run's own pre-flight checks."""
+    p = run.pipeline
+    method = "flops" if p.partition == "profile" else p.partition
+    workload = costs.Workload.from_run(run, dp)
+    return boundaries_for(skeleton, method, p.stages, p.boundaries, workload=workload, hardware=run.hardware)
+
+
 def price_layers(
     skeleton: Any,
     method: str,

@@ -236,7 +236,7 @@ def _seconds(x: float) -> str:
 
 
 def _layer_span(a: int, b: int, kinds: list[str]) -> str:
-    names = {"embed": "emb", "norm": "norm", "head": "head"}
+    names = {"embed": "emb", "norm": "norm", "head": "head", "transform": "xform", "pooler": "pool"}
     parts: list[str] = []
     blocks = sum(1 for k in kinds if k == "block")
     for k in kinds:
