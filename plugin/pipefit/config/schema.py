@@ -49,7 +49,9 @@ class ModelConfig:
     hf_config: dict[str, Any] = field(default_factory=dict)
     # Tokenizer folder; default: model.path if it holds one, else the embedded offline tokenizer.
     tokenizer: str | None = None
-    attn_implementation: str = "sdpa"
+    # sdpa, eager, flex_attention, flash_attention_2, ...; null: as from_pretrained picks (sdpa where the
+    # family supports it, else eager).
+    attn_implementation: str | None = None
 
 
 @dataclass

@@ -180,7 +180,7 @@ def check_attention(run: RunConfig) -> None:
     row (it reads their boundaries from the position ids of a single row); with more rows documents
     would attend to each other.
     """
-    impl, t = run.model.attn_implementation, run.train
+    impl, t = run.model.attn_implementation or "", run.train  # null picks sdpa or eager
     if "flash" not in impl:
         return
     if t.precision == "fp32":
