@@ -139,7 +139,8 @@ def test_prepare_reads_a_model_folder_alone_as_that_folder(tmp_path: Path) -> No
 
     folder, _ = saved_model(tmp_path, "gpt2")
     overrides = [f"model.path={folder}", f"output_dir={tmp_path / 'out'}"]
-    prepared = prepare(compose_cfg(overrides), overrides, env={"WORLD_SIZE": "2"})  # the recipe's cfg, as Hydra composed it
+    # The recipe's cfg, as Hydra composed it, and the overrides as typed.
+    prepared = prepare(compose_cfg(overrides), overrides, env={"WORLD_SIZE": "2"})
     assert (prepared.run.model.name, prepared.run.model.hf_config) == ("gpt2-seed0", {})
     assert (type(prepared.hf_config).__name__, prepared.hf_config.tie_word_embeddings) == ("GPT2Config", True)
     assert prepared.hf_config._attn_implementation == "sdpa"
