@@ -12,12 +12,14 @@ from pipefit.config.schema import (
     DATA_LAYOUTS,
     DATA_SOURCES,
     DATA_TEMPLATES,
+    METRIC_SCHEDULERS,
     OPTIMIZER_IMPLS,
     PRECISIONS,
     SCHEDULERS,
     ConfigError,
     DataConfig,
     RunConfig,
+    scheduler_names,
 )
 
 
@@ -154,7 +156,7 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
     _positive("optim.weight_decay", o.weight_decay, allow_zero=True)
     _positive("optim.grad_clip", o.grad_clip, allow_zero=True)
     _positive("optim.warmup_steps", o.warmup_steps, allow_zero=True)
-    _choice("optim.scheduler", o.scheduler, SCHEDULERS)
+    check_scheduler(o.scheduler, dict(o.scheduler_kwargs))
     _choice("optim.impl", o.impl, OPTIMIZER_IMPLS)
     if o.name.lower() != "adamw":
         raise ConfigError(f"optim.name={o.name!r} is not accepted; accepted: adamw")
@@ -170,6 +172,21 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
     validate_data(d)
     check_attention(run)
     return run
+
+
+def check_scheduler(name: str, kwargs: dict[str, Any]) -> None:
+    """``optim.scheduler`` is one of :func:`scheduler_names`; its kwargs are checked where it is built."""
+    if name in METRIC_SCHEDULERS:
+        raise ConfigError(
+            f"optim.scheduler={name} is not accepted: it steps on an evaluation metric, and pipefit steps the "
+            f"schedule on optimizer updates; accepted: {', '.join(scheduler_names())}"
+        )
+    _choice("optim.scheduler", name, scheduler_names())
+    if name in SCHEDULERS and kwargs:
+        raise ConfigError(
+            f"optim.scheduler_kwargs={kwargs} is not accepted with optim.scheduler={name} (set optim.warmup_steps "
+            "and optim.min_lr_ratio); accepted: {} here, or a transformers schedule such as cosine_with_min_lr"
+        )
 
 
 def check_attention(run: RunConfig) -> None:

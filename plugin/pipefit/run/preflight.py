@@ -24,6 +24,7 @@ from pipefit.run.ds_config import (
     load_base_config,
     read_accelerate_env,
 )
+from pipefit.run.schedule import lr_schedule
 
 log = logging.getLogger("pipefit")
 
@@ -131,6 +132,7 @@ def prepare(cfg: Any, overrides: list[str] | None = None, env: dict[str, str] | 
     settings = read_accelerate_env(env)
     run = apply_accelerate_settings(run, settings, explicit_keys(overrides or []))
     run = validate(run)
+    lr_schedule(run.optim, run.train.max_steps)  # a transformers schedule's kwargs: checked before any rank
     world = int((env or os.environ).get("WORLD_SIZE", "1"))
     return Prepared(run, world, load_base_config(settings))
 
