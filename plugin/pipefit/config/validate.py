@@ -150,7 +150,8 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
         # DeepSpeed's pipeline engine refuses fp32 gradient accumulation for a bf16 model at ZeRO-0.
         raise ConfigError(
             "train.precision=bf16 is not accepted with zero.stage=0: DeepSpeed would accumulate and reduce "
-            "gradients in bf16; accepted: zero.stage=1 (fp32 accumulation), or zero.stage=0 with fp32 or fp16"
+            "gradients in bf16; accepted: zero.stage=1 (fp32 accumulation), or train.precision=fp32 or fp16 at "
+            "ZeRO stage 0"
         )
     _positive("optim.lr", o.lr)
     _positive("optim.weight_decay", o.weight_decay, allow_zero=True)
