@@ -63,7 +63,7 @@ CASES = {
         ["train.micro_batch_size=1", "model.attn_implementation=sdpa"],
         False,
     ),
-    "eval_without_data": (["train.eval_every=5"], ["train.eval_every=0"], False),
+    "eval_without_data": (["train.eval_every=5"], ["data.eval_fraction=0.05", "train.eval_every=0"], False),
     "pack_on_opt": (["model=opt_tiny", "data.layout=pack"], ["data.layout=pad"], True),
 }
 

@@ -135,8 +135,8 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
     _positive("train.eval_batches", t.eval_batches, allow_zero=True)
     if t.eval_every > 0 and d.eval_split is None and d.eval_fraction == 0:
         raise ConfigError(
-            f"train.eval_every={t.eval_every} needs evaluation data; set data.eval_fraction (e.g. 0.05) or "
-            "data.eval_split, or train.eval_every=0"
+            f"train.eval_every={t.eval_every} needs evaluation data; set data.eval_fraction=0.05 (or data.eval_split "
+            "to a held-out split of the source), or train.eval_every=0"
         )
     _positive("train.heartbeat_interval_s", t.heartbeat_interval_s)
     _positive("train.heartbeat_timeout_s", t.heartbeat_timeout_s, allow_zero=True)
