@@ -118,6 +118,34 @@ def test_required_field_files_with_their_overrides() -> None:
     assert (run.data.source, run.data.data_files, run.data.text_field) == ("json", ["/data/train.jsonl"], "content")
 
 
+def test_a_model_folder_alone_drops_the_default_preset() -> None:
+    from pipefit.config.compose import compose as pipefit_compose
+
+    run = validate(pipefit_compose(["model.path=/models/My-Llama/", "++model.hf_config.num_hidden_layers=2"]))
+    assert (run.model.name, run.model.path, run.model.hf_config) == (
+        "My-Llama",
+        "/models/My-Llama/",
+        {"num_hidden_layers": 2},
+    )
+    assert (run.model.attn_implementation, run.output_dir) == (None, "outputs/My-Llama")
+    # A preset named on the command line stays (its hf_config then has to agree with the folder's config.json).
+    run = validate(pipefit_compose(["model=gemma2_tiny", "model.path=/models/g2"]))
+    assert (run.model.name, run.model.hf_config["sliding_window"]) == ("gemma2_tiny", 16)
+
+
+def test_prepare_reads_a_model_folder_alone_as_that_folder(tmp_path: Path) -> None:
+    from conftest import saved_model
+    from pipefit.run.preflight import prepare
+
+    folder, _ = saved_model(tmp_path, "gpt2")
+    overrides = [f"model.path={folder}", f"output_dir={tmp_path / 'out'}"]
+    # The recipe's cfg, as Hydra composed it, and the overrides as typed.
+    prepared = prepare(compose_cfg(overrides), overrides, env={"WORLD_SIZE": "2"})
+    assert (prepared.run.model.name, prepared.run.model.hf_config) == ("gpt2-seed0", {})
+    assert (type(prepared.hf_config).__name__, prepared.hf_config.tie_word_embeddings) == ("GPT2Config", True)
+    assert prepared.hf_config._attn_implementation == "sdpa"
+
+
 @pytest.mark.parametrize("data", ["text", "json"])
 def test_local_data_without_files_is_an_error(data: str) -> None:
     with pytest.raises(ConfigError, match=rf"data\.data_files is empty for data\.source={data}"):

@@ -18,6 +18,7 @@ from torch import nn
 
 from conftest import FAMILIES, TIED_FAMILIES, build_loaded, random_tokens, run_layers, saved_model, tiny_hf_config
 from pipefit.model import adapters
+from pipefit.model.hf import set_attn_implementation
 from pipefit.model.layer_list import build_layers, layer_plan, make_skeleton, stage_layers
 from pipefit.model.layers import IGNORE_INDEX, BlockLayer, EmbedLayer, causal_lm_loss
 from pipefit.model.weights import hf_state_dict
@@ -244,6 +245,20 @@ def test_sdpa_on_a_family_without_it_is_one_clear_line() -> None:
     message = str(info.value)
     assert "\n" not in message
     assert "model.attn_implementation='sdpa'" in message and "Gemma2ForCausalLM" in message and "eager" in message
+
+
+@pytest.mark.parametrize(
+    ("family", "requested", "chosen"),
+    [("llama", None, "sdpa"), ("gemma2", None, "eager"), ("gpt2", None, "sdpa"), ("llama", "eager", "eager")],
+)
+def test_attention_left_unset_is_chosen_as_from_pretrained_does(family: str, requested: Any, chosen: str) -> None:
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_hf_config(family)
+    assert set_attn_implementation(cfg, requested) == chosen == cfg._attn_implementation
+    make_skeleton(cfg)  # builds: an unset choice never lands on one the family refuses
+    if requested is None:
+        assert AutoModelForCausalLM.from_config(tiny_hf_config(family)).config._attn_implementation == chosen
 
 
 def test_reset_position_ids_isolate_packed_documents(tmp_path: Path, family: str) -> None:

@@ -412,7 +412,7 @@ def check_run(run: RunConfig, skeleton: EncoderSkeleton) -> None:
 
 def check_attention(run: RunConfig, skeleton: EncoderSkeleton) -> None:
     """Flash attention would drop the encoder's padding mask (tokens would attend to padding): refused."""
-    impl = run.model.attn_implementation
+    impl = run.model.attn_implementation or ""  # null picks sdpa or eager
     if "flash" in impl:
         raise ConfigError(
             f"model.attn_implementation={impl} is not accepted for {type(skeleton.config).__name__}: the encoder's "

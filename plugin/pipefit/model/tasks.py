@@ -58,10 +58,13 @@ def task_of(hf_config: Any) -> str:
     for task in TASK_AUTO_CLASSES:
         if task_class_name(task, hf_config) in archs:
             return task
-    accepted = " or ".join(f"[{task_class_name(t, hf_config)}]" for t in TASK_AUTO_CLASSES)
+    # ++ adds the key or replaces it, whether or not the preset has one: the hint works as typed.
+    accepted = " or ".join(
+        f"++model.hf_config.architectures=[{task_class_name(t, hf_config)}]" for t in TASK_AUTO_CLASSES
+    )
     raise ConfigError(
-        f"model.hf_config.architectures={archs} names no task head for this encoder; accepted: {accepted} "
-        "(a bare encoder checkpoint: set model.hf_config.architectures to choose the head)"
+        f"model.hf_config.architectures={archs} names no task head for this encoder (a bare encoder checkpoint "
+        f"has none); accepted: {accepted}"
     )
 
 

@@ -17,7 +17,7 @@ import torch
 
 from pipefit.config import RunConfig
 from pipefit.model import encoder
-from pipefit.model.hf import load_hf_config
+from pipefit.model.hf import load_hf_config, set_attn_implementation
 from pipefit.model.layer_list import build_layers, layer_plan, load_weights, make_skeleton, stage_layers
 from pipefit.model.layers import IGNORE_INDEX, causal_lm_loss, float32_model
 from pipefit.model.tasks import CAUSAL_LM, MASKED_LM, MLM_PROBABILITY, SEQUENCE_CLASSIFICATION
@@ -118,7 +118,7 @@ def run_stages(
 def verify(run: RunConfig, batch_size: int = 2, seq_len: int = 32, seed: int = 0, device: str = "cpu") -> VerifyReport:
     """Every stage built on its own, run in order, against the unmodified HF model of the config's task."""
     hf_config = load_hf_config(run.model.path, dict(run.model.hf_config))
-    hf_config._attn_implementation = run.model.attn_implementation
+    set_attn_implementation(hf_config, run.model.attn_implementation)
     skeleton = make_skeleton(hf_config, seed=run.train.seed)
     return VERIFIERS[skeleton.task](run, hf_config, skeleton, batch_size, seq_len, seed, device)
 
