@@ -154,7 +154,7 @@ def test_ctrl_c_is_one_line_and_leaves_no_process(tmp_path: Path):
     assert run_pids(out) == []
     step = metrics(out)[-1]["step"]
     # The signal may land during step N's save: the newest complete checkpoint is then step N-2's.
-    from pipefit.checkpoint import complete_checkpoints
+    from pipefit.run.checkpoint import complete_checkpoints
 
     newest = complete_checkpoints(out / "checkpoints")[-1]
     assert step - 2 <= int(newest.name.removeprefix("step_")) <= step
