@@ -21,7 +21,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import build_loaded
+from conftest import BERT_ARCHITECTURES, BERT_VOCAB, bert_config, build_loaded
 from pipefit.config import ConfigError
 from pipefit.data import tasks as data_tasks
 from pipefit.data.batches import BatchLayout, GlobalBatches, Rows
@@ -32,37 +32,10 @@ from pipefit.parity.reference import DocumentMasked
 from pipefit.partition.boundaries import boundaries_for
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
-# The encoder config classes this file covers (test_parity checks every registered class is tested somewhere).
-TESTED_CONFIG_CLASSES = {"BertConfig"}
-# The embedded tokenizer's 4096 tokens + the mask token pipefit adds, rounded up.
-VOCAB = 4160
+VOCAB = BERT_VOCAB
 SEQ = 16
 PAD = 5  # padded positions at the end of the last row
-ARCH = {"mlm": "BertForMaskedLM", "mlm_untied": "BertForMaskedLM", "cls": "BertForSequenceClassification"}
-
-
-def bert_config(case: str, attn: str = "sdpa", **overrides: Any) -> Any:
-    """A tiny dropout-free BERT for ``case`` (``mlm``, ``mlm_untied``, ``cls`` or ``base``)."""
-    from transformers import BertConfig
-
-    kwargs: dict[str, Any] = {
-        "vocab_size": VOCAB,
-        "hidden_size": 64,
-        "num_hidden_layers": 3,
-        "num_attention_heads": 4,
-        "intermediate_size": 128,
-        "max_position_embeddings": 64,
-        "hidden_dropout_prob": 0.0,
-        "attention_probs_dropout_prob": 0.0,
-        "tie_word_embeddings": case != "mlm_untied",
-        "num_labels": 3,
-        "pad_token_id": 1,
-        "architectures": [ARCH.get(case, "BertModel")],
-        **overrides,
-    }
-    cfg = BertConfig(**kwargs)
-    cfg._attn_implementation = attn
-    return cfg
+ARCH = BERT_ARCHITECTURES
 
 
 def saved_bert(tmp_path: Path, case: str, seed: int = 0) -> tuple[Path, Any]:
