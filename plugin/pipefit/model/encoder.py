@@ -46,11 +46,9 @@ from torch import nn
 
 from pipefit.config import ConfigError, RunConfig
 from pipefit.model.layers import (
-    TIED_KEY,
     LayerInfo,
     ModelSkeleton,
     StageLayer,
-    TiedHead,
     float32_model,
     mask_cache,
     stage_layers,
@@ -260,9 +258,17 @@ def layer_plan(skeleton: EncoderSkeleton) -> list[LayerInfo]:
     return layers
 
 
-def _layer_args(skeleton: EncoderSkeleton, layer: LayerInfo, device: str) -> tuple[type[nn.Module], tuple[Any, ...]]:
-    """Class and arguments of an untied layer (everything but the embedding and a tied head)."""
+# What pipefit.model.layer_list's one spec/build path needs from this layer list (see the decoder's).
+EMBED_LAYER = EncoderEmbedLayer
+TIED_HEAD_FORWARD = mlm_tied_head_forward
+tied_weight_attrs = EncoderEmbedLayer.tied_weight_attrs
+
+
+def layer_args(skeleton: EncoderSkeleton, layer: LayerInfo, device: str) -> tuple[type[nn.Module], tuple[Any, ...]]:
+    """Class and arguments of a layer (a tied head aside: the layer list builds it on the embedding)."""
     a = skeleton.adapter
+    if layer.kind == "embed":
+        return EncoderEmbedLayer, (skeleton, 0, device)
     if layer.kind == "block":
         return EncoderBlockLayer, (skeleton, layer.index, layer.block_index, device)
     if layer.kind == "transform":
@@ -272,56 +278,6 @@ def _layer_args(skeleton: EncoderSkeleton, layer: LayerInfo, device: str) -> tup
     if skeleton.task == MASKED_LM:
         return SubmoduleLayer, (skeleton, layer.index, "decoder", a.lm_head, device)
     return ClassifierLayer, (skeleton, layer.index, device)
-
-
-def layer_specs(skeleton: EncoderSkeleton, device: str = "cpu") -> list[Any]:
-    """DeepSpeed layer specs in pipeline order; a tied masked-LM head shares the embedding module."""
-    from deepspeed.pipe import LayerSpec, TiedLayerSpec
-
-    specs: list[Any] = []
-    for layer in layer_plan(skeleton):
-        if layer.kind == "embed" and layer.tied:
-            attrs = EncoderEmbedLayer.tied_weight_attrs(skeleton)
-            specs.append(
-                TiedLayerSpec(TIED_KEY, EncoderEmbedLayer, skeleton, 0, device, "embed", tied_weight_attr=attrs)
-            )
-        elif layer.kind == "embed":
-            specs.append(LayerSpec(EncoderEmbedLayer, skeleton, 0, device))
-        elif layer.kind == "head" and layer.tied:
-            attrs = EncoderEmbedLayer.tied_weight_attrs(skeleton)
-            specs.append(
-                TiedLayerSpec(
-                    TIED_KEY,
-                    EncoderEmbedLayer,
-                    skeleton,
-                    0,
-                    device,
-                    "head",
-                    forward_fn=mlm_tied_head_forward,
-                    tied_weight_attr=attrs,
-                )
-            )
-        else:
-            cls, args = _layer_args(skeleton, layer, device)
-            specs.append(LayerSpec(cls, *args))
-    return specs
-
-
-def build_layers(skeleton: EncoderSkeleton, start: int, stop: int, device: str = "cpu") -> list[nn.Module]:
-    """Layers ``[start, stop)`` in one process; a tied head reuses an embedding in the same range."""
-    shared: EncoderEmbedLayer | None = None
-    out: list[nn.Module] = []
-    for layer in layer_plan(skeleton)[start:stop]:
-        if layer.kind == "embed":
-            shared = EncoderEmbedLayer(skeleton, 0, device, "embed")
-            out.append(shared)
-        elif layer.kind == "head" and layer.tied:
-            embed = shared if shared is not None else EncoderEmbedLayer(skeleton, 0, device, "head")
-            out.append(TiedHead(embed, mlm_tied_head_forward))
-        else:
-            cls, args = _layer_args(skeleton, layer, device)
-            out.append(cls(*args))
-    return out
 
 
 # -- weights -----------------------------------------------------------------------------------------
