@@ -22,6 +22,7 @@ def boundaries_for(
     workload: Any = None,
     hardware: Any = None,
     layer_costs: Any = None,
+    trainable: list[bool] | None = None,
 ) -> list[int]:
     """Stage boundaries for ``pipeline.partition=method``.
 
@@ -45,6 +46,7 @@ def boundaries_for(
             "memory": layer_costs.memory,
             "memory_cap": layer_costs.memory_cap,
             "boundary_costs": layer_costs.boundary_costs(),
+            "trainable": trainable,  # LoRA / train.freeze: every stage keeps a layer to train
         }
     params = [layer.num_params for layer in plan]
     return balance.resolve_partition(method, num_stages, params, [x.type_names for x in plan], boundaries, **extra)

@@ -77,8 +77,16 @@ class Prepared:
         # profile measures on this machine: done once the ranks exist (rank 0 measures, all receive).
         self.deferred_profile = run.pipeline.partition == "profile"
         method = "flops" if self.deferred_profile else run.pipeline.partition
+        found = trainable.trainable_layers(run, self.skeleton)
+        self.trainable_layers = found[0] if found else None  # LoRA / train.freeze: what each layer trains
         self.boundaries = boundaries_for(
-            self.skeleton, method, stages, run.pipeline.boundaries, workload=self.workload, hardware=run.hardware
+            self.skeleton,
+            method,
+            stages,
+            run.pipeline.boundaries,
+            workload=self.workload,
+            hardware=run.hardware,
+            trainable=self.trainable_layers,
         )
         self.dp = check_world(run, world_size)
         if m.path:
