@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 # Importing pipefit.config registers the schema "pipefit_schema" that conf/config.yaml lists first.
 from pipefit.config import ConfigError, RunConfig, check_world, validate
+from pipefit.config.compose import leaves
 from pipefit.model.hf import load_hf_config
 from pipefit.model.layer_list import layer_plan, make_skeleton
 from pipefit.partition.boundaries import boundaries_for
@@ -48,17 +49,6 @@ def _primary_groups() -> set[str]:
     return groups
 
 
-def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in node.items():
-        dotted = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, dict) and value:
-            out.update(_leaves(value, dotted))
-        else:
-            out[dotted] = value
-    return out
-
-
 def _expected_values(rel: str) -> dict[str, Any]:
     """Leaf values a group file sets, at the place the composed config holds them."""
     path = CONF / rel
@@ -68,8 +58,8 @@ def _expected_values(rel: str) -> dict[str, Any]:
         package = ""
     else:
         package = rel.rsplit("/", 1)[0].replace("/", ".")
-    leaves = _leaves(raw, package)
-    return {k: v for k, v in leaves.items() if v != "???" and not (isinstance(v, str) and "${" in v)}
+    values = leaves(raw, package)
+    return {k: v for k, v in values.items() if v != "???" and not (isinstance(v, str) and "${" in v)}
 
 
 # --- every file under conf/ ---------------------------------------------------------------------

@@ -88,3 +88,15 @@ def _check_preset_matches_folder(cfg: Any, preset: str, path: str, given_hf: set
             f"but {folder[key]!r} in the folder's config.json; accepted: model.path={path} alone (the folder's own "
             f"model), or a preset that matches it"
         )
+
+
+def leaves(node: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping (a config as plain containers) as ``{"dotted.key": value}``; empty mappings are leaves."""
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and value:
+            out.update(leaves(value, dotted))
+        else:
+            out[dotted] = value
+    return out
