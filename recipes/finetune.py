@@ -6,7 +6,8 @@ One node, 2 CPU processes (the embedded default: tiny Llama, offline tokenizer a
     accelerate launch --use_deepspeed --num_processes 2 recipes/finetune.py train.max_steps=20
 
 Overrides are Hydra's: ``model=gpt2_tiny``, ``model.path=/models/my-llama``, ``pipeline.stages=4``,
-``pipeline.partition=uniform|parameters|type:REGEX|manual pipeline.boundaries=[0,3,6]``,
+``pipeline.partition=profile|uniform|parameters|type:REGEX|manual pipeline.boundaries=[0,3,6]`` (default
+``flops``: the cost-priced split),
 ``zero.stage=0``, ``train.max_steps=100``, ``optim.lr=3e-4``, ``output_dir=runs/x``;
 ``--cfg job`` prints the resolved config.
 

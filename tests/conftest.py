@@ -6,7 +6,10 @@ untied heads, biases on q/k/v (Qwen2), a sliding window shorter than the test se
 (Mistral), learned positions and Conv1D projections (GPT-2), QK-norm (Qwen3), fused qkv and
 gate/up projections with partial rotary (Phi-3), Gemma's scaled embedding and (1 + w) norms,
 Gemma-2's alternating sliding windows with attention and final-logit soft-capping, GPT-NeoX's
-parallel residual with partial rotary, and OPT's offset positions with input/output projections.
+parallel residual with partial rotary, OPT's offset positions with input/output projections, and
+BERT (bidirectional, absolute positions, post-norm) with a masked-LM head, tied and untied, and a
+sequence-classification head: each family's task (pipefit.model.tasks) says which HF class is its
+reference model.
 """
 
 from __future__ import annotations
@@ -26,8 +29,56 @@ MAX_POSITIONS = 256
 # Shorter than the 20-token sequences the tests use, so the window actually cuts attention.
 SLIDING_WINDOW = 8
 
-FAMILIES = ["llama", "llama_tied", "mistral", "qwen2", "gpt2", "qwen3", "phi3", "gemma", "gemma2", "gpt_neox", "opt"]
-TIED_FAMILIES = {"llama_tied", "qwen2", "gpt2", "gemma", "gemma2", "opt"}
+# The BERT presets: family -> the encoder case (see bert_config).
+BERT_FAMILIES = {"bert_mlm": "mlm", "bert_mlm_untied": "mlm_untied", "bert_cls": "cls"}
+FAMILIES = [
+    *["llama", "llama_tied", "mistral", "qwen2", "gpt2", "qwen3", "phi3", "gemma", "gemma2", "gpt_neox", "opt"],
+    *BERT_FAMILIES,
+]
+# Families whose head reuses the input embedding (BERT's masked-LM decoder included).
+TIED_FAMILIES = {"llama_tied", "qwen2", "gpt2", "gemma", "gemma2", "opt", "bert_mlm"}
+# BERT's vocabulary: the embedded tokenizer's 4096 tokens + the mask token pipefit adds, rounded up.
+BERT_VOCAB = 4160
+BERT_ARCHITECTURES = {"mlm": "BertForMaskedLM", "mlm_untied": "BertForMaskedLM", "cls": "BertForSequenceClassification"}
+
+
+def bert_config(case: str, attn: str = "sdpa", **overrides: Any) -> Any:
+    """A tiny dropout-free BERT for ``case`` (``mlm``, ``mlm_untied``, ``cls`` or ``base``)."""
+    from transformers import BertConfig
+
+    kwargs: dict[str, Any] = {
+        "vocab_size": BERT_VOCAB,
+        "hidden_size": HIDDEN,
+        "num_hidden_layers": 3,
+        "num_attention_heads": HEADS,
+        "intermediate_size": 2 * HIDDEN,
+        "max_position_embeddings": 64,
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        "tie_word_embeddings": case != "mlm_untied",
+        "num_labels": 3,
+        "pad_token_id": 1,
+        "architectures": [BERT_ARCHITECTURES.get(case, "BertModel")],
+        **overrides,
+    }
+    cfg = BertConfig(**kwargs)
+    cfg._attn_implementation = attn
+    return cfg
+
+
+def task_of_family(family: str) -> Any:
+    """The :class:`pipefit.model.tasks.Task` a family's tiny config trains as."""
+    from pipefit.model.layer_list import make_skeleton
+    from pipefit.model.tasks import TASKS
+
+    return TASKS[make_skeleton(tiny_hf_config(family)).task]
+
+
+def reference_class(family: str) -> Any:
+    """The HF auto class (``AutoModelForCausalLM``, ``AutoModelForMaskedLM``, ...) of a family's task."""
+    import transformers
+
+    return getattr(transformers, task_of_family(family).auto_class)
 
 
 def _llama_like_kwargs(num_layers: int) -> dict[str, Any]:
@@ -58,6 +109,8 @@ def tiny_hf_config(family: str) -> Any:
         Qwen3Config,
     )
 
+    if family in BERT_FAMILIES:
+        return bert_config(BERT_FAMILIES[family])
     if family == "llama":
         return LlamaConfig(**_llama_like_kwargs(3), tie_word_embeddings=False)
     if family == "llama_tied":
@@ -152,12 +205,11 @@ def tiny_hf_config(family: str) -> Any:
 def saved_model(tmp_path: Path, family: str, seed: int = 0, **save_kwargs: Any) -> tuple[Path, Any]:
     """A random HF model of ``family`` (seeded), saved with ``save_pretrained``; returns ``(folder, model)``.
 
-    The model is returned in eval mode. ``save_kwargs`` go to ``save_pretrained`` (e.g. ``max_shard_size``).
+    The model is the family's task model (``BertForMaskedLM`` for ``bert_mlm``), returned in eval mode.
+    ``save_kwargs`` go to ``save_pretrained`` (e.g. ``max_shard_size``).
     """
-    from transformers import AutoModelForCausalLM
-
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_hf_config(family))
+    model = reference_class(family).from_config(tiny_hf_config(family))
     model.eval()
     folder = Path(tmp_path) / f"{family}-seed{seed}"
     model.save_pretrained(folder, **save_kwargs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -136,6 +137,34 @@ def test_verify_reads_a_local_folder(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "boundaries: [0, 2, 4, 6]" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(
+    ("family", "attention", "boundaries"), [("llama_tied", "sdpa", [0, 3, 6]), ("gemma2", "eager", [0, 4, 7])]
+)
+def test_a_folder_alone_verifies_and_plans_as_that_model(
+    family: str, attention: str, boundaries: list[int], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    # No model=local and no attention override: the folder's own config (tied head, 64 wide), and
+    # the attention from_pretrained would pick (Gemma-2 has no sdpa).
+    folder, _ = saved_model(tmp_path, family)
+    assert cli_main(["verify", f"model.path={folder}", "pipeline.stages=2", "pipeline.partition=uniform"]) == 0
+    out = capsys.readouterr().out
+    assert f"boundaries: {boundaries}" in out and out.endswith("PASS: tolerance 1.0e-05\n")
+    assert cli_main(["plan", f"model.path={folder}", "pipeline.stages=2", "pipeline.partition=flops", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["model"], report["attention"]) == (f"{family}-seed0", attention)
+
+
+def test_a_preset_that_contradicts_the_folder_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    folder, _ = saved_model(tmp_path, "gpt2")
+    capsys.readouterr()
+    assert cli_main(["verify", "model=llama_tiny", f"model.path={folder}"]) == 2
+    assert capsys.readouterr().err == (
+        f"pipefit: error: model=llama_tiny and model.path='{folder}' describe different models: "
+        "hf_config.model_type is 'llama' in the preset but 'gpt2' in the folder's config.json; accepted: "
+        f"model.path={folder} alone (the folder's own model), or a preset that matches it\n"
+    )
+
+
 def test_verify_fails_when_a_stage_is_wrong(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
     original = pipefit.model.layers.NormLayer.forward
 
@@ -161,8 +190,9 @@ def test_verify_runs_in_the_training_precision(precision: str):
     from pipefit.config import validate
     from pipefit.parity.verify import verify
 
-    fp32 = verify(validate(compose(["pipeline.stages=2"])))
-    low = verify(validate(compose(["pipeline.stages=2", f"train.precision={precision}"])))
+    split = ["pipeline.stages=2", "pipeline.partition=parameters"]
+    fp32 = verify(validate(compose(split)))
+    low = verify(validate(compose([*split, f"train.precision={precision}"])))
     assert (low.boundary_diffs, low.logits_diff, low.loss_pipeline) == ([(1, 3, 0.0)], 0.0, low.loss_hf)
     assert 1e-6 < abs(low.loss_pipeline - fp32.loss_pipeline) < 1e-2
 

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 # Importing pipefit.config registers the schema "pipefit_schema" that conf/config.yaml lists first.
 from pipefit.config import ConfigError, RunConfig, check_world, validate
+from pipefit.config.compose import leaves
 from pipefit.model.hf import load_hf_config
 from pipefit.model.layer_list import layer_plan, make_skeleton
 from pipefit.partition.boundaries import boundaries_for
@@ -48,17 +49,6 @@ def _primary_groups() -> set[str]:
     return groups
 
 
-def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in node.items():
-        dotted = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, dict) and value:
-            out.update(_leaves(value, dotted))
-        else:
-            out[dotted] = value
-    return out
-
-
 def _expected_values(rel: str) -> dict[str, Any]:
     """Leaf values a group file sets, at the place the composed config holds them."""
     path = CONF / rel
@@ -68,8 +58,8 @@ def _expected_values(rel: str) -> dict[str, Any]:
         package = ""
     else:
         package = rel.rsplit("/", 1)[0].replace("/", ".")
-    leaves = _leaves(raw, package)
-    return {k: v for k, v in leaves.items() if v != "???" and not (isinstance(v, str) and "${" in v)}
+    values = leaves(raw, package)
+    return {k: v for k, v in values.items() if v != "???" and not (isinstance(v, str) and "${" in v)}
 
 
 # --- every file under conf/ ---------------------------------------------------------------------
@@ -118,6 +108,34 @@ def test_required_field_files_with_their_overrides() -> None:
     assert (run.data.source, run.data.data_files, run.data.text_field) == ("json", ["/data/train.jsonl"], "content")
 
 
+def test_a_model_folder_alone_drops_the_default_preset() -> None:
+    from pipefit.config.compose import compose as pipefit_compose
+
+    run = validate(pipefit_compose(["model.path=/models/My-Llama/", "++model.hf_config.num_hidden_layers=2"]))
+    assert (run.model.name, run.model.path, run.model.hf_config) == (
+        "My-Llama",
+        "/models/My-Llama/",
+        {"num_hidden_layers": 2},
+    )
+    assert (run.model.attn_implementation, run.output_dir) == (None, "outputs/My-Llama")
+    # A preset named on the command line stays (its hf_config then has to agree with the folder's config.json).
+    run = validate(pipefit_compose(["model=gemma2_tiny", "model.path=/models/g2"]))
+    assert (run.model.name, run.model.hf_config["sliding_window"]) == ("gemma2_tiny", 16)
+
+
+def test_prepare_reads_a_model_folder_alone_as_that_folder(tmp_path: Path) -> None:
+    from conftest import saved_model
+    from pipefit.run.preflight import prepare
+
+    folder, _ = saved_model(tmp_path, "gpt2")
+    overrides = [f"model.path={folder}", f"output_dir={tmp_path / 'out'}"]
+    # The recipe's cfg, as Hydra composed it, and the overrides as typed.
+    prepared = prepare(compose_cfg(overrides), overrides, env={"WORLD_SIZE": "2"})
+    assert (prepared.run.model.name, prepared.run.model.hf_config) == ("gpt2-seed0", {})
+    assert (type(prepared.hf_config).__name__, prepared.hf_config.tie_word_embeddings) == ("GPT2Config", True)
+    assert prepared.hf_config._attn_implementation == "sdpa"
+
+
 @pytest.mark.parametrize("data", ["text", "json"])
 def test_local_data_without_files_is_an_error(data: str) -> None:
     with pytest.raises(ConfigError, match=rf"data\.data_files is empty for data\.source={data}"):
@@ -133,7 +151,7 @@ def test_defaults_compose_to_the_documented_run() -> None:
     run = compose_run()
     assert run.model.name == "llama_tiny"
     assert run.model.hf_config["num_hidden_layers"] == 4
-    assert (run.pipeline.stages, run.pipeline.partition, run.pipeline.boundaries) == (2, "parameters", None)
+    assert (run.pipeline.stages, run.pipeline.partition, run.pipeline.boundaries) == (2, "flops", None)
     assert run.zero.stage == 1
     assert (run.train.micro_batch_size, run.train.grad_accum_steps, run.train.precision) == (4, 4, "fp32")
     assert run.output_dir == "outputs/llama_tiny"

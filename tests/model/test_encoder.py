@@ -21,7 +21,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import build_loaded
+from conftest import BERT_ARCHITECTURES, BERT_VOCAB, bert_config, build_loaded
 from pipefit.config import ConfigError
 from pipefit.data import tasks as data_tasks
 from pipefit.data.batches import BatchLayout, GlobalBatches, Rows
@@ -32,37 +32,10 @@ from pipefit.parity.reference import DocumentMasked
 from pipefit.partition.boundaries import boundaries_for
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
-# The encoder config classes this file covers (test_parity checks every registered class is tested somewhere).
-TESTED_CONFIG_CLASSES = {"BertConfig"}
-# The embedded tokenizer's 4096 tokens + the mask token pipefit adds, rounded up.
-VOCAB = 4160
+VOCAB = BERT_VOCAB
 SEQ = 16
 PAD = 5  # padded positions at the end of the last row
-ARCH = {"mlm": "BertForMaskedLM", "mlm_untied": "BertForMaskedLM", "cls": "BertForSequenceClassification"}
-
-
-def bert_config(case: str, attn: str = "sdpa", **overrides: Any) -> Any:
-    """A tiny dropout-free BERT for ``case`` (``mlm``, ``mlm_untied``, ``cls`` or ``base``)."""
-    from transformers import BertConfig
-
-    kwargs: dict[str, Any] = {
-        "vocab_size": VOCAB,
-        "hidden_size": 64,
-        "num_hidden_layers": 3,
-        "num_attention_heads": 4,
-        "intermediate_size": 128,
-        "max_position_embeddings": 64,
-        "hidden_dropout_prob": 0.0,
-        "attention_probs_dropout_prob": 0.0,
-        "tie_word_embeddings": case != "mlm_untied",
-        "num_labels": 3,
-        "pad_token_id": 1,
-        "architectures": [ARCH.get(case, "BertModel")],
-        **overrides,
-    }
-    cfg = BertConfig(**kwargs)
-    cfg._attn_implementation = attn
-    return cfg
+ARCH = BERT_ARCHITECTURES
 
 
 def saved_bert(tmp_path: Path, case: str, seed: int = 0) -> tuple[Path, Any]:
@@ -358,19 +331,122 @@ def test_export_round_trip_through_from_pretrained(tmp_path: Path, case: str) ->
 # -- partitions -------------------------------------------------------------------------------------
 
 
-def test_partition_methods_and_cost_model_error() -> None:
+def test_partition_methods_and_cost_models() -> None:
+    from pipefit.partition import boundaries, costs
+
     skeleton = make_skeleton(bert_config("mlm"))
     assert boundaries_for(skeleton, "uniform", 2, None) == [0, 3, 6]
     assert boundaries_for(skeleton, "manual", 3, [0, 1, 5, 6]) == [0, 1, 5, 6]
     by_params = boundaries_for(skeleton, "parameters", 2, None)
     assert by_params[0] == 0 and by_params[-1] == 6 and len(by_params) == 3
     assert boundaries_for(skeleton, "type:BertLayer", 3, None) == [0, 2, 3, 6]
-    for method in ("flops", "profile"):
-        from pipefit.partition import boundaries, costs
+    work = costs.Workload(micro_batch_size=2, seq_len=16)
+    priced = boundaries.price_layers(skeleton, "flops", work)
+    assert priced.method == "flops" and len(priced.forward_s) == 6
+    # The tied decoder over the vocabulary (2 x 32 x 64 x 4160 per forward) outweighs a block at this size.
+    assert priced.flops[5].matmul == 2 * 32 * 64 * VOCAB
+    assert priced.flops[5].total > priced.flops[1].total > priced.flops[4].total > 0
+    # The head alone costs more than everything before it: it gets a stage of its own.
+    assert priced.per_layer()[5] > sum(priced.per_layer()[:5])
+    assert boundaries_for(skeleton, "flops", 2, None, workload=work) == [0, 5, 6]
 
-        with pytest.raises(ConfigError, match=f"pipeline.partition={method} is not accepted for the encoder") as e:
-            boundaries.price_layers(skeleton, method, costs.Workload(micro_batch_size=2, seq_len=16))
-        assert "accepted: uniform, parameters, type:REGEX, manual" in str(e.value)
+
+def _encoder_forward_backward(module: Any, layer: Any, cfg: Any, batch: int, seq: int) -> None:
+    """One forward and backward of a layer with the inputs its stage receives, loss included for the head."""
+    h = cfg.hidden_size
+    positions = torch.arange(seq).expand(batch, seq)
+    if layer.kind == "embed":
+        out = module((torch.randint(0, VOCAB, (batch, seq)), positions))[0]
+    elif layer.kind == "head" and cfg.architectures == ["BertForSequenceClassification"]:
+        logits = module(torch.randn(batch, h, requires_grad=True))
+        out = causal_lm_loss(logits, (torch.randint(0, cfg.num_labels, (batch,)), torch.tensor(1.0)))
+    elif layer.kind == "head":
+        logits = module(torch.randn(batch, seq, h, requires_grad=True))
+        out = causal_lm_loss(logits, (torch.randint(0, VOCAB, (batch, seq)), torch.tensor(1.0)))
+    else:
+        out = module((torch.randn(batch, seq, h, requires_grad=True), positions))
+        out = out[0] if isinstance(out, tuple) else out
+    out.backward(torch.ones_like(out)) if out.dim() else out.backward()
+
+
+@pytest.mark.parametrize("case", ["mlm", "mlm_untied", "cls"])
+def test_flops_match_flop_counter_on_bert_layers(case: str) -> None:
+    """Every BERT layer's analytic FLOPs (bidirectional attention over all s^2 pairs, the masked-LM
+    transform and decoder, the pooler and classifier) against ``FlopCounterMode`` on the real layer."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pipefit.partition.costs import layer_flops
+
+    # Wide enough that element-wise work (which the counter ignores) stays under 5 % of every layer.
+    cfg = bert_config(case, attn="eager", hidden_size=256, intermediate_size=512)
+    skeleton = make_skeleton(cfg)
+    plan = layer_plan(skeleton)
+    batch, seq = 2, 24
+    kinds = []
+    for layer in plan:
+        module = build_layers(skeleton, layer.index, layer.index + 1)[0]
+        with FlopCounterMode(display=False) as counter:
+            _encoder_forward_backward(module, layer, cfg, batch, seq)
+        measured = counter.get_total_flops()
+        ours = layer_flops(cfg, layer, seq, batch)  # no causal=False needed: an encoder attends both ways
+        kinds.append(layer.kind)
+        if layer.kind == "embed":
+            assert measured == 0 and ours.matmul == ours.attention == 0 and ours.total > 0
+            continue
+        assert 3 * (ours.matmul + ours.attention) == pytest.approx(measured, rel=0.05), (case, layer.kind)
+        assert ours.total == pytest.approx(measured, rel=0.05), (case, layer.kind)
+    tail = ["transform", "head"] if case.startswith("mlm") else ["pooler", "head"]
+    assert kinds == ["embed", "block", "block", "block", *tail]
+    t = batch * seq
+    block = layer_flops(cfg, plan[1], seq, batch)
+    assert block.attention == 2 * 2 * batch * 4 * 64 * seq * seq  # QK^T and PV over all s^2 pairs
+    assert block.matmul == 2 * t * 256 * 4 * 256 + 2 * 2 * t * 256 * 512
+    if case == "cls":
+        assert layer_flops(cfg, plan[4], seq, batch).matmul == 2 * batch * 256 * 256  # pooler: first token
+        assert layer_flops(cfg, plan[5], seq, batch).matmul == 2 * batch * 256 * 3  # classifier, 3 labels
+    else:
+        assert layer_flops(cfg, plan[4], seq, batch).matmul == 2 * t * 256 * 256
+        assert layer_flops(cfg, plan[5], seq, batch).matmul == 2 * t * 256 * VOCAB
+
+
+@pytest.mark.parametrize("case", ["mlm", "cls"])
+def test_profile_measures_bert_layers(case: str, tmp_path: Path) -> None:
+    from pipefit.partition import boundaries, costs, profile
+
+    skeleton = make_skeleton(bert_config(case))
+    plan = layer_plan(skeleton)
+    work = costs.Workload(seq_len=16, micro_batch_size=2)
+    profiles = profile.profile_layers(skeleton, plan, work, cache_dir=tmp_path, min_runs=2, max_runs=3, warmup=1)
+    assert len(profiles) == 6 and all(p.forward_s > 0 and p.backward_s > 0 for p in profiles)
+    assert profiles[1] == profiles[2] == profiles[3]  # identical blocks measured once
+    # A block saves more than the pooler or transform; the MLM head saves its fp32 logits over the vocabulary.
+    assert profiles[1].activation_bytes > profiles[4].activation_bytes > 0
+    if case == "mlm":
+        assert profiles[5].activation_bytes >= 2 * 16 * VOCAB * 4
+    bounds = boundaries_for(
+        skeleton, "profile", 2, None, layer_costs=boundaries.price_layers(skeleton, "profile", work, cache_dir=tmp_path)
+    )
+    assert bounds[0] == 0 and bounds[-1] == 6 and len(bounds) == 3
+
+
+@pytest.mark.parametrize(("case", "bounds"), [("mlm", [0, 5, 6]), ("cls", [0, 2, 6])])
+def test_plan_prices_a_local_encoder_folder(
+    case: str, bounds: list[int], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pipefit.cli import main
+
+    folder, _ = saved_bert(tmp_path, case)
+    capsys.readouterr()  # what saving the folder printed
+    assert main(["plan", "model=local", f"model.path={folder}", "data.seq_len=32", "--json"]) == 0
+    out = capsys.readouterr().out
+    report = json.loads(out)
+    assert report["chosen"] == "flops" and report["methods"]["flops"]["boundaries"] == bounds
+    best = report["methods"]["flops"]["bottleneck_s"]
+    assert all(best <= m["bottleneck_s"] for m in report["methods"].values())
+    assert [x["kind"] for x in report["layers"]][-2:] == (
+        ["transform", "head"] if case == "mlm" else ["pooler", "head"]
+    )
+    assert all(x["flops"] > 0 for x in report["layers"])
 
 
 # -- data ---------------------------------------------------------------------------------------------
@@ -458,7 +534,6 @@ def test_classification_batches_from_jsonl(tmp_path: Path) -> None:
     assert ids.shape == (2, 8) and labels.shape == (2,) and float(scale) == pytest.approx(3 / 6)
     for extra, message in [
         (["data.seq_len=600"], "data.seq_len=600 exceeds the model's max_position_embeddings=512"),
-        (["pipeline.partition=flops"], "pipeline.partition=flops is not accepted for the encoder family 'bert'"),
     ]:
         with pytest.raises(ConfigError, match=re.escape(message)):
             Prepared(validate(compose([*base, *extra])), 2)
@@ -535,6 +610,41 @@ def test_masked_lm_pipeline_training_matches_single_process_and_exports(tmp_path
     with torch.no_grad():
         relogits = BertForMaskedLM.from_pretrained(again).eval()(input_ids=probe["input_ids"]).logits
     torch.testing.assert_close(relogits, probe["logits"], **TOL)
+
+
+@pytest.mark.slow
+def test_a_minilm_shaped_folder_is_planned_and_trained_with_a_priced_split(tmp_path: Path) -> None:
+    """A masked-LM folder of MiniLM-L6's shape (6 blocks, hidden 384, vocab 30522), no partition named:
+    the run takes the split ``pipefit plan`` chose as the smallest bottleneck, and says so."""
+    import math
+
+    from transformers import BertConfig, BertForMaskedLM
+
+    from launching import compose, local_run, metrics, run_recipe, tail
+    from pipefit.config import validate
+    from pipefit.partition.plan import make_plan
+
+    shape = {"hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12, "intermediate_size": 1536}
+    torch.manual_seed(0)
+    folder = tmp_path / "minilm"
+    BertForMaskedLM(BertConfig(vocab_size=30522, architectures=["BertForMaskedLM"], **shape)).save_pretrained(folder)
+    out = tmp_path / "run"
+    overrides = local_run(folder, out, 2, "train.export=false")
+    report = make_plan(validate(compose(overrides)))
+    methods = report["methods"]
+    # The decoder over 30522 words outweighs the blocks: it gets a stage (almost) to itself.
+    assert report["chosen"] == "flops" and methods["flops"]["boundaries"] == [0, 7, 9]
+    assert methods["parameters"]["boundaries"] == [0, 4, 9]
+    assert all(methods["flops"]["bottleneck_s"] <= m["bottleneck_s"] for m in methods.values())
+
+    proc = run_recipe(overrides, num_processes=2)
+    assert proc.returncode == 0, tail(proc)
+    part = json.loads((out / "partition.json").read_text())
+    assert (part["method"], part["boundaries"]) == ("flops", [0, 7, 9])
+    assert sorted(r["layers"] for r in part["ranks"]) == [[0, 7], [7, 9]]
+    assert "partition=flops: boundaries [0, 7, 9]" in proc.stdout + proc.stderr
+    losses = [m["loss"] for m in metrics(out)]
+    assert len(losses) == 2 and all(abs(x - math.log(30522)) < 1.0 for x in losses)  # random init: ~ln(vocab)
 
 
 # Three topics, one label each; texts of 4 to 35 tokens, so rows of 16 are padded or truncated.

@@ -1,7 +1,9 @@
 """Pipeline layers vs the unmodified Hugging Face model: CPU, fp32, one process.
 
-Every registered family is covered: the whole layer list, every 2- and 3-stage split (each stage
-built and loaded on its own, as a rank would), the loss function, and HF-like random init.
+Every registered family and task is covered: the whole layer list, every 2- and 3-stage split (each
+stage built and loaded on its own, as a rank would), the loss function, and HF-like random init. The
+reference model, its output shape and its document masking are read from the family's task
+(:mod:`pipefit.model.tasks`), so the BERT presets (masked LM, classification) run the same tests.
 """
 
 from __future__ import annotations
@@ -16,11 +18,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import FAMILIES, TIED_FAMILIES, build_loaded, random_tokens, run_layers, saved_model, tiny_hf_config
+from conftest import (
+    FAMILIES,
+    TIED_FAMILIES,
+    build_loaded,
+    random_tokens,
+    reference_class,
+    run_layers,
+    saved_model,
+    task_of_family,
+    tiny_hf_config,
+)
 from pipefit.model import adapters
+from pipefit.model.hf import set_attn_implementation
 from pipefit.model.layer_list import build_layers, layer_plan, make_skeleton, stage_layers
-from pipefit.model.layers import IGNORE_INDEX, BlockLayer, EmbedLayer, causal_lm_loss
+from pipefit.model.layers import IGNORE_INDEX, BlockLayer, causal_lm_loss
+from pipefit.model.tasks import SEQUENCE_CLASSIFICATION, TASKS
 from pipefit.model.weights import hf_state_dict
+from pipefit.parity.reference import DocumentMasked
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 
@@ -31,6 +46,27 @@ def hf_logits(model: Any, inputs: tuple[torch.Tensor, torch.Tensor], **kwargs: A
         return model(input_ids=input_ids, position_ids=position_ids, **kwargs).logits
 
 
+def output_shape(family: str, config: Any, batch: int, seq: int) -> tuple[int, ...]:
+    """The head's output: a label score per row for classification, a vocabulary score per token otherwise."""
+    if task_of_family(family).name == SEQUENCE_CLASSIFICATION:
+        return (batch, config.num_labels)
+    return (batch, seq, config.vocab_size)
+
+
+def head_input_shape(family: str, model: Any, batch: int, seq: int) -> tuple[int, ...]:
+    """What the head layer receives: the pooled first token for classification, else every token
+    (projected to the head's width where the family projects: OPT's project_out)."""
+    if task_of_family(family).name == SEQUENCE_CLASSIFICATION:
+        return (batch, model.config.hidden_size)
+    return (batch, seq, model.get_output_embeddings().weight.shape[1])
+
+
+def tied_names(layer: nn.Module, config: Any) -> list[str]:
+    """The names, inside the embed ``layer``, of what a tied head shares: the token embedding (first)
+    and, where the head has one, its output bias (BERT's masked-LM head)."""
+    return [n for n, p in layer.named_parameters() if p.shape[0] == config.vocab_size]
+
+
 # -- coverage of the registry ---------------------------------------------------------------------
 
 
@@ -39,11 +75,11 @@ def test_every_registered_config_class_is_tested() -> None:
     decoders = [a for a in adapters.registered_adapters() if getattr(a, "kind", "decoder") == "decoder"]
     untested = {c for a in decoders for c in a.config_classes} - tested
     assert not untested, f"registered adapter config classes without a parity family in conftest: {sorted(untested)}"
-    # Encoder families (BERT) are covered by tests/model/test_encoder.py.
-    from test_encoder import TESTED_CONFIG_CLASSES
-
+    # Encoder families (BERT) are in the family list too.
     encoders = {c for a in adapters.registered_adapters() if a.kind == "encoder" for c in a.config_classes}
-    assert encoders <= TESTED_CONFIG_CLASSES, f"untested encoder classes: {sorted(encoders - TESTED_CONFIG_CLASSES)}"
+    assert encoders <= tested, f"encoder classes without a family in conftest: {sorted(encoders - tested)}"
+    # Every task is some family's task.
+    assert {task_of_family(f).name for f in FAMILIES} == set(TASKS)
     # Tied and untied heads, and a sliding window, are each exercised at least once.
     assert TIED_FAMILIES & set(FAMILIES) and set(FAMILIES) - TIED_FAMILIES
     assert any(getattr(tiny_hf_config(f), "sliding_window", None) for f in FAMILIES)
@@ -90,7 +126,7 @@ def test_full_pipeline_matches_hf_logits(tmp_path: Path, family: str) -> None:
         logits = run_layers(layers, inputs)
 
     expected = hf_logits(model, inputs)
-    assert logits.shape == (2, 20, model.config.vocab_size)
+    assert logits.shape == output_shape(family, model.config, 2, 20)
     torch.testing.assert_close(logits, expected, **TOL)
 
 
@@ -128,8 +164,7 @@ def test_every_stage_split_matches_hf_logits(tmp_path: Path, family: str) -> Non
             elif stop == n - 1:
                 # A stage ending with the final norm hands the head only the normalised hidden states
                 # (projected to the head's width where the family projects: OPT's project_out).
-                head_width = model.get_output_embeddings().weight.shape[1]
-                assert isinstance(out, torch.Tensor) and out.shape == (2, 20, head_width)
+                assert isinstance(out, torch.Tensor) and out.shape == head_input_shape(family, model, 2, 20)
         torch.testing.assert_close(out, expected, **TOL, msg=lambda m, b=bounds: f"split {b}: {m}")
 
 
@@ -139,11 +174,15 @@ def test_tied_head_on_its_own_stage_uses_the_checkpoint_embedding(tmp_path: Path
     skeleton = make_skeleton(tiny_hf_config(family))
     n = len(layer_plan(skeleton))
     (head,) = build_loaded(skeleton, folder, n - 1, n)
+    (embed,) = build_layers(skeleton, 0, 1)
     # A head-only stage holds just the tied weight (no position embedding, no dropout) ...
-    assert isinstance(head.embed, EmbedLayer)
-    assert [name for name, _ in head.named_parameters()] == ["embed.embed_tokens.weight"]
+    assert type(head.embed) is type(embed)
+    assert [name for name, _ in head.named_parameters()] == [f"embed.{n}" for n in tied_names(embed, model.config)]
+    if skeleton.task == "causal_lm":
+        assert [name for name, _ in head.named_parameters()] == ["embed.embed_tokens.weight"]
     # ... and that weight is the checkpoint's embedding, not the random init.
-    torch.testing.assert_close(head.embed.embed_tokens.weight, model.get_input_embeddings().weight, atol=0, rtol=0)
+    tied = head.embed.get_parameter(tied_names(embed, model.config)[0])
+    torch.testing.assert_close(tied, model.get_input_embeddings().weight, atol=0, rtol=0)
 
 
 def test_mistral_sliding_window_is_exercised(tmp_path: Path) -> None:
@@ -246,6 +285,20 @@ def test_sdpa_on_a_family_without_it_is_one_clear_line() -> None:
     assert "model.attn_implementation='sdpa'" in message and "Gemma2ForCausalLM" in message and "eager" in message
 
 
+@pytest.mark.parametrize(
+    ("family", "requested", "chosen"),
+    [("llama", None, "sdpa"), ("gemma2", None, "eager"), ("gpt2", None, "sdpa"), ("llama", "eager", "eager")],
+)
+def test_attention_left_unset_is_chosen_as_from_pretrained_does(family: str, requested: Any, chosen: str) -> None:
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_hf_config(family)
+    assert set_attn_implementation(cfg, requested) == chosen == cfg._attn_implementation
+    make_skeleton(cfg)  # builds: an unset choice never lands on one the family refuses
+    if requested is None:
+        assert AutoModelForCausalLM.from_config(tiny_hf_config(family)).config._attn_implementation == chosen
+
+
 def test_reset_position_ids_isolate_packed_documents(tmp_path: Path, family: str) -> None:
     # Position ids that restart mark packed documents: each stage rebuilds a mask that keeps
     # them apart, as HF does without a KV cache (use_cache=False, the training setting).
@@ -258,7 +311,14 @@ def test_reset_position_ids_isolate_packed_documents(tmp_path: Path, family: str
     with torch.no_grad():
         logits = run_layers(layers, (input_ids, position_ids))
 
-    torch.testing.assert_close(logits, hf_logits(model, (input_ids, position_ids), use_cache=False), **TOL)
+    # HF's encoders ignore position ids when masking: their reference applies the pipeline's document mask.
+    reference = DocumentMasked(model) if task_of_family(family).bidirectional else model
+    torch.testing.assert_close(logits, hf_logits(reference, (input_ids, position_ids), use_cache=False), **TOL)
+    if task_of_family(family).name == SEQUENCE_CLASSIFICATION:
+        # One score per row, read from the first document's first token: the second cannot reach it.
+        torch.testing.assert_close(logits, hf_logits(model, (input_ids[:, :12], position_ids[:, :12])), **TOL)
+        assert (logits - hf_logits(model, (input_ids, torch.arange(20).expand(2, 20)))).abs().max() > 1e-4
+        return
     second_alone = hf_logits(model, (input_ids[:, 12:], position_ids[:, 12:]))
     if skeleton.adapter.mask_uses_position_ids:
         torch.testing.assert_close(logits[:, 12:], second_alone, **TOL)
@@ -377,8 +437,6 @@ def _is_norm(module: nn.Module) -> bool:
 
 
 def test_random_init_statistics(family: str) -> None:
-    from transformers import AutoModelForCausalLM
-
     cfg = tiny_hf_config(family)
     init_std = getattr(cfg, "initializer_range", None) or cfg.init_std  # OPT calls it init_std
     skeleton, layers = _all_layers(family)
@@ -399,7 +457,7 @@ def test_random_init_statistics(family: str) -> None:
                 checked_norms += 1
     assert checked_random >= 2  # at least the embedding and the head (or positions)
     with torch.device("meta"):
-        hf_norms = sum(_is_norm(m) for m in AutoModelForCausalLM.from_config(cfg).modules())
+        hf_norms = sum(_is_norm(m) for m in reference_class(family).from_config(cfg).modules())
     assert checked_norms == hf_norms >= 2 * cfg.num_hidden_layers + 1
 
 
@@ -408,10 +466,8 @@ def test_random_init_statistics(family: str) -> None:
     [f for f in FAMILIES],
 )
 def test_random_init_matches_hf_init_per_tensor(family: str) -> None:
-    from transformers import AutoModelForCausalLM
-
     torch.manual_seed(0)
-    reference = dict(AutoModelForCausalLM.from_config(tiny_hf_config(family)).state_dict())
+    reference = dict(reference_class(family).from_config(tiny_hf_config(family)).state_dict())
     _, layers = _all_layers(family)
     seen = 0
     for layer in stage_layers(nn.ModuleList(layers)):
@@ -424,7 +480,9 @@ def test_random_init_matches_hf_init_per_tensor(family: str) -> None:
                 ratio = float(tensor.std()) / float(ref.std())
                 assert abs(ratio - 1) < 0.2, f"{hf_name}: std {float(tensor.std()):.4g} vs HF {float(ref.std()):.4g}"
             seen += 1
-    assert seen >= len(reference) - 1  # all but an untied copy of a tied head
+    # All but the copies of tied tensors (a tied head's weight; BERT's masked-LM head ties its bias too).
+    aliases = len(reference) - len({t.data_ptr() for t in reference.values()})
+    assert seen >= len(reference) - max(1, aliases)
 
 
 def test_random_init_is_deterministic_per_layer_index(family: str) -> None:
@@ -444,7 +502,8 @@ def test_random_init_is_deterministic_per_layer_index(family: str) -> None:
         assert torch.equal(tensor, layers[2].state_dict()[name]), name
     if family in TIED_FAMILIES:
         (head_alone,) = build_layers(skeleton, n - 1, n)
-        assert torch.equal(head_alone.embed.embed_tokens.weight, layers[0].embed_tokens.weight)
+        for name in tied_names(layers[0], skeleton.config):
+            assert torch.equal(head_alone.embed.get_parameter(name), layers[0].get_parameter(name))
 
     # Different blocks, and a different seed, give different weights.
     first, second = layers[1].state_dict(), layers[2].state_dict()

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import random
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from deepspeed.runtime import utils as ds_utils
 from deepspeed.runtime.pipe.module import PipelineModule
-from transformers import GPT2Config, LlamaConfig, Qwen2Config
 
+from conftest import HIDDEN, VOCAB_SIZE, tiny_hf_config
 from pipefit.model.layer_list import build_layers, layer_plan, layer_specs, make_skeleton
 from pipefit.partition.balance import PartitionError, partition_balanced, partition_uniform, resolve_partition
 from pipefit.partition.boundaries import boundaries_for
@@ -162,41 +163,20 @@ def test_resolve_partition_errors(method: str, stages: int, boundaries: list[int
 # --- the real layer plan against a real DeepSpeed partition -------------------------------------
 
 
-def llama_config() -> LlamaConfig:
-    return LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=1024,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=1,
-    )
+def llama_config() -> Any:
+    return tiny_hf_config("llama")  # 3 blocks, untied
 
 
-def qwen2_tied_config() -> Qwen2Config:
-    return Qwen2Config(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=512,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=1,
-    )
+def qwen2_tied_config() -> Any:
+    return tiny_hf_config("qwen2")  # 4 blocks, tied, q/k/v biases
 
 
-def gpt2_tied_config() -> GPT2Config:
-    # Learned positions (n_positions x n_embd) as large as a third of the token embedding.
-    return GPT2Config(n_embd=64, n_layer=3, n_head=4, n_positions=1024, vocab_size=512, bos_token_id=0, eos_token_id=0)
+def gpt2_tied_config() -> Any:
+    # Learned positions (n_positions x n_embd) as large as half the token embedding, so that the
+    # embed layer (tokens + positions) and the tied head (tokens only) differ widely in parameters.
+    cfg = tiny_hf_config("gpt2")
+    cfg.n_positions = cfg.vocab_size // 2
+    return cfg
 
 
 CONFIGS = [
@@ -233,9 +213,10 @@ def test_layer_plan_order_and_counts_untied() -> None:
     assert plan[0].hf_prefixes == ("model.embed_tokens",)
     assert plan[-1].hf_prefixes == ("lm_head",)
     assert [layer.tied for layer in plan] == [False] * 6
-    # vocab 1024 x hidden 64 for embedding and head; RMSNorm weight 64.
-    assert plan[0].num_params == 1024 * 64
-    assert plan[-1].num_params == 1024 * 64
+    # vocab 4096 x hidden 64 for embedding and head; RMSNorm weight 64.
+    assert (VOCAB_SIZE, HIDDEN) == (4096, 64)
+    assert plan[0].num_params == 4096 * 64
+    assert plan[-1].num_params == 4096 * 64
     assert plan[-2].num_params == 64
     # The full model's parameters are exactly the plan's (untied: nothing counted twice).
     assert sum(layer.num_params for layer in plan) == sum(p.numel() for p in skeleton.model.parameters())
@@ -244,10 +225,10 @@ def test_layer_plan_order_and_counts_untied() -> None:
 def test_layer_plan_order_tied() -> None:
     skeleton = make_skeleton(qwen2_tied_config())
     plan = layer_plan(skeleton)
-    assert [layer.kind for layer in plan] == ["embed", "block", "block", "block", "norm", "head"]
+    assert [layer.kind for layer in plan] == ["embed", "block", "block", "block", "block", "norm", "head"]
     assert plan[0].tied and plan[-1].tied
     assert plan[-1].hf_prefixes == ("model.embed_tokens",)
-    assert plan[-1].num_params == plan[0].num_params == 512 * 64
+    assert plan[-1].num_params == plan[0].num_params == 4096 * 64
 
 
 @pytest.mark.parametrize("make_config", CONFIGS)
@@ -270,7 +251,7 @@ def test_parameters_partition_equals_deepspeed_pipeline_module(make_config) -> N
 
 
 def test_parameters_partition_llama_known_answer() -> None:
-    # Embedding and head (65536 each) outweigh a block (36992): at 4 stages each gets a stage of
+    # Embedding and head (262144 each) outweigh a block (36992): at 4 stages each gets a stage of
     # its own, where uniform pairs the embedding with a block and gives the 64-parameter norm a stage.
     skeleton = make_skeleton(llama_config())
     assert boundaries_for(skeleton, "parameters", 4, None) == [0, 1, 3, 5, 6]

@@ -22,11 +22,13 @@ def all_splits(n: int, p: int) -> list[list[int]]:
     return [[0, *cuts, n] for cuts in itertools.combinations(range(1, n), p - 1)]
 
 
-def brute_force(costs, p, memory=None, cap=None, boundary_costs=None):
+def brute_force(costs, p, memory=None, cap=None, boundary_costs=None, trainable=None):
     """The documented order: smallest bottleneck, then smallest sum of squares, then largest boundaries."""
     best = None
     for b in all_splits(len(costs), p):
         if cap is not None and any(memory(s, b[s], b[s + 1]) > cap for s in range(p)):
+            continue
+        if trainable is not None and not all(any(trainable[b[s] : b[s + 1]]) for s in range(p)):
             continue
         c = stage_costs(costs, b, boundary_costs)
         key = (max(c), sum(x * x for x in c), [-x for x in b])
@@ -66,6 +68,26 @@ def test_matches_brute_force_with_boundary_costs() -> None:
         costs = random_costs(rng, n, case)
         cuts = [float(rng.randint(0, 5)) for _ in range(n + 1)]
         assert partition_min_max(costs, p, boundary_costs=cuts) == brute_force(costs, p, boundary_costs=cuts)
+
+
+def test_every_stage_keeps_a_trainable_layer() -> None:
+    """LoRA / train.freeze: a stage with nothing to train is never chosen (DeepSpeed builds no optimizer
+    for it), and the split is otherwise the cheapest, as brute force finds it."""
+    rng = random.Random(13)
+    for case in range(300):
+        n = rng.randint(2, 9)
+        trainable = [rng.random() < 0.6 for _ in range(n)]
+        if sum(trainable) < 1:
+            continue
+        p = rng.randint(1, sum(trainable))
+        costs = random_costs(rng, n, case)
+        assert partition_min_max(costs, p, trainable=trainable) == brute_force(costs, p, trainable=trainable)
+    # A LoRA llama: adapters on the blocks only, a heavy head; unconstrained, the head gets a stage alone.
+    costs, lora = [0.0, 10.0, 10.0, 10.0, 1.0, 40.0], [False, True, True, True, False, False]
+    assert partition_min_max(costs, 2) == [0, 5, 6]
+    assert partition_min_max(costs, 2, trainable=lora) == [0, 3, 6]  # stage 1 keeps block 3
+    with pytest.raises(PartitionError, match=r"only 3 of the 6 pipeline layers have parameters to train"):
+        partition_min_max(costs, 4, trainable=lora)
 
 
 def test_matches_brute_force_with_1f1b_memory_caps() -> None:

@@ -82,6 +82,30 @@ def test_plan_figures_for_the_default_model() -> None:
     assert flops["predicted_step_s"] >= report["micro_batches"] * (slowest["forward_s"] + slowest["backward_s"])
 
 
+@pytest.mark.parametrize(
+    ("preset", "flops_bounds", "params_bounds"),
+    [
+        ("llama_tiny", [0, 4, 7], [0, 3, 7]),
+        ("gpt2_tiny", [0, 4, 7], [0, 3, 7]),
+        ("bert_tiny", [0, 4, 7], [0, 3, 7]),  # masked LM: blocks, transform, tied decoder
+        ("bert_cls_tiny", [0, 3, 7], [0, 2, 7]),  # classification: blocks, pooler, classifier
+    ],
+)
+def test_the_default_partition_has_the_smallest_bottleneck(
+    preset: str, flops_bounds: list[int], params_bounds: list[int]
+) -> None:
+    """With no partition override the split is pipefit's cost-based one, for decoders and encoders alike,
+    and no other method's split has a smaller slowest stage under the same prices."""
+    report = make_plan(validate(compose([f"model={preset}"])))
+    assert report["chosen"] == "flops" and report["cost_model"] == "flops"
+    methods = report["methods"]
+    assert set(methods) == {"flops", "uniform", "parameters"}
+    assert methods["flops"]["boundaries"] == flops_bounds and methods["parameters"]["boundaries"] == params_bounds
+    best = methods["flops"]["bottleneck_s"]
+    assert all(best <= m["bottleneck_s"] for m in methods.values())
+    assert best < methods["parameters"]["bottleneck_s"]
+
+
 def test_plan_counts_dense_attention_masks_of_packed_rows() -> None:
     """sdpa over packed rows keeps a [b,1,s,s] bool mask per micro-batch in flight (one per stage, not per block)."""
     args = ["pipeline.partition=flops", "pipeline.stages=2"]
@@ -121,7 +145,7 @@ def test_cli_json_text_and_png(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert main(["plan", "pipeline.stages=2"]) == 0
     text = capsys.readouterr().out
-    assert "partition=parameters: boundaries [0, 3, 7]" in text
+    assert "partition=flops: boundaries [0, 4, 7]" in text
     assert "bottleneck/mean" in text and "bubble (p-1)/(m+p-1) 0.200" in text
 
 

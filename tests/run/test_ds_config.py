@@ -18,7 +18,7 @@ from pipefit.run.ds_config import (
     load_base_config,
     read_accelerate_env,
 )
-from pipefit.run.schedule import lr_factor, scheduler_factory
+from pipefit.run.schedule import lr_factor, lr_schedule, scheduler_factory, transformers_lr_lambda
 
 
 def make_run(**train: object) -> RunConfig:
@@ -459,3 +459,103 @@ def test_scheduler_factory_drives_the_optimizer_lr() -> None:
         optimizer.step()
         scheduler.step()
     assert seen == pytest.approx([0.05, 0.1, 0.05, 0.0], abs=1e-12)
+
+
+def test_transformers_schedules_by_name() -> None:
+    def factors(name: str, warmup: int = 4, **kwargs: float) -> list[float]:
+        optim = OptimConfig(scheduler=name, warmup_steps=warmup, scheduler_kwargs=kwargs)
+        return [round(f, 4) for f in map(lr_schedule(optim, 12), range(12))]
+
+    ramp = [0.2, 0.4, 0.6, 0.8]  # pipefit's warmup: update 0 already learns
+    assert factors("constant_with_warmup") == [*ramp, *[1.0] * 8]
+    assert factors("wsd", num_decay_steps=3) == [*ramp, *[1.0] * 6, 0.75, 0.25]
+    assert factors("polynomial", power=2.0) == [*ramp, 1.0, 0.7656, 0.5625, 0.3906, 0.25, 0.1406, 0.0625, 0.0156]
+    # cosine_with_min_lr is pipefit's cosine: the same factor at every update.
+    pipefit_cosine = OptimConfig(scheduler="cosine", warmup_steps=4, min_lr_ratio=0.1)
+    assert factors("cosine_with_min_lr", min_lr_rate=0.1) == [
+        round(lr_factor(k, pipefit_cosine, 12), 4) for k in range(12)
+    ]
+    # A warmup that already learns at update 0 is transformers' own, untouched.
+    assert factors("cosine_warmup_with_min_lr", min_lr_rate=0.1)[:4] == [0.25, 0.5, 0.75, 1.0]
+
+
+@pytest.mark.parametrize("name", ["cosine_with_restarts", "constant_with_warmup", "polynomial", "wsd", "inverse_sqrt"])
+def test_only_the_warmup_departs_from_transformers(name: str) -> None:
+    from transformers import get_scheduler
+
+    kwargs = {"num_decay_steps": 3} if name == "wsd" else {}
+    hf_name = {"wsd": "warmup_stable_decay"}.get(name, name)
+
+    def theirs(warmup: int) -> list[float]:
+        probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        built = get_scheduler(hf_name, probe, warmup, 12, scheduler_specific_kwargs=kwargs)
+        return [built.lr_lambdas[0](k) for k in range(13)]
+
+    def ours(warmup: int) -> list[float]:
+        factor = transformers_lr_lambda(
+            OptimConfig(scheduler=hf_name, warmup_steps=warmup, scheduler_kwargs=kwargs), 12
+        )
+        wrapped = lr_schedule(OptimConfig(scheduler=hf_name, warmup_steps=warmup, scheduler_kwargs=kwargs), 12)
+        assert [factor(k) for k in range(13)] == theirs(warmup)
+        return [wrapped(k) for k in range(13)]
+
+    # Where it matters: transformers' warmup gives update 0 a rate of 0 (no weight moves) ...
+    assert theirs(4)[0] == 0.0 and ours(4)[0] == pytest.approx(0.2)
+    assert ours(4)[4:] == theirs(4)[4:]  # ... and from the end of the warmup on, transformers' values.
+    # Without a warmup update 0 learns in transformers too: nothing is changed.
+    assert ours(0) == theirs(0) and theirs(0)[0] == 1.0
+
+
+def test_scheduler_names_and_arguments_are_one_line_errors() -> None:
+    from pipefit.config import validate
+
+    with pytest.raises(ConfigError) as info:
+        validate(RunConfig(optim=OptimConfig(scheduler="step")))
+    assert str(info.value) == (
+        "optim.scheduler='step' is not accepted; accepted: cosine, linear, constant, cosine_with_restarts, "
+        "polynomial, constant_with_warmup, inverse_sqrt, cosine_with_min_lr, cosine_warmup_with_min_lr, "
+        "warmup_stable_decay, wsd"
+    )
+    with pytest.raises(ConfigError, match=r"^optim\.scheduler=reduce_lr_on_plateau is not accepted: it steps on an"):
+        validate(RunConfig(optim=OptimConfig(scheduler="reduce_lr_on_plateau")))
+    with pytest.raises(ConfigError) as info:
+        validate(RunConfig(optim=OptimConfig(scheduler="cosine", scheduler_kwargs={"min_lr_rate": 0.1})))
+    assert str(info.value) == (
+        "optim.scheduler_kwargs={'min_lr_rate': 0.1} is not accepted with optim.scheduler=cosine (set "
+        "optim.warmup_steps and optim.min_lr_ratio); accepted: {} here, or a transformers schedule such as "
+        "cosine_with_min_lr"
+    )
+    with pytest.raises(ConfigError) as info:
+        lr_schedule(OptimConfig(scheduler="cosine_with_min_lr"), 12)
+    assert str(info.value) == (
+        "optim.scheduler_kwargs={} is not accepted by optim.scheduler=cosine_with_min_lr (One of min_lr or "
+        "min_lr_rate should be set through the `lr_scheduler_kwargs`); accepted: the keyword arguments of "
+        "transformers' cosine_with_min_lr schedule"
+    )
+
+
+def test_a_transformers_schedule_drives_the_optimizer_lr() -> None:
+    optim = OptimConfig(lr=0.1, warmup_steps=1, scheduler="wsd", scheduler_kwargs={"num_decay_steps": 2})
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=optim.lr)
+    scheduler = scheduler_factory(optim, max_steps=4)(optimizer)
+    seen = []
+    for _ in range(4):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert seen == pytest.approx([0.05, 0.1, 0.1, 0.05], abs=1e-12)
+
+
+def test_a_schedule_missing_its_argument_fails_before_any_rank(tmp_path: Path) -> None:
+    from pipefit.config.compose import compose
+    from pipefit.run.preflight import prepare
+
+    overrides = ["optim.scheduler=cosine_with_min_lr", f"output_dir={tmp_path / 'out'}"]
+    with pytest.raises(ConfigError, match=r"^optim\.scheduler_kwargs=\{\} is not accepted by optim\.scheduler=cos"):
+        prepare(compose(overrides), overrides, env={"WORLD_SIZE": "2"})
+    overrides.append("+optim.scheduler_kwargs.min_lr_rate=0.1")
+    assert prepare(compose(overrides), overrides, env={"WORLD_SIZE": "2"}).run.optim.scheduler_kwargs == {
+        "min_lr_rate": 0.1
+    }
+    assert not (tmp_path / "out").exists()

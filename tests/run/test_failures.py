@@ -97,7 +97,12 @@ def test_a_ranks_own_error_is_one_line_naming_it_at_once(tmp_path: Path):
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     out = tmp_path / "run"
     started = time.monotonic()
-    proc = run_recipe(local_run(folder, out, 3, "train.heartbeat_timeout_s=120"))
+    # The norm sits on stage 1 with the split [0, 3, 6] (embedding + 2 blocks | 1 block, norm, head).
+    proc = run_recipe(
+        local_run(
+            folder, out, 3, "train.heartbeat_timeout_s=120", "pipeline.partition=manual", "pipeline.boundaries=[0,3,6]"
+        )
+    )
     elapsed = time.monotonic() - started
     assert proc.returncode == 1, tail(proc)
     console = proc.stdout + proc.stderr

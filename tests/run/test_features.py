@@ -43,6 +43,23 @@ def test_eval_every_without_eval_data_is_a_one_line_error() -> None:
         validate(compose(["train.eval_batches=-1"]))
 
 
+def test_the_default_partition_is_priced_and_logged_with_its_method(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from pipefit.partition.boundaries import boundaries_for
+    from pipefit.run.reporting import log_plan
+
+    prepared = Prepared(validate(compose([])), 2)
+    assert prepared.run.pipeline.partition == "flops"
+    # llama_tiny: the cost-based split moves a block to the stage of the (expensive) head.
+    assert prepared.boundaries == [0, 4, 7]
+    assert boundaries_for(prepared.skeleton, "parameters", 2, None) == [0, 3, 7]
+    with caplog.at_level(logging.INFO, logger="pipefit"):
+        log_plan(prepared)
+    assert caplog.messages[0] == "partition=flops: boundaries [0, 4, 7]"
+    assert caplog.messages[1].startswith("stage 0: layers [0, 4)")
+
+
 def test_eval_rounds() -> None:
     batches = GlobalBatches(torch.zeros(10, 9, dtype=torch.long), BatchLayout(2, 1, 2), seed=0, what="evaluation")
     assert batches.steps_per_epoch == 2  # 10 rows, 4 per round

@@ -85,7 +85,8 @@ def test_bf16_with_zero_stage_0_is_refused_before_any_rank() -> None:
         validate(compose(["train.precision=bf16", "zero.stage=0"]))
     assert str(err.value) == (
         "train.precision=bf16 is not accepted with zero.stage=0: DeepSpeed would accumulate and reduce "
-        "gradients in bf16; accepted: zero.stage=1 (fp32 accumulation), or zero.stage=0 with fp32 or fp16"
+        "gradients in bf16; accepted: zero.stage=1 (fp32 accumulation), or train.precision=fp32 or fp16 at "
+        "ZeRO stage 0"
     )
     assert validate(compose(["train.precision=fp16", "zero.stage=0"])).zero.stage == 0
     assert validate(compose(["train.precision=bf16", "zero.stage=1"])).train.precision == "bf16"

@@ -1,7 +1,7 @@
 """``pipefit`` console entry point.
 
     pipefit verify model=llama_tiny pipeline.stages=3
-    pipefit verify model=local model.path=/models/my-llama pipeline.stages=4 --tol 1e-5
+    pipefit verify model.path=/models/my-llama pipeline.stages=4 --tol 1e-5
     pipefit plan model=llama_tiny pipeline.stages=2 pipeline.partition=flops hardware=cpu --png plan.png
     pipefit plan model=llama3_8b pipeline.stages=4 pipeline.partition=profile train.precision=bf16 --device cuda
 

@@ -16,7 +16,12 @@ from hydra.core.config_store import ConfigStore
 PRECISIONS = ("fp32", "bf16", "fp16")
 # pipeline.partition methods priced by a cost model (pipefit.partition.costs, .profile) and solved by min-max.
 COST_METHODS = ("flops", "profile")
+# optim.scheduler: pipefit's own three (linear warmup, then decay to optim.min_lr_ratio), then every
+# name transformers.get_scheduler builds as a function of the update (see scheduler_names()).
 SCHEDULERS = ("cosine", "linear", "constant")
+SCHEDULER_ALIASES = {"wsd": "warmup_stable_decay"}
+# get_scheduler's names that step on a metric (an evaluation loss), not on the update count.
+METRIC_SCHEDULERS = ("reduce_lr_on_plateau", "greedy")
 OPTIMIZER_IMPLS = ("auto", "torch", "fused")
 DATA_SOURCES = ("pydoc", "text", "json", "hub")
 DATA_LAYOUTS = ("concat", "pack", "pad")
@@ -35,6 +40,14 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
+def scheduler_names() -> tuple[str, ...]:
+    """Every accepted ``optim.scheduler``: pipefit's own, transformers' ``SchedulerType`` names, aliases."""
+    from transformers import SchedulerType
+
+    hf = [t.value for t in SchedulerType if t.value not in SCHEDULERS + METRIC_SCHEDULERS]
+    return (*SCHEDULERS, *hf, *SCHEDULER_ALIASES)
+
+
 class ConfigError(ValueError):
     """A config value that cannot be used; the message names the field, the value and what is accepted."""
 
@@ -49,7 +62,9 @@ class ModelConfig:
     hf_config: dict[str, Any] = field(default_factory=dict)
     # Tokenizer folder; default: model.path if it holds one, else the embedded offline tokenizer.
     tokenizer: str | None = None
-    attn_implementation: str = "sdpa"
+    # sdpa, eager, flex_attention, flash_attention_2, ...; null: as from_pretrained picks (sdpa where the
+    # family supports it, else eager).
+    attn_implementation: str | None = None
 
 
 @dataclass
@@ -93,7 +108,7 @@ class DataConfig:
 class PipelineConfig:
     stages: int = 2
     # uniform | parameters | flops | profile | type:REGEX | manual
-    partition: str = "parameters"
+    partition: str = "flops"
     boundaries: list[int] | None = None
     activation_checkpoint_interval: int = 0
 
@@ -113,9 +128,14 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     grad_clip: float = 1.0
+    # cosine | linear | constant (pipefit's: warmup, then decay to min_lr_ratio * lr), or any name of
+    # transformers.get_scheduler (cosine_with_min_lr, constant_with_warmup, polynomial, wsd, ...).
     scheduler: str = "cosine"
     warmup_steps: int = 5
     min_lr_ratio: float = 0.1
+    # Extra arguments of a transformers schedule, e.g. {min_lr_rate: 0.1} for cosine_with_min_lr,
+    # {num_decay_steps: 10} for wsd, {power: 2.0, lr_end: 1e-5} for polynomial.
+    scheduler_kwargs: dict[str, Any] = field(default_factory=dict)
     # auto: torch.optim.AdamW on CPU, DeepSpeed's fused Adam on GPUs
     impl: str = "auto"
 

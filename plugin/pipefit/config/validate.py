@@ -12,12 +12,14 @@ from pipefit.config.schema import (
     DATA_LAYOUTS,
     DATA_SOURCES,
     DATA_TEMPLATES,
+    METRIC_SCHEDULERS,
     OPTIMIZER_IMPLS,
     PRECISIONS,
     SCHEDULERS,
     ConfigError,
     DataConfig,
     RunConfig,
+    scheduler_names,
 )
 
 
@@ -133,8 +135,8 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
     _positive("train.eval_batches", t.eval_batches, allow_zero=True)
     if t.eval_every > 0 and d.eval_split is None and d.eval_fraction == 0:
         raise ConfigError(
-            f"train.eval_every={t.eval_every} needs evaluation data; set data.eval_fraction (e.g. 0.05) or "
-            "data.eval_split, or train.eval_every=0"
+            f"train.eval_every={t.eval_every} needs evaluation data; set data.eval_fraction=0.05 (or data.eval_split "
+            "to a held-out split of the source), or train.eval_every=0"
         )
     _positive("train.heartbeat_interval_s", t.heartbeat_interval_s)
     _positive("train.heartbeat_timeout_s", t.heartbeat_timeout_s, allow_zero=True)
@@ -148,13 +150,14 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
         # DeepSpeed's pipeline engine refuses fp32 gradient accumulation for a bf16 model at ZeRO-0.
         raise ConfigError(
             "train.precision=bf16 is not accepted with zero.stage=0: DeepSpeed would accumulate and reduce "
-            "gradients in bf16; accepted: zero.stage=1 (fp32 accumulation), or zero.stage=0 with fp32 or fp16"
+            "gradients in bf16; accepted: zero.stage=1 (fp32 accumulation), or train.precision=fp32 or fp16 at "
+            "ZeRO stage 0"
         )
     _positive("optim.lr", o.lr)
     _positive("optim.weight_decay", o.weight_decay, allow_zero=True)
     _positive("optim.grad_clip", o.grad_clip, allow_zero=True)
     _positive("optim.warmup_steps", o.warmup_steps, allow_zero=True)
-    _choice("optim.scheduler", o.scheduler, SCHEDULERS)
+    check_scheduler(o.scheduler, dict(o.scheduler_kwargs))
     _choice("optim.impl", o.impl, OPTIMIZER_IMPLS)
     if o.name.lower() != "adamw":
         raise ConfigError(f"optim.name={o.name!r} is not accepted; accepted: adamw")
@@ -172,6 +175,21 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
     return run
 
 
+def check_scheduler(name: str, kwargs: dict[str, Any]) -> None:
+    """``optim.scheduler`` is one of :func:`scheduler_names`; its kwargs are checked where it is built."""
+    if name in METRIC_SCHEDULERS:
+        raise ConfigError(
+            f"optim.scheduler={name} is not accepted: it steps on an evaluation metric, and pipefit steps the "
+            f"schedule on optimizer updates; accepted: {', '.join(scheduler_names())}"
+        )
+    _choice("optim.scheduler", name, scheduler_names())
+    if name in SCHEDULERS and kwargs:
+        raise ConfigError(
+            f"optim.scheduler_kwargs={kwargs} is not accepted with optim.scheduler={name} (set optim.warmup_steps "
+            "and optim.min_lr_ratio); accepted: {} here, or a transformers schedule such as cosine_with_min_lr"
+        )
+
+
 def check_attention(run: RunConfig) -> None:
     """One-line errors for flash-attention combinations that fail or silently attend across documents.
 
@@ -180,7 +198,7 @@ def check_attention(run: RunConfig) -> None:
     row (it reads their boundaries from the position ids of a single row); with more rows documents
     would attend to each other.
     """
-    impl, t = run.model.attn_implementation, run.train
+    impl, t = run.model.attn_implementation or "", run.train  # null picks sdpa or eager
     if "flash" not in impl:
         return
     if t.precision == "fp32":

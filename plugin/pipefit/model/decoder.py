@@ -17,14 +17,12 @@ from torch import nn
 from pipefit.config import ConfigError, RunConfig
 from pipefit.model.adapters import Adapter
 from pipefit.model.layers import (
-    TIED_KEY,
     BlockLayer,
     EmbedLayer,
     HeadLayer,
     LayerInfo,
     ModelSkeleton,
     NormLayer,
-    TiedHead,
     stage_layers,
     tied_aliases,
     tied_head_forward,
@@ -78,66 +76,25 @@ def layer_plan(skeleton: ModelSkeleton) -> list[LayerInfo]:
     return layers
 
 
-def layer_specs(skeleton: ModelSkeleton, device: str = "cpu") -> list[Any]:
-    """DeepSpeed layer specs in pipeline order (built lazily, only on the owning stage)."""
-    from deepspeed.pipe import LayerSpec, TiedLayerSpec  # deepspeed: heavy, imported where specs are made
-
-    plan = layer_plan(skeleton)
-    specs: list[Any] = []
-    for layer in plan:
-        if layer.kind == "embed":
-            if layer.tied:
-                specs.append(
-                    TiedLayerSpec(
-                        TIED_KEY, EmbedLayer, skeleton, 0, device, "embed", tied_weight_attr=["embed_tokens.weight"]
-                    )
-                )
-            else:
-                specs.append(LayerSpec(EmbedLayer, skeleton, 0, device))
-        elif layer.kind == "block":
-            specs.append(LayerSpec(BlockLayer, skeleton, layer.index, layer.block_index, device))
-        elif layer.kind == "norm":
-            specs.append(LayerSpec(NormLayer, skeleton, layer.index, device))
-        elif layer.tied:
-            specs.append(
-                TiedLayerSpec(
-                    TIED_KEY,
-                    EmbedLayer,
-                    skeleton,
-                    0,
-                    device,
-                    "head",
-                    forward_fn=tied_head_forward,
-                    tied_weight_attr=["embed_tokens.weight"],
-                )
-            )
-        else:
-            specs.append(LayerSpec(HeadLayer, skeleton, layer.index, device))
-    return specs
+# What pipefit.model.layer_list's one spec/build path needs from this layer list: the embedding's
+# class (a tied head shares it), the tied head's forward, the tied tensors, and each layer's class.
+EMBED_LAYER = EmbedLayer
+TIED_HEAD_FORWARD = tied_head_forward
 
 
-def build_layers(skeleton: ModelSkeleton, start: int, stop: int, device: str = "cpu") -> list[nn.Module | Any]:
-    """Layers ``[start, stop)`` as callables, in one process (for ``pipefit verify`` and tests).
+def tied_weight_attrs(skeleton: ModelSkeleton) -> list[str]:
+    return ["embed_tokens.weight"]
 
-    A tied head whose embedding is in the same range reuses that module, as DeepSpeed does.
-    """
-    plan = layer_plan(skeleton)
-    shared: EmbedLayer | None = None
-    out: list[Any] = []
-    for layer in plan[start:stop]:
-        if layer.kind == "embed":
-            shared = EmbedLayer(skeleton, 0, device, "embed")
-            out.append(shared)
-        elif layer.kind == "block":
-            out.append(BlockLayer(skeleton, layer.index, layer.block_index, device))
-        elif layer.kind == "norm":
-            out.append(NormLayer(skeleton, layer.index, device))
-        elif layer.tied:
-            embed = shared if shared is not None else EmbedLayer(skeleton, 0, device, "head")
-            out.append(TiedHead(embed, tied_head_forward))
-        else:
-            out.append(HeadLayer(skeleton, layer.index, device))
-    return out
+
+def layer_args(skeleton: ModelSkeleton, layer: LayerInfo, device: str) -> tuple[type[nn.Module], tuple[Any, ...]]:
+    """Class and arguments of a layer (a tied head aside: the layer list builds it on the embedding)."""
+    if layer.kind == "embed":
+        return EmbedLayer, (skeleton, 0, device)
+    if layer.kind == "block":
+        return BlockLayer, (skeleton, layer.index, layer.block_index, device)
+    if layer.kind == "norm":
+        return NormLayer, (skeleton, layer.index, device)
+    return HeadLayer, (skeleton, layer.index, device)
 
 
 def load_weights(module: nn.Module, skeleton: ModelSkeleton, model_path: str | os.PathLike) -> int:

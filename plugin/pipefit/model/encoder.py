@@ -29,8 +29,9 @@ truncated to ``data.seq_len`` and right-padded.
 
 Reference: :class:`pipefit.parity.reference.DocumentMasked` gives the unmodified HF model the same document mask, so
 :func:`pipefit.parity.reference.train_reference` is the single-process yardstick for encoders too.
-Not supported: the ``flops``/``profile`` cost model (and so ``pipefit plan``), token types other
-than zero, regression and multi-label classification.
+Priced like decoders by the ``flops``/``profile`` cost models (:mod:`pipefit.partition.costs`), so
+``pipefit plan`` and the default partition balance them. Not supported: token types other than
+zero, regression and multi-label classification.
 """
 
 from __future__ import annotations
@@ -43,13 +44,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipefit.config import COST_METHODS, ConfigError, RunConfig
+from pipefit.config import ConfigError, RunConfig
 from pipefit.model.layers import (
-    TIED_KEY,
     LayerInfo,
     ModelSkeleton,
     StageLayer,
-    TiedHead,
     float32_model,
     mask_cache,
     stage_layers,
@@ -58,7 +57,6 @@ from pipefit.model.tasks import (
     MASKED_LM,
     auto_class,
     check_task_config,
-    unpriced_error,
 )
 from pipefit.model.weights import SafetensorsReader, hf_state_dict, load_layer
 
@@ -260,9 +258,17 @@ def layer_plan(skeleton: EncoderSkeleton) -> list[LayerInfo]:
     return layers
 
 
-def _layer_args(skeleton: EncoderSkeleton, layer: LayerInfo, device: str) -> tuple[type[nn.Module], tuple[Any, ...]]:
-    """Class and arguments of an untied layer (everything but the embedding and a tied head)."""
+# What pipefit.model.layer_list's one spec/build path needs from this layer list (see the decoder's).
+EMBED_LAYER = EncoderEmbedLayer
+TIED_HEAD_FORWARD = mlm_tied_head_forward
+tied_weight_attrs = EncoderEmbedLayer.tied_weight_attrs
+
+
+def layer_args(skeleton: EncoderSkeleton, layer: LayerInfo, device: str) -> tuple[type[nn.Module], tuple[Any, ...]]:
+    """Class and arguments of a layer (a tied head aside: the layer list builds it on the embedding)."""
     a = skeleton.adapter
+    if layer.kind == "embed":
+        return EncoderEmbedLayer, (skeleton, 0, device)
     if layer.kind == "block":
         return EncoderBlockLayer, (skeleton, layer.index, layer.block_index, device)
     if layer.kind == "transform":
@@ -272,56 +278,6 @@ def _layer_args(skeleton: EncoderSkeleton, layer: LayerInfo, device: str) -> tup
     if skeleton.task == MASKED_LM:
         return SubmoduleLayer, (skeleton, layer.index, "decoder", a.lm_head, device)
     return ClassifierLayer, (skeleton, layer.index, device)
-
-
-def layer_specs(skeleton: EncoderSkeleton, device: str = "cpu") -> list[Any]:
-    """DeepSpeed layer specs in pipeline order; a tied masked-LM head shares the embedding module."""
-    from deepspeed.pipe import LayerSpec, TiedLayerSpec
-
-    specs: list[Any] = []
-    for layer in layer_plan(skeleton):
-        if layer.kind == "embed" and layer.tied:
-            attrs = EncoderEmbedLayer.tied_weight_attrs(skeleton)
-            specs.append(
-                TiedLayerSpec(TIED_KEY, EncoderEmbedLayer, skeleton, 0, device, "embed", tied_weight_attr=attrs)
-            )
-        elif layer.kind == "embed":
-            specs.append(LayerSpec(EncoderEmbedLayer, skeleton, 0, device))
-        elif layer.kind == "head" and layer.tied:
-            attrs = EncoderEmbedLayer.tied_weight_attrs(skeleton)
-            specs.append(
-                TiedLayerSpec(
-                    TIED_KEY,
-                    EncoderEmbedLayer,
-                    skeleton,
-                    0,
-                    device,
-                    "head",
-                    forward_fn=mlm_tied_head_forward,
-                    tied_weight_attr=attrs,
-                )
-            )
-        else:
-            cls, args = _layer_args(skeleton, layer, device)
-            specs.append(LayerSpec(cls, *args))
-    return specs
-
-
-def build_layers(skeleton: EncoderSkeleton, start: int, stop: int, device: str = "cpu") -> list[nn.Module]:
-    """Layers ``[start, stop)`` in one process; a tied head reuses an embedding in the same range."""
-    shared: EncoderEmbedLayer | None = None
-    out: list[nn.Module] = []
-    for layer in layer_plan(skeleton)[start:stop]:
-        if layer.kind == "embed":
-            shared = EncoderEmbedLayer(skeleton, 0, device, "embed")
-            out.append(shared)
-        elif layer.kind == "head" and layer.tied:
-            embed = shared if shared is not None else EncoderEmbedLayer(skeleton, 0, device, "head")
-            out.append(TiedHead(embed, mlm_tied_head_forward))
-        else:
-            cls, args = _layer_args(skeleton, layer, device)
-            out.append(cls(*args))
-    return out
 
 
 # -- weights -----------------------------------------------------------------------------------------
@@ -399,14 +355,8 @@ def load_weights(module: nn.Module, skeleton: EncoderSkeleton, model_path: Any) 
 # -- checks before any rank starts ------------------------------------------------------------------
 
 
-def check_partition(run: RunConfig, skeleton: EncoderSkeleton) -> None:
-    if run.pipeline.partition in COST_METHODS:
-        raise unpriced_error(skeleton.adapter, run.pipeline.partition)
-
-
 def check_run(run: RunConfig, skeleton: EncoderSkeleton) -> None:
     """Encoder-specific input errors of a training run, one line each, before any process group exists."""
-    check_partition(run, skeleton)
     check_attention(run, skeleton)
     max_positions = int(getattr(skeleton.config, "max_position_embeddings", run.data.seq_len))
     if run.data.seq_len > max_positions:
@@ -418,7 +368,7 @@ def check_run(run: RunConfig, skeleton: EncoderSkeleton) -> None:
 
 def check_attention(run: RunConfig, skeleton: EncoderSkeleton) -> None:
     """Flash attention would drop the encoder's padding mask (tokens would attend to padding): refused."""
-    impl = run.model.attn_implementation
+    impl = run.model.attn_implementation or ""  # null picks sdpa or eager
     if "flash" in impl:
         raise ConfigError(
             f"model.attn_implementation={impl} is not accepted for {type(skeleton.config).__name__}: the encoder's "

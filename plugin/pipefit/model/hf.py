@@ -31,6 +31,22 @@ def load_hf_config(path: str | None, hf_overrides: dict[str, Any] | None) -> Any
         raise ValueError(f"model.hf_config.model_type={model_type!r}: {str(exc).splitlines()[0]}") from None
 
 
+def set_attn_implementation(hf_config: Any, requested: str | None) -> str:
+    """Set ``hf_config._attn_implementation``: ``requested``, or when null what ``from_pretrained`` picks.
+
+    ``from_pretrained`` without ``attn_implementation`` takes sdpa where the family's model class
+    supports it and eager otherwise (Gemma-2: soft-capped scores); an explicit choice is kept, and a
+    family that cannot run it is refused by the layers with one line.
+    """
+    if requested is None:
+        from transformers import AutoModel
+
+        model_cls = AutoModel._model_mapping.get(type(hf_config), None)
+        requested = "sdpa" if model_cls is None or getattr(model_cls, "_supports_sdpa", False) else "eager"
+    hf_config._attn_implementation = requested
+    return requested
+
+
 def load_tokenizer(path: str | os.PathLike) -> Any:
     """The tokenizer saved in ``path``, as saved.
 

@@ -238,11 +238,9 @@ def _layer_param_names(skeleton: Any, info: Any) -> list[str]:
     return names
 
 
-def check(run: RunConfig, skeleton: Any, boundaries: list[int] | None) -> None:
-    """Every ``train.freeze`` pattern and LoRA target is usable, and every stage keeps something to train.
-
-    Raises a one-line :class:`ConfigError`; needs only the meta-device skeleton (no process group).
-    """
+def trainable_layers(run: RunConfig, skeleton: Any) -> tuple[list[bool], str] | None:
+    """Which pipeline layers keep something to train under ``lora`` or ``train.freeze`` (and the
+    phrase naming the cause), or None when every layer trains. Checks the patterns and targets."""
     freeze_list = list(run.train.freeze)
     if run.lora.enabled and freeze_list:
         raise ConfigError(
@@ -253,24 +251,33 @@ def check(run: RunConfig, skeleton: Any, boundaries: list[int] | None) -> None:
     if run.lora.enabled:
         targets = lora_targets(run.lora, skeleton)
         trainable = [any(t == p or t.startswith(p + ".") for t in targets for p in info.hf_prefixes) for info in plan]
-        cause = f"lora.target_modules={list(run.lora.target_modules)} puts no adapter on"
-    elif freeze_list:
-        patterns = freeze_patterns(freeze_list)
-        aliases = tied_aliases(skeleton)
-        names = [n for n, _ in skeleton.model.named_parameters(remove_duplicate=False)]
-        for pattern, raw in zip(patterns, freeze_list, strict=True):
-            if not any(pattern.fullmatch(n) for n in names):
-                examples = ", ".join(dict.fromkeys([names[0], *[n for n in names if ".0." in n][:1], names[-1]]))
-                raise ConfigError(
-                    f"train.freeze: {raw!r} matches no parameter of this model; patterns match Hugging Face "
-                    f"parameter names in full, e.g. {examples}"
-                )
-        trainable = [
-            any(not is_frozen(n, patterns, aliases) for n in _layer_param_names(skeleton, info)) for info in plan
-        ]
-        cause = f"train.freeze={freeze_list} freezes every parameter of"
-    else:
+        return trainable, f"lora.target_modules={list(run.lora.target_modules)} puts no adapter on"
+    if not freeze_list:
+        return None
+    patterns = freeze_patterns(freeze_list)
+    aliases = tied_aliases(skeleton)
+    names = [n for n, _ in skeleton.model.named_parameters(remove_duplicate=False)]
+    for pattern, raw in zip(patterns, freeze_list, strict=True):
+        if not any(pattern.fullmatch(n) for n in names):
+            examples = ", ".join(dict.fromkeys([names[0], *[n for n in names if ".0." in n][:1], names[-1]]))
+            raise ConfigError(
+                f"train.freeze: {raw!r} matches no parameter of this model; patterns match Hugging Face "
+                f"parameter names in full, e.g. {examples}"
+            )
+    trainable = [any(not is_frozen(n, patterns, aliases) for n in _layer_param_names(skeleton, info)) for info in plan]
+    return trainable, f"train.freeze={freeze_list} freezes every parameter of"
+
+
+def check(run: RunConfig, skeleton: Any, boundaries: list[int] | None) -> None:
+    """Every ``train.freeze`` pattern and LoRA target is usable, and every stage keeps something to train.
+
+    Raises a one-line :class:`ConfigError`; needs only the meta-device skeleton (no process group).
+    """
+    found = trainable_layers(run, skeleton)
+    if found is None:
         return
+    trainable, cause = found
+    plan = layer_plan(skeleton)
     if not boundaries:
         return
     for s in range(len(boundaries) - 1):

@@ -27,14 +27,14 @@ class Task:
     name: str
     auto_class: str  # the HF auto class that builds the task's model from a config
     bidirectional: bool  # every token attends to its whole document (encoders), not only to earlier ones
-    priced: bool  # the flops/profile cost models price its layers (decoder layers only, for now)
+    priced: bool  # the flops/profile cost models price its layers
 
 
 TASKS = {
     CAUSAL_LM: Task(CAUSAL_LM, "AutoModelForCausalLM", bidirectional=False, priced=True),
-    MASKED_LM: Task(MASKED_LM, "AutoModelForMaskedLM", bidirectional=True, priced=False),
+    MASKED_LM: Task(MASKED_LM, "AutoModelForMaskedLM", bidirectional=True, priced=True),
     SEQUENCE_CLASSIFICATION: Task(
-        SEQUENCE_CLASSIFICATION, "AutoModelForSequenceClassification", bidirectional=True, priced=False
+        SEQUENCE_CLASSIFICATION, "AutoModelForSequenceClassification", bidirectional=True, priced=True
     ),
 }
 # The tasks an encoder's ``architectures`` may name.
@@ -58,10 +58,13 @@ def task_of(hf_config: Any) -> str:
     for task in TASK_AUTO_CLASSES:
         if task_class_name(task, hf_config) in archs:
             return task
-    accepted = " or ".join(f"[{task_class_name(t, hf_config)}]" for t in TASK_AUTO_CLASSES)
+    # ++ adds the key or replaces it, whether or not the preset has one: the hint works as typed.
+    accepted = " or ".join(
+        f"++model.hf_config.architectures=[{task_class_name(t, hf_config)}]" for t in TASK_AUTO_CLASSES
+    )
     raise ConfigError(
-        f"model.hf_config.architectures={archs} names no task head for this encoder; accepted: {accepted} "
-        "(a bare encoder checkpoint: set model.hf_config.architectures to choose the head)"
+        f"model.hf_config.architectures={archs} names no task head for this encoder (a bare encoder checkpoint "
+        f"has none); accepted: {accepted}"
     )
 
 
@@ -81,6 +84,6 @@ def check_task_config(hf_config: Any) -> str:
 def unpriced_error(adapter: Any, method: str) -> ConfigError:
     """``pipeline.partition=flops|profile`` for a task whose layers no cost model prices."""
     return ConfigError(
-        f"pipeline.partition={method} is not accepted for the encoder family {adapter.name!r} (the flops/profile "
-        "cost model prices decoder layers only); accepted: uniform, parameters, type:REGEX, manual"
+        f"pipeline.partition={method} is not accepted for the family {adapter.name!r} (the flops/profile "
+        "cost models do not price its task's layers); accepted: uniform, parameters, type:REGEX, manual"
     )

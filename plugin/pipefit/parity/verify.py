@@ -17,13 +17,13 @@ import torch
 
 from pipefit.config import RunConfig
 from pipefit.model import encoder
-from pipefit.model.hf import load_hf_config
+from pipefit.model.hf import load_hf_config, set_attn_implementation
 from pipefit.model.layer_list import build_layers, layer_plan, load_weights, make_skeleton, stage_layers
 from pipefit.model.layers import IGNORE_INDEX, causal_lm_loss, float32_model
 from pipefit.model.tasks import CAUSAL_LM, MASKED_LM, MLM_PROBABILITY, SEQUENCE_CLASSIFICATION
 from pipefit.model.weights import SafetensorsReader, hf_state_dict
 from pipefit.parity.reference import task_reference_model
-from pipefit.partition.boundaries import boundaries_for
+from pipefit.partition.boundaries import run_boundaries
 
 
 @dataclass
@@ -118,7 +118,7 @@ def run_stages(
 def verify(run: RunConfig, batch_size: int = 2, seq_len: int = 32, seed: int = 0, device: str = "cpu") -> VerifyReport:
     """Every stage built on its own, run in order, against the unmodified HF model of the config's task."""
     hf_config = load_hf_config(run.model.path, dict(run.model.hf_config))
-    hf_config._attn_implementation = run.model.attn_implementation
+    set_attn_implementation(hf_config, run.model.attn_implementation)
     skeleton = make_skeleton(hf_config, seed=run.train.seed)
     return VERIFIERS[skeleton.task](run, hf_config, skeleton, batch_size, seq_len, seed, device)
 
@@ -129,7 +129,7 @@ def verify_causal_lm(
     """Compare on ``device`` in ``train.precision``: both models loaded in fp32, then cast alike."""
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[run.train.precision]
     plan = layer_plan(skeleton)
-    boundaries = boundaries_for(skeleton, run.pipeline.partition, run.pipeline.stages, run.pipeline.boundaries)
+    boundaries = run_boundaries(skeleton, run)
     model = _reference_model(run, hf_config, run.model.path).eval()
     with loaded_stages(model, skeleton, boundaries, run.model.path) as (stages, _):
         pass
@@ -178,10 +178,9 @@ def verify_encoder(
             f"pipefit verify of an encoder runs on cpu in fp32 only (got --device={device}, "
             f"train.precision={run.train.precision})"
         )
-    encoder.check_partition(run, skeleton)
     encoder.check_attention(run, skeleton)
     plan = layer_plan(skeleton)
-    boundaries = boundaries_for(skeleton, run.pipeline.partition, run.pipeline.stages, run.pipeline.boundaries)
+    boundaries = run_boundaries(skeleton, run)
     model = task_reference_model(hf_config, run.model.path, run.train.seed).eval()
     with loaded_stages(model, skeleton, boundaries, run.model.path) as (stages, folder):
         # A task head the folder lacks is random in both models: give HF the pipeline's (seeded) one.

@@ -146,6 +146,7 @@ def partition_min_max(
     memory: Sequence[float] | MemoryModel | StageMemory | None = None,
     memory_cap: float | None = None,
     boundary_costs: Sequence[float] | None = None,
+    trainable: Sequence[bool] | None = None,
 ) -> list[int]:
     """The contiguous split that minimises the slowest stage, exactly; no stage is empty.
 
@@ -167,6 +168,8 @@ def partition_min_max(
         memory_cap: the most memory a stage may hold; ``None`` for no limit.
         boundary_costs: ``num_layers + 1`` entries; entry ``b`` is added to both stages adjacent to
             a cut before layer ``b`` (the time to send activations and gradients across it).
+        trainable: per layer, whether it has parameters to train (LoRA, frozen layers): every stage
+            must hold one, since DeepSpeed builds no optimizer for a stage with nothing to train.
 
     Raises:
         PartitionError: bad input, or no split fits ``memory_cap`` (the message gives the smallest
@@ -186,6 +189,11 @@ def partition_min_max(
         raise PartitionError(f"boundary_costs has {len(boundary_costs)} entries; expected {n + 1} (one per cut 0..{n})")
     if memory_cap is not None and memory is None:
         raise PartitionError(f"memory_cap={memory_cap} was given without a memory model; pass memory=")
+    if trainable is not None and sum(bool(t) for t in trainable) < p:
+        raise PartitionError(
+            f"pipeline.stages={p}: only {sum(bool(t) for t in trainable)} of the {n} pipeline layers have "
+            "parameters to train, and every stage needs one; use fewer stages"
+        )
     mem: MemoryModel | None
     if memory is None:
         mem = None
@@ -224,6 +232,8 @@ def partition_min_max(
     cap = math.inf if memory_cap is None else float(memory_cap)
 
     def allowed(s: int, a: int, b: int) -> bool:
+        if trainable is not None and not any(trainable[a:b]):
+            return False
         return mem is None or fits[(s, a, b)] <= cap
 
     inf = math.inf
@@ -242,7 +252,7 @@ def partition_min_max(
         need[p][n] = 0.0
         for s in reversed(range(p)):
             for a, b in spans(s):
-                if need[s + 1][b] < inf:
+                if need[s + 1][b] < inf and (trainable is None or any(trainable[a:b])):
                     need[s][a] = min(need[s][a], max(fits[(s, a, b)], need[s + 1][b]))
         raise PartitionError(
             f"memory_cap={_fmt_amount(cap)}: no split of {n} layers into {p} stages fits; "
@@ -299,6 +309,7 @@ def resolve_partition(
     memory: Sequence[float] | MemoryModel | StageMemory | None = None,
     memory_cap: float | None = None,
     boundary_costs: Sequence[float] | None = None,
+    trainable: Sequence[bool] | None = None,
 ) -> list[int]:
     """Boundaries for ``pipeline.partition=method``.
 
@@ -310,7 +321,7 @@ def resolve_partition(
         type_names: names each layer answers to for ``type:`` (case-insensitive regex search).
         boundaries: the boundaries for ``manual``.
         costs: per-layer costs for ``flops``/``profile`` (see :mod:`pipefit.partition.costs`), solved by
-            :func:`partition_min_max` with ``memory``, ``memory_cap`` and ``boundary_costs``.
+            :func:`partition_min_max` with ``memory``, ``memory_cap``, ``boundary_costs`` and ``trainable``.
     """
     num_layers = len(param_counts)
     if num_stages < 1:
@@ -344,7 +355,7 @@ def resolve_partition(
             )
         if len(costs) != num_layers:
             raise PartitionError(f"pipeline.partition={method}: {len(costs)} costs for {num_layers} layers")
-        return partition_min_max(costs, num_stages, memory, memory_cap, boundary_costs)
+        return partition_min_max(costs, num_stages, memory, memory_cap, boundary_costs, trainable)
     if method.lower().startswith("type:"):
         pattern = method.split(":", 1)[1]
         try:

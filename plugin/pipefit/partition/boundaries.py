@@ -22,6 +22,7 @@ def boundaries_for(
     workload: Any = None,
     hardware: Any = None,
     layer_costs: Any = None,
+    trainable: list[bool] | None = None,
 ) -> list[int]:
     """Stage boundaries for ``pipeline.partition=method``.
 
@@ -45,9 +46,19 @@ def boundaries_for(
             "memory": layer_costs.memory,
             "memory_cap": layer_costs.memory_cap,
             "boundary_costs": layer_costs.boundary_costs(),
+            "trainable": trainable,  # LoRA / train.freeze: every stage keeps a layer to train
         }
     params = [layer.num_params for layer in plan]
     return balance.resolve_partition(method, num_stages, params, [x.type_names for x in plan], boundaries, **extra)
+
+
+def run_boundaries(skeleton: ModelSkeleton, run: Any, dp: int = 1) -> list[int]:
+    """The boundaries a validated run asks for, without ranks: ``profile`` (measured once the ranks
+    exist) is stood in for by ``flops``, as in the run's own pre-flight checks."""
+    p = run.pipeline
+    method = "flops" if p.partition == "profile" else p.partition
+    workload = costs.Workload.from_run(run, dp)
+    return boundaries_for(skeleton, method, p.stages, p.boundaries, workload=workload, hardware=run.hardware)
 
 
 def price_layers(

@@ -16,7 +16,7 @@ Constants (documented guesses, not measurements; ``profile`` replaces the comput
 
 - backward = 2 x forward for matmuls (gradient of the input and of the weight), attention and
   element-wise work;
-- element-wise FLOPs per element: norm 5, softmax 5, SiLU-gate 5, GELU 8, rotary 3 per rotated
+- element-wise FLOPs per element: norm 5, softmax 5, SiLU-gate 5, GELU 8, tanh 8, rotary 3 per rotated
   element, cross-entropy 5 per logit, soft-cap 3 per capped score or logit, residual add 1;
 - :data:`OPTIMIZER_BYTES_PER_PARAM` bytes of memory traffic per trainable parameter per step
   for AdamW (read weight, gradient, two moments; write weight and moments; read gradient once more
@@ -35,6 +35,7 @@ from typing import Any
 
 from pipefit.config import HardwareConfig
 from pipefit.model.adapters import for_config
+from pipefit.model.tasks import CAUSAL_LM, SEQUENCE_CLASSIFICATION, TASKS, task_of
 from pipefit.partition.balance import StageMemory
 
 __all__ = [
@@ -50,35 +51,17 @@ __all__ = [
 
 
 BACKWARD_FACTOR = 2.0
-
-
 NORM_FLOPS_PER_ELEMENT = 5.0
-
-
 SOFTMAX_FLOPS_PER_ELEMENT = 5.0
-
-
 GATED_ACT_FLOPS_PER_ELEMENT = 5.0
-
-
 GELU_FLOPS_PER_ELEMENT = 8.0
-
-
+TANH_FLOPS_PER_ELEMENT = 8.0  # the pooler's activation, priced like GELU
 ROTARY_FLOPS_PER_ELEMENT = 3.0
-
-
 CROSS_ENTROPY_FLOPS_PER_LOGIT = 5.0
-
-
 SOFTCAP_FLOPS_PER_ELEMENT = 3.0  # divide, tanh, multiply
 
-
 OPTIMIZER_BYTES_PER_PARAM = 32.0
-
-
 POSITION_ID_BYTES = 8
-
-
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
@@ -154,7 +137,7 @@ class Workload:
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The figures of a decoder-only HF config that set its FLOPs.
+    """The figures of a HF config (decoder or encoder) that set its FLOPs.
 
     ``embed_dim`` is the token embedding's (and tied head's) width: the hidden size, except where
     OPT's ``word_embed_proj_dim`` differs and ``project_in``/``project_out`` map between the two.
@@ -254,11 +237,24 @@ def attention_pairs(seq_len: int, causal: bool = True, window: int | None = None
     return w * (w + 1) // 2 + (s - w) * w
 
 
+def task_name(hf_config: Any) -> str:
+    """The task a config trains: causal LM for a decoder family, an encoder's from its ``architectures``."""
+    return CAUSAL_LM if for_config(hf_config).kind == "decoder" else task_of(hf_config)
+
+
+def _head_shape(hf_config: Any, shape: ModelShape, b: int, s: int) -> tuple[int, int]:
+    """``(rows, outputs)`` of the task head: per token over the vocabulary (LMs), or per row over labels."""
+    if task_name(hf_config) == SEQUENCE_CLASSIFICATION:
+        return b, int(hf_config.num_labels)
+    return b * s, shape.vocab
+
+
 def layer_flops(hf_config: Any, layer: Any, seq_len: int, micro_batch_size: int, causal: bool = True) -> LayerFlops:
     """Forward FLOPs of one pipeline layer (:class:`~pipefit.model.layers.LayerInfo`) for one micro-batch.
 
     ``causal=False`` prices every query-key pair, as an eager attention computes (and as
-    ``FlopCounterMode`` counts) before masking.
+    ``FlopCounterMode`` counts) before masking; a bidirectional task (an encoder) always does, since
+    every token attends to its whole row.
     """
 
     adapter = for_config(hf_config)
@@ -270,18 +266,28 @@ def layer_flops(hf_config: Any, layer: Any, seq_len: int, micro_batch_size: int,
         # Lookups are free; the backward scatter-adds into the tables. OPT's project_in is a matmul.
         positions = tokens * h if adapter.position_embed in held else 0
         project = 2.0 * tokens * e * h if adapter.project_in in held else 0.0
+        # An encoder's whole embedding module adds word, position and token-type rows, then a LayerNorm.
+        whole = (2.0 + NORM_FLOPS_PER_ELEMENT) * tokens * h if getattr(adapter, "embeddings", None) in held else 0.0
         return LayerFlops(
             matmul=project,
-            elementwise=positions,
-            backward_override=BACKWARD_FACTOR * project + tokens * e + positions,
+            elementwise=positions + whole,
+            backward_override=BACKWARD_FACTOR * (project + whole) + tokens * e + positions,
         )
+    if layer.kind == "transform":  # masked-LM head transform: dense, GELU, LayerNorm
+        return LayerFlops(
+            matmul=2.0 * tokens * h * h, elementwise=(GELU_FLOPS_PER_ELEMENT + NORM_FLOPS_PER_ELEMENT) * tokens * h
+        )
+    if layer.kind == "pooler":  # the first token of each row: dense, tanh
+        return LayerFlops(matmul=2.0 * b * h * h, elementwise=TANH_FLOPS_PER_ELEMENT * b * h)
     if layer.kind == "norm":
         norm = NORM_FLOPS_PER_ELEMENT * tokens * h if adapter.final_norm in held else 0.0
         project = 2.0 * tokens * h * e if adapter.project_out in held else 0.0
         return LayerFlops(matmul=project, elementwise=norm)
     if layer.kind == "head":
+        rows, outputs = _head_shape(hf_config, shape, b, s)
         per_logit = CROSS_ENTROPY_FLOPS_PER_LOGIT + (SOFTCAP_FLOPS_PER_ELEMENT if shape.final_softcap else 0.0)
-        return LayerFlops(matmul=2.0 * tokens * e * shape.vocab, elementwise=per_logit * tokens * shape.vocab)
+        return LayerFlops(matmul=2.0 * rows * e * outputs, elementwise=per_logit * rows * outputs)
+    causal = causal and not TASKS[task_name(hf_config)].bidirectional
     window = None
     if adapter.attention_kind(hf_config, layer.block_index) == "sliding_attention":
         window = getattr(hf_config, "sliding_window", None)
@@ -318,11 +324,16 @@ def activation_bytes(hf_config: Any, layer: Any, workload: Workload) -> float:
     tokens = workload.micro_batch_size * workload.seq_len
     e = workload.act_bytes
     if layer.kind == "embed":
-        return tokens * POSITION_ID_BYTES
-    if layer.kind == "norm":
+        # An encoder's embedding also saves its LayerNorm's input and output.
+        whole = getattr(for_config(hf_config), "embeddings", None) in set(layer.hf_prefixes)
+        return tokens * (POSITION_ID_BYTES + (2 * shape.hidden * e if whole else 0))
+    if layer.kind in ("norm", "transform"):
         return 2 * tokens * shape.hidden * e  # input and output (RMSNorm saves both; a projection its input)
+    if layer.kind == "pooler":
+        return 2 * workload.micro_batch_size * shape.hidden * e  # the first token and the dense output
     if layer.kind == "head":
-        return tokens * (shape.embed_dim * e + shape.vocab * 4)
+        rows, outputs = _head_shape(hf_config, shape, workload.micro_batch_size, workload.seq_len)
+        return rows * (shape.embed_dim * e + outputs * 4)
     mlp = 4 if shape.gated else 3
     return tokens * e * (4 * shape.hidden + 5 * shape.q_dim + 4 * shape.kv_dim + mlp * shape.intermediate)
 

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipefit.model.hf import load_hf_config
+from pipefit.model.hf import load_hf_config, set_attn_implementation
 from pipefit.model.layer_list import layer_plan, make_skeleton
 from pipefit.partition import balance
 from pipefit.partition.boundaries import boundaries_for, price_layers
@@ -179,7 +179,7 @@ def make_plan(run: Any, dp: int = 1, device: str = "cpu", cache_dir: str | None 
     """The plan for a validated :class:`pipefit.config.RunConfig` on ``run.hardware``."""
 
     hf_config = load_hf_config(run.model.path, dict(run.model.hf_config))
-    hf_config._attn_implementation = run.model.attn_implementation
+    set_attn_implementation(hf_config, run.model.attn_implementation)
     skeleton = make_skeleton(hf_config, seed=run.train.seed)
     plan = layer_plan(skeleton)
     p = run.pipeline
@@ -203,7 +203,7 @@ def make_plan(run: Any, dp: int = 1, device: str = "cpu", cache_dir: str | None 
         "precision": workload.precision,
         "hardware": run.hardware.name,
         "cost_model": model_name,
-        "attention": run.model.attn_implementation,
+        "attention": hf_config._attn_implementation,
         "layout": run.data.layout,
         "chosen": p.partition,
         "bubble_fraction": bubble_fraction(p.stages, workload.micro_batches),
@@ -236,7 +236,7 @@ def _seconds(x: float) -> str:
 
 
 def _layer_span(a: int, b: int, kinds: list[str]) -> str:
-    names = {"embed": "emb", "norm": "norm", "head": "head"}
+    names = {"embed": "emb", "norm": "norm", "head": "head", "transform": "xform", "pooler": "pool"}
     parts: list[str] = []
     blocks = sum(1 for k in kinds if k == "block")
     for k in kinds:

@@ -27,6 +27,7 @@ from pipefit.partition.costs import (
     LayerCosts,
     ModelShape,
     Workload,
+    _head_shape,
     _memory_model,
     _per_step_seconds,
     _transfer_seconds,
@@ -126,16 +127,19 @@ def measure_layer(
     module.to(dtype=dtype)
     module.train()
     b, s = workload.micro_batch_size, workload.seq_len
-    # The head reads the embedding's width (OPT's word_embed_proj_dim, after project_out).
-    h = ModelShape.from_config(skeleton.config).embed_dim if layer.kind == "head" else int(skeleton.config.hidden_size)
-    vocab = int(skeleton.config.vocab_size)
+    shape = ModelShape.from_config(skeleton.config)
+    # The head reads the embedding's width (OPT's word_embed_proj_dim, after project_out), per token
+    # (LM heads) or per row (a classifier on the pooled first token), and predicts one of `outputs`.
+    h = shape.embed_dim if layer.kind == "head" else shape.hidden
+    rows, outputs = _head_shape(skeleton.config, shape, b, s) if layer.kind == "head" else (b * s, shape.vocab)
+    row_shape = (b, s) if rows == b * s else (b,)
     position_ids = torch.arange(s, device=device).unsqueeze(0).expand(b, s)
     params = {p.untyped_storage().data_ptr() for p in module.parameters()}
     gen = torch.Generator(device="cpu").manual_seed(0)
-    ids = torch.randint(0, vocab, (b, s), generator=gen).to(device)
-    hidden0 = torch.randn(b, s, h, generator=gen).to(device=device, dtype=dtype)
-    targets = torch.randint(0, vocab, (b, s), generator=gen).to(device)
-    scale = torch.tensor(1.0 / (b * s), device=device)
+    ids = torch.randint(0, shape.vocab, (b, s), generator=gen).to(device)
+    hidden0 = torch.randn(*row_shape, h, generator=gen).to(device=device, dtype=dtype)
+    targets = torch.randint(0, outputs, row_shape, generator=gen).to(device)
+    scale = torch.tensor(1.0 / rows, device=device)
 
     def sync() -> None:
         if device.startswith("cuda"):
@@ -151,11 +155,11 @@ def measure_layer(
         try:
             if layer.kind == "embed":
                 out = module((ids, position_ids))[0]
-            elif layer.kind in ("block", "norm"):
+            elif layer.kind == "head":
+                out = causal_lm_loss(module(hidden), (targets, scale))
+            else:  # blocks, norms and an encoder's head transform or pooler: hidden states in
                 out = module((hidden, position_ids))
                 out = out[0] if isinstance(out, tuple) else out
-            else:
-                out = causal_lm_loss(module(hidden), (targets, scale))
         finally:
             if ctx is not None:
                 ctx.__exit__(None, None, None)

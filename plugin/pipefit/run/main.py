@@ -152,7 +152,12 @@ def _profile_partition(prepared: Prepared, rank: int, device: str) -> None:
         prepared.skeleton, "profile", prepared.workload, hw, device, measure=rank == 0, broadcast=broadcast
     )
     prepared.boundaries = boundaries_for(
-        prepared.skeleton, "profile", run.pipeline.stages, None, layer_costs=layer_costs
+        prepared.skeleton,
+        "profile",
+        run.pipeline.stages,
+        None,
+        layer_costs=layer_costs,
+        trainable=prepared.trainable_layers,
     )
     if prepared.resume_from is not None:
         state = checkpoint.read_state(prepared.resume_from)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from pipefit.config import ConfigError
+from pipefit.config.compose import leaves
 from pipefit.model.weights import check_export_destination, is_previous_export
 from pipefit.run.checkpoint import TAG_RE, checkpoint_root, complete_checkpoints
 
@@ -83,17 +84,6 @@ def _check_writable(out: Path, shown: str) -> None:
         raise OutputDirError(
             f"{shown} is not writable (no write permission on {where}); give a folder you can write to"
         )
-
-
-def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in node.items():
-        dotted = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, dict) and value:
-            out.update(_leaves(value, dotted))
-        else:
-            out[dotted] = value
-    return out
 
 
 def _recorded_config(out: Path, checkpoints: list[Path]) -> dict[str, Any] | None:
@@ -178,7 +168,7 @@ def check_output_dir(prepared: Any) -> None:
     if theirs is None:
         differ = ["config (none recorded in the folder)"]
     else:
-        a, b = _leaves(theirs), _leaves(mine)
+        a, b = leaves(theirs), leaves(mine)
         # By section and field (model.hf_config, not each of its keys), what tells two runs apart first.
         fields = {
             ".".join(k.split(".")[:2]) for k in a.keys() | b.keys() if k not in LAUNCH_FIELDS and a.get(k) != b.get(k)

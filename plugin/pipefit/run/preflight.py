@@ -8,10 +8,11 @@ import socket
 from typing import Any
 
 from pipefit.config import ConfigError, RunConfig, check_world, validate
+from pipefit.config.compose import model_folder
 from pipefit.data import tasks as data_tasks
 from pipefit.data.batches import BatchLayout, GlobalBatches
 from pipefit.model import lora as trainable
-from pipefit.model.hf import load_hf_config, load_tokenizer, resolve_tokenizer_path
+from pipefit.model.hf import load_hf_config, load_tokenizer, resolve_tokenizer_path, set_attn_implementation
 from pipefit.model.layer_list import check_run, layer_plan, make_skeleton
 from pipefit.model.weights import SafetensorsReader
 from pipefit.partition import costs
@@ -23,6 +24,7 @@ from pipefit.run.ds_config import (
     load_base_config,
     read_accelerate_env,
 )
+from pipefit.run.schedule import lr_schedule
 
 log = logging.getLogger("pipefit")
 
@@ -57,7 +59,7 @@ class Prepared:
         m = run.model
         overrides = dict(m.hf_config)
         self.hf_config = load_hf_config(m.path, overrides)
-        self.hf_config._attn_implementation = m.attn_implementation
+        set_attn_implementation(self.hf_config, m.attn_implementation)
         self.skeleton = make_skeleton(self.hf_config, seed=run.train.seed)
         self.skeleton.one_document_per_row = run.data.layout == "concat"  # masks skip the packed-document scan
         self.plan = layer_plan(self.skeleton)
@@ -75,8 +77,16 @@ class Prepared:
         # profile measures on this machine: done once the ranks exist (rank 0 measures, all receive).
         self.deferred_profile = run.pipeline.partition == "profile"
         method = "flops" if self.deferred_profile else run.pipeline.partition
+        found = trainable.trainable_layers(run, self.skeleton)
+        self.trainable_layers = found[0] if found else None  # LoRA / train.freeze: what each layer trains
         self.boundaries = boundaries_for(
-            self.skeleton, method, stages, run.pipeline.boundaries, workload=self.workload, hardware=run.hardware
+            self.skeleton,
+            method,
+            stages,
+            run.pipeline.boundaries,
+            workload=self.workload,
+            hardware=run.hardware,
+            trainable=self.trainable_layers,
         )
         self.dp = check_world(run, world_size)
         if m.path:
@@ -126,10 +136,11 @@ def explicit_keys(overrides: list[str]) -> set[str]:
 
 
 def prepare(cfg: Any, overrides: list[str] | None = None, env: dict[str, str] | None = None) -> Prepared:
-    run = validate(cfg)
+    run = validate(model_folder(cfg, overrides or []))
     settings = read_accelerate_env(env)
     run = apply_accelerate_settings(run, settings, explicit_keys(overrides or []))
     run = validate(run)
+    lr_schedule(run.optim, run.train.max_steps)  # a transformers schedule's kwargs: checked before any rank
     world = int((env or os.environ).get("WORLD_SIZE", "1"))
     return Prepared(run, world, load_base_config(settings))
 

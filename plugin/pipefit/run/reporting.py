@@ -83,6 +83,7 @@ def write_partition(engine: Any, prepared: Prepared, output_dir: Path, rank: int
 
 def log_plan(prepared: Prepared) -> None:
     b = prepared.boundaries
+    log.info("partition=%s: boundaries %s", prepared.run.pipeline.partition, b)
     for s in range(len(b) - 1):
         layers = prepared.plan[b[s] : b[s + 1]]
         kinds = ", ".join(f"{x.index}:{x.kind}" for x in layers)

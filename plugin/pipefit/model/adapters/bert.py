@@ -13,7 +13,8 @@ The pipeline layers (built by :mod:`pipefit.model.encoder`) are:
 
 The task is the HF config's own ``architectures`` entry (``BertForMaskedLM`` or
 ``BertForSequenceClassification``), so a checkpoint, a pipefit checkpoint and an export all say
-which head they carry; a bare ``BertModel`` folder needs it set (``model.hf_config.architectures``).
+which head they carry; a bare ``BertModel`` folder needs it set
+(``++model.hf_config.architectures=[BertForMaskedLM]``).
 """
 
 from __future__ import annotations
