@@ -112,14 +112,18 @@ def _check_data_file(path: Path, shown: str, source: str) -> None:
         raise ConfigError(f"data.data_files: {shown!r} is empty; expected {expected}")
     if source != "json":
         return
+
+    def invalid_json(line: int, exc: json.JSONDecodeError) -> ConfigError:
+        return ConfigError(
+            f"data.data_files: {shown!r} line {line} is not valid JSON ({exc.msg} at column {exc.colno}); "
+            f"expected {expected}"
+        )
+
     if text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ConfigError(
-                f"data.data_files: {shown!r} line {exc.lineno} is not valid JSON ({exc.msg} at column {exc.colno}); "
-                f"expected {expected}"
-            ) from None
+            raise invalid_json(exc.lineno, exc) from None
         bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None) if isinstance(rows, list) else 0
         if bad is not None:
             raise ConfigError(
@@ -132,10 +136,7 @@ def _check_data_file(path: Path, shown: str, source: str) -> None:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ConfigError(
-                f"data.data_files: {shown!r} line {number} is not valid JSON ({exc.msg} at column {exc.colno}); "
-                f"expected {expected}"
-            ) from None
+            raise invalid_json(number, exc) from None
         if not isinstance(row, dict):
             raise ConfigError(
                 f"data.data_files: {shown!r} line {number} holds a JSON {type(row).__name__}, not an object; "
