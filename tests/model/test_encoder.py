@@ -26,7 +26,7 @@ from pipefit.config import ConfigError
 from pipefit.data import tasks as data_tasks
 from pipefit.data.batches import BatchLayout, GlobalBatches, Rows
 from pipefit.model import encoder, weights
-from pipefit.model.layer_list import build_layers, layer_plan, make_skeleton, stage_layers
+from pipefit.model.layer_list import build_layers, check_run, layer_plan, make_skeleton, stage_layers
 from pipefit.model.layers import IGNORE_INDEX, causal_lm_loss
 from pipefit.parity.reference import DocumentMasked
 from pipefit.partition.boundaries import boundaries_for
@@ -264,13 +264,13 @@ def test_flash_attention_is_refused_for_the_encoder() -> None:
     )
     skeleton = make_skeleton(bert_config("mlm"))
     with pytest.raises(ConfigError) as info:
-        encoder.check_run(run, skeleton)
+        check_run(run, skeleton)
     assert str(info.value) == (
         "model.attn_implementation=flash_attention_2 is not accepted for BertConfig: the encoder's flash path "
         "drops its padding mask; use model.attn_implementation=sdpa or eager"
     )
     run.model.attn_implementation = "sdpa"
-    encoder.check_run(run, skeleton)
+    check_run(run, skeleton)
 
 
 @pytest.mark.parametrize("case", ["mlm", "mlm_untied", "cls"])
@@ -533,7 +533,7 @@ def test_classification_batches_from_jsonl(tmp_path: Path) -> None:
     (ids, _), (labels, scale) = prepared.batches.micro_batches(1, 0)[2]
     assert ids.shape == (2, 8) and labels.shape == (2,) and float(scale) == pytest.approx(3 / 6)
     for extra, message in [
-        (["data.seq_len=600"], "data.seq_len=600 exceeds the model's max_position_embeddings=512"),
+        (["data.seq_len=600"], "data.seq_len=600 exceeds the model's 512 learned positions"),
     ]:
         with pytest.raises(ConfigError, match=re.escape(message)):
             Prepared(validate(compose([*base, *extra])), 2)

@@ -1,8 +1,10 @@
-"""Encoder families (BERT) as pipeline stages: masked-LM and sequence-classification heads.
+"""The stage layers of encoder families (BERT): embedding, block, masked-LM and classifier heads.
 
 The task is the HF config's ``architectures`` entry (``BertForMaskedLM``,
 ``BertForSequenceClassification``): the skeleton is that HF model, built on the meta device, and
-every layer owns its real submodules (see :class:`pipefit.model.layers.ModelSkeleton`).
+every layer owns its real submodules (see :class:`pipefit.model.layers.ModelSkeleton`). The task
+table (:data:`pipefit.model.tasks.TASKS`) names these layers; :mod:`pipefit.model.layer_list` builds
+the layer list and :mod:`pipefit.model.weights` loads them, as for decoders.
 
 What crosses a stage boundary is ``(hidden, position_ids)``, as for decoders. Attention is
 bidirectional within a document; documents are delimited by position ids that restart at 0
@@ -36,46 +38,14 @@ zero, regression and multi-label classification.
 
 from __future__ import annotations
 
-import logging
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipefit.config import ConfigError, RunConfig
-from pipefit.model.layers import (
-    LayerInfo,
-    ModelSkeleton,
-    StageLayer,
-    float32_model,
-    mask_cache,
-    stage_layers,
-)
-from pipefit.model.tasks import (
-    MASKED_LM,
-    auto_class,
-    check_task_config,
-)
-from pipefit.model.weights import SafetensorsReader, hf_state_dict, load_layer
-
-log = logging.getLogger("pipefit")
-
-
-class EncoderSkeleton(ModelSkeleton):
-    """The task's HF model (``AutoModelForMaskedLM`` / ``AutoModelForSequenceClassification``) on the meta device."""
-
-    def __init__(self, hf_config: Any, adapter: Any, seed: int = 0) -> None:
-        self.adapter = adapter
-        self.seed = seed
-        self.task = check_task_config(hf_config)
-        with torch.device("meta"):
-            self.model = float32_model(auto_class(self.task).from_config, hf_config, hf_config)
-        self.config = self.model.config
-
-
-# -- layers ----------------------------------------------------------------------------------------
+from pipefit.model.layers import LayerInfo, ModelSkeleton, StageLayer
+from pipefit.model.tasks import Slot
 
 
 def document_mask(config: Any, hidden: torch.Tensor, position_ids: torch.Tensor) -> Any:
@@ -95,6 +65,11 @@ def document_mask(config: Any, hidden: torch.Tensor, position_ids: torch.Tensor)
     )
 
 
+def mlm_tied_head_forward(embed: EncoderEmbedLayer, hidden: torch.Tensor) -> torch.Tensor:
+    """Masked-LM decoder sharing the word embedding (``TiedLayerSpec`` forward_fn): ``hidden @ E^T + bias``."""
+    return F.linear(hidden, embed.word_embedding().weight, embed.output_bias())
+
+
 class EncoderEmbedLayer(StageLayer):
     """``(input_ids, position_ids)`` -> ``(hidden, position_ids)`` through the HF embedding module.
 
@@ -102,6 +77,18 @@ class EncoderEmbedLayer(StageLayer):
     decoder's output bias (HF name ``cls.predictions.bias``), so the head needs nothing else. On a
     rank holding only the head (``role="head"``) it allocates just the word embedding and the bias.
     """
+
+    head_forward = staticmethod(mlm_tied_head_forward)
+
+    @classmethod
+    def planned_prefixes(cls, skeleton: ModelSkeleton, slot: Slot) -> tuple[str, ...]:
+        # hf_prefixes name modules; the tied output bias (a bare parameter) is counted in num_params only.
+        return (skeleton.adapter.embeddings,)
+
+    @staticmethod
+    def tied_extra_params(skeleton: ModelSkeleton) -> int:
+        """The tied output bias, held by the embedding and by the head that shares it."""
+        return int(skeleton.config.vocab_size)
 
     def __init__(self, skeleton: ModelSkeleton, layer_index: int, device: str = "cpu", role: str = "embed") -> None:
         super().__init__()
@@ -147,20 +134,19 @@ class EncoderEmbedLayer(StageLayer):
         return hidden, position_ids
 
 
-def mlm_tied_head_forward(embed: EncoderEmbedLayer, hidden: torch.Tensor) -> torch.Tensor:
-    """Masked-LM decoder sharing the word embedding (``TiedLayerSpec`` forward_fn): ``hidden @ E^T + bias``."""
-    return F.linear(hidden, embed.word_embedding().weight, embed.output_bias())
-
-
 class EncoderBlockLayer(StageLayer):
     """One HF encoder block; its mask comes from the position ids (see :func:`document_mask`)."""
+
+    @classmethod
+    def spec_args(cls, skeleton: ModelSkeleton, layer: LayerInfo, slot: Slot, device: str) -> tuple[Any, ...]:
+        return (skeleton, layer.index, layer.block_index, device)
 
     def __init__(self, skeleton: ModelSkeleton, layer_index: int, block_index: int, device: str = "cpu") -> None:
         super().__init__()
         self.config = skeleton.config
         prefix = skeleton.adapter.block_prefix(block_index)
         self.adopt("block", skeleton.materialize(prefix, device, layer_index), prefix)
-        self.masks = mask_cache(skeleton)  # one document_mask (and its host sync) per micro-batch and stage
+        self.masks = skeleton.masks  # one document_mask (and its host sync) per micro-batch and stage
 
     def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         hidden, position_ids = inputs
@@ -175,6 +161,10 @@ class EncoderBlockLayer(StageLayer):
 
 class SubmoduleLayer(StageLayer):
     """One HF submodule applied to the hidden states (MLM transform, pooler, untied decoder)."""
+
+    @classmethod
+    def spec_args(cls, skeleton: ModelSkeleton, layer: LayerInfo, slot: Slot, device: str) -> tuple[Any, ...]:
+        return (skeleton, layer.index, slot.local, getattr(skeleton.adapter, slot.field), device)
 
     def __init__(self, skeleton: ModelSkeleton, layer_index: int, local: str, prefix: str, device: str = "cpu"):
         super().__init__()
@@ -197,180 +187,3 @@ class ClassifierLayer(StageLayer):
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.dropout(pooled))
-
-
-# -- the layer list ----------------------------------------------------------------------------------
-
-
-def _numel(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
-
-
-def layer_plan(skeleton: EncoderSkeleton) -> list[LayerInfo]:
-    """Embedding, each block, then ``transform`` + ``head`` (masked LM) or ``pooler`` + ``head`` (classification)."""
-    a = skeleton.adapter
-    cfg = skeleton.config
-    model = skeleton.model
-    tied = a.tied(cfg)
-    vocab = int(cfg.vocab_size)
-    embeddings = model.get_submodule(a.embeddings)
-    # hf_prefixes name modules; the tied output bias (a bare parameter) is counted in num_params only.
-    layers = [
-        LayerInfo(
-            0,
-            "embed",
-            (a.embeddings,),
-            _numel(embeddings) + (vocab if tied else 0),
-            ("EncoderEmbedLayer", type(embeddings).__name__),
-            tied,
-        )
-    ]
-    for b in range(a.num_blocks(cfg)):
-        block = model.get_submodule(a.block_prefix(b))
-        layers.append(
-            LayerInfo(
-                len(layers),
-                "block",
-                (a.block_prefix(b),),
-                _numel(block),
-                ("EncoderBlockLayer", type(block).__name__),
-                block_index=b,
-            )
-        )
-
-    def add(kind: str, prefix: str, layer_type: str) -> None:
-        module = model.get_submodule(prefix)
-        layers.append(LayerInfo(len(layers), kind, (prefix,), _numel(module), (layer_type, type(module).__name__)))
-
-    if skeleton.task == MASKED_LM:
-        add("transform", a.mlm_transform, "SubmoduleLayer")
-        if tied:
-            # DeepSpeed counts what the head's TiedLayerSpec builds: the word embedding and the bias.
-            head_params = _numel(model.get_submodule(a.embed)) + vocab
-            layers.append(
-                LayerInfo(len(layers), "head", (a.embed,), head_params, ("EncoderEmbedLayer", "TiedHead"), True)
-            )
-        else:
-            add("head", a.lm_head, "SubmoduleLayer")
-    else:
-        add("pooler", a.pooler, "SubmoduleLayer")
-        add("head", a.classifier, "ClassifierLayer")
-    return layers
-
-
-# What pipefit.model.layer_list's one spec/build path needs from this layer list (see the decoder's).
-EMBED_LAYER = EncoderEmbedLayer
-TIED_HEAD_FORWARD = mlm_tied_head_forward
-tied_weight_attrs = EncoderEmbedLayer.tied_weight_attrs
-
-
-def layer_args(skeleton: EncoderSkeleton, layer: LayerInfo, device: str) -> tuple[type[nn.Module], tuple[Any, ...]]:
-    """Class and arguments of a layer (a tied head aside: the layer list builds it on the embedding)."""
-    a = skeleton.adapter
-    if layer.kind == "embed":
-        return EncoderEmbedLayer, (skeleton, 0, device)
-    if layer.kind == "block":
-        return EncoderBlockLayer, (skeleton, layer.index, layer.block_index, device)
-    if layer.kind == "transform":
-        return SubmoduleLayer, (skeleton, layer.index, "transform", a.mlm_transform, device)
-    if layer.kind == "pooler":
-        return SubmoduleLayer, (skeleton, layer.index, "pooler", a.pooler, device)
-    if skeleton.task == MASKED_LM:
-        return SubmoduleLayer, (skeleton, layer.index, "decoder", a.lm_head, device)
-    return ClassifierLayer, (skeleton, layer.index, device)
-
-
-# -- weights -----------------------------------------------------------------------------------------
-
-
-class CheckpointNames:
-    """Where each HF name of the pipeline is found in a checkpoint's ``weight_map``, if anywhere.
-
-    A name is found as itself, through the tied decoder's other name (``cls.predictions.decoder.weight``
-    for the word embedding, ``cls.predictions.decoder.bias`` for the output bias), or without the
-    base-model prefix (a bare ``BertModel`` folder saves ``embeddings.*``, not ``bert.embeddings.*``).
-    """
-
-    def __init__(self, skeleton: EncoderSkeleton, weight_map: dict[str, str]) -> None:
-        a = skeleton.adapter
-        self.present = weight_map
-        self.base = f"{a.base_prefix}."
-        self.heads = a.head_prefixes()
-        self.tied: dict[str, str] = {}
-        if a.tied(skeleton.config):
-            self.tied = {f"{a.embed}.weight": f"{a.lm_head}.weight", a.mlm_bias: f"{a.lm_head}.bias"}
-
-    def resolve(self, name: str) -> str | None:
-        for candidate in (name, self.tied.get(name)):
-            if candidate is None:
-                continue
-            if candidate in self.present:
-                return candidate
-            if candidate.startswith(self.base) and candidate[len(self.base) :] in self.present:
-                return candidate[len(self.base) :]
-        return None
-
-    def new_head(self, names: list[str]) -> bool:
-        """All of ``names`` belong to a task head and none is in the checkpoint."""
-        in_head = all(any(n == h or n.startswith(h + ".") for h in self.heads) for n in names)
-        return in_head and all(self.resolve(n) is None for n in names)
-
-
-def load_weights(module: nn.Module, skeleton: EncoderSkeleton, model_path: Any) -> int:
-    """Fill every stage layer in ``module`` from a HF folder; returns the number of tensors read.
-
-    Accepted checkpoints: the task's own model, another task's (``BertForMaskedLM`` weights under a
-    classifier), or the bare base model (``BertModel``, saved without the ``bert.`` prefix). A task
-    head the folder lacks entirely (pooler, classifier, masked-LM transform or bias) keeps its seeded
-    random initialisation -- the same on every rank, whatever the partition -- as ``from_pretrained``
-    initialises missing weights; it is logged. Any other missing tensor is an error.
-    """
-
-    reader = SafetensorsReader(model_path)
-    names = CheckpointNames(skeleton, reader.weight_map)
-    count = 0
-    fresh: list[str] = []
-    for layer in stage_layers(module):
-        loaded: dict[str, str] = {}
-        renamed: dict[str, str] = {}
-        for local, prefix in layer.hf_prefixes.items():
-            wanted = [f"{prefix}.{k}" for k in getattr(layer, local).state_dict()]
-            if names.new_head(wanted):
-                fresh.extend(wanted)
-                continue
-            loaded[local] = prefix
-            renamed.update({n: r for n in wanted if (r := names.resolve(n)) not in (None, n)})
-        view = SimpleNamespace(hf_prefixes=loaded, **{local: getattr(layer, local) for local in loaded})
-        load_layer(view, reader, renamed)  # type: ignore[arg-type]
-        count += len(hf_state_dict(view))  # type: ignore[arg-type]
-    if fresh:
-        log.warning(
-            "model.path=%s has no %s: a new task head, randomly initialised (seeded by train.seed)",
-            model_path,
-            ", ".join(sorted(set(fresh))),
-        )
-    return count
-
-
-# -- checks before any rank starts ------------------------------------------------------------------
-
-
-def check_run(run: RunConfig, skeleton: EncoderSkeleton) -> None:
-    """Encoder-specific input errors of a training run, one line each, before any process group exists."""
-    check_attention(run, skeleton)
-    max_positions = int(getattr(skeleton.config, "max_position_embeddings", run.data.seq_len))
-    if run.data.seq_len > max_positions:
-        raise ConfigError(
-            f"data.seq_len={run.data.seq_len} exceeds the model's max_position_embeddings={max_positions}; "
-            f"use data.seq_len <= {max_positions}"
-        )
-
-
-def check_attention(run: RunConfig, skeleton: EncoderSkeleton) -> None:
-    """Flash attention would drop the encoder's padding mask (tokens would attend to padding): refused."""
-    impl = run.model.attn_implementation or ""  # null picks sdpa or eager
-    if "flash" in impl:
-        raise ConfigError(
-            f"model.attn_implementation={impl} is not accepted for {type(skeleton.config).__name__}: the encoder's "
-            "flash path drops its padding mask; use model.attn_implementation=sdpa or eager"
-        )

@@ -23,20 +23,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipefit.model.adapters import Adapter
-from pipefit.model.tasks import CAUSAL_LM
+from pipefit.model.tasks import Slot, auto_class, check_task_config
 
 # Label of a position that is not trained (PyTorch's cross-entropy ``ignore_index``).
 IGNORE_INDEX = -100
 
 
-def _check_attn_implementation(hf_config: Any) -> None:
+def _check_attn_implementation(hf_config: Any, task: str) -> None:
     """A one-line error for ``sdpa`` on a family HF builds without it (Gemma-2: soft-capped scores)."""
-    from transformers import AutoModelForCausalLM
-
     impl = getattr(hf_config, "_attn_implementation", None)
     if impl != "sdpa":
         return
-    model_cls = AutoModelForCausalLM._model_mapping.get(type(hf_config), None)
+    model_cls = auto_class(task)._model_mapping.get(type(hf_config), None)
     if model_cls is not None and not getattr(model_cls, "_supports_sdpa", True):
         raise ValueError(
             f"model.attn_implementation='sdpa' is not supported by {model_cls.__name__}; "
@@ -58,25 +56,29 @@ def float32_model(build: Any, hf_config: Any, *args: Any, **kwargs: Any) -> nn.M
 
 
 class ModelSkeleton:
-    """The HF model built on the meta device: structure and config, no storage.
+    """The task's HF model built on the meta device: structure and config, no storage.
 
-    Layers deep-copy their submodules out of it and materialise them on the target device.
-    The skeleton's ``_init_weights`` gives each materialised submodule HF's own random init.
-    Parameters are float32 whatever the folder's ``config.dtype`` (a bf16 checkpoint loads into
-    them exactly): the run's precision decides what DeepSpeed trains in, not the checkpoint.
+    The task (``adapter.task``: a causal LM, or an encoder's head named by ``architectures``) picks
+    the HF auto class. Layers deep-copy their submodules out of it and materialise them on the
+    target device. The skeleton's ``_init_weights`` gives each materialised submodule HF's own
+    random init. Parameters are float32 whatever the folder's ``config.dtype`` (a bf16 checkpoint
+    loads into them exactly): the run's precision decides what DeepSpeed trains in, not the checkpoint.
+
+    ``masks`` is the :class:`MaskCache` the blocks built from this skeleton share;
+    ``one_document_per_row`` is set for ``data.layout=concat`` (see :class:`BlockLayer`).
     """
 
-    task = CAUSAL_LM  # an encoder's skeleton reads its task from the config
-
     def __init__(self, hf_config: Any, adapter: Adapter, seed: int = 0) -> None:
-        from transformers import AutoModelForCausalLM
-
         self.adapter = adapter
         self.seed = seed
-        _check_attn_implementation(hf_config)
+        self.task = adapter.task(hf_config)
+        check_task_config(hf_config, self.task)
+        _check_attn_implementation(hf_config, self.task)
         with torch.device("meta"):
-            self.model = float32_model(AutoModelForCausalLM.from_config, hf_config, hf_config)
+            self.model = float32_model(auto_class(self.task).from_config, hf_config, hf_config)
         self.config = self.model.config
+        self.masks = MaskCache()
+        self.one_document_per_row = False
 
     def has(self, prefix: str | None) -> bool:
         """Whether the HF model has submodule ``prefix`` (OPT builds ``project_in`` only when needed)."""
@@ -108,13 +110,27 @@ class ModelSkeleton:
 
 
 class StageLayer(nn.Module):
-    """Base class: a pipeline layer made of named HF submodules."""
+    """Base class: a pipeline layer made of named HF submodules.
+
+    Its class methods tell the layer list (:mod:`pipefit.model.layer_list`) what a layer holds
+    before it is built: the HF prefixes, and the arguments DeepSpeed's ``LayerSpec`` builds it with.
+    """
 
     hf_prefixes: dict[str, str]
 
     def __init__(self) -> None:
         super().__init__()
         self.hf_prefixes = {}
+
+    @classmethod
+    def planned_prefixes(cls, skeleton: ModelSkeleton, slot: Slot) -> tuple[str, ...]:
+        """The HF prefixes the layer of ``slot`` holds: the adapter's ``slot.field``."""
+        return (getattr(skeleton.adapter, slot.field),)
+
+    @classmethod
+    def spec_args(cls, skeleton: ModelSkeleton, layer: LayerInfo, slot: Slot, device: str) -> tuple[Any, ...]:
+        """The constructor's arguments for ``layer`` (its entry in the layer list, from ``slot``)."""
+        return (skeleton, layer.index, device)
 
     def adopt(self, local_name: str, module: nn.Module, hf_prefix: str) -> None:
         setattr(self, local_name, module)
@@ -133,6 +149,11 @@ def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
     return torch.tanh(logits / cap) * cap
 
 
+def tied_head_forward(embed: EmbedLayer, hidden: torch.Tensor) -> torch.Tensor:
+    """LM head that reuses the token embedding's weight (``TiedLayerSpec`` forward_fn), soft-capped where HF is."""
+    return softcap(F.linear(hidden, embed.embed_tokens.weight), embed.final_logit_softcap)
+
+
 class EmbedLayer(StageLayer):
     """Token embedding: ``(input_ids, position_ids)`` -> ``(hidden, position_ids)``.
 
@@ -142,6 +163,24 @@ class EmbedLayer(StageLayer):
     head; a rank that only holds the head builds it with ``role="head"`` and so allocates only
     the tied weight.
     """
+
+    # A tied head is this layer built with role="head", applied by head_forward; tied_weight_attrs
+    # names what DeepSpeed keeps equal, tied_extra_params the tied tensors outside its modules.
+    head_forward = staticmethod(tied_head_forward)
+
+    @staticmethod
+    def tied_weight_attrs(skeleton: ModelSkeleton) -> list[str]:
+        return ["embed_tokens.weight"]
+
+    @staticmethod
+    def tied_extra_params(skeleton: ModelSkeleton) -> int:
+        return 0
+
+    @classmethod
+    def planned_prefixes(cls, skeleton: ModelSkeleton, slot: Slot) -> tuple[str, ...]:
+        """The token embedding, and the input projection and learned positions where the family has them."""
+        a = skeleton.adapter
+        return tuple(p for p in (a.embed, a.project_in, a.position_embed) if skeleton.has(p))
 
     def __init__(self, skeleton: ModelSkeleton, layer_index: int, device: str = "cpu", role: str = "embed") -> None:
         super().__init__()
@@ -175,11 +214,6 @@ class EmbedLayer(StageLayer):
         if self.dropout is not None:
             hidden = self.dropout(hidden)
         return hidden, position_ids
-
-
-def tied_head_forward(embed: EmbedLayer, hidden: torch.Tensor) -> torch.Tensor:
-    """LM head that reuses the token embedding's weight (``TiedLayerSpec`` forward_fn), soft-capped where HF is."""
-    return softcap(F.linear(hidden, embed.embed_tokens.weight), embed.final_logit_softcap)
 
 
 class TiedHead(nn.Module):
@@ -220,14 +254,6 @@ class MaskCache:
         return mask
 
 
-def mask_cache(skeleton: Any) -> MaskCache:
-    """The skeleton's :class:`MaskCache`, shared by the blocks built from it (created on first use)."""
-    cache = skeleton.__dict__.get("_mask_cache")
-    if cache is None:
-        cache = skeleton.__dict__["_mask_cache"] = MaskCache()
-    return cache
-
-
 class BlockLayer(StageLayer):
     """One HF decoder block; rebuilds its attention mask and rotary embedding from position ids.
 
@@ -236,15 +262,17 @@ class BlockLayer(StageLayer):
     packed document, after a host sync, and build the same mask.
     """
 
+    @classmethod
+    def spec_args(cls, skeleton: ModelSkeleton, layer: LayerInfo, slot: Slot, device: str) -> tuple[Any, ...]:
+        return (skeleton, layer.index, layer.block_index, device)
+
     def __init__(self, skeleton: ModelSkeleton, layer_index: int, block_index: int, device: str = "cpu") -> None:
         super().__init__()
         adapter = skeleton.adapter
         self.config = skeleton.config
         self.attention_kind = adapter.attention_kind(skeleton.config, block_index)
-        self.mask_uses_position_ids = adapter.mask_uses_position_ids and not getattr(
-            skeleton, "one_document_per_row", False
-        )
-        self.masks = mask_cache(skeleton)
+        self.mask_uses_position_ids = adapter.mask_uses_position_ids and not skeleton.one_document_per_row
+        self.masks = skeleton.masks
         prefix = adapter.block_prefix(block_index)
         self.adopt("block", skeleton.materialize(prefix, device, layer_index), prefix)
         # Rotary tables hold only non-persistent buffers: never saved, never loaded.
@@ -282,6 +310,11 @@ class NormLayer(StageLayer):
     Either part is skipped where the HF model has none (OPT without ``do_layer_norm_before``
     has no final norm); with neither, the layer only drops the position ids.
     """
+
+    @classmethod
+    def planned_prefixes(cls, skeleton: ModelSkeleton, slot: Slot) -> tuple[str, ...]:
+        a = skeleton.adapter
+        return tuple(p for p in (a.final_norm, a.project_out) if skeleton.has(p))
 
     def __init__(self, skeleton: ModelSkeleton, layer_index: int, device: str = "cpu") -> None:
         super().__init__()
@@ -340,7 +373,7 @@ class LayerInfo:
     """One pipeline layer as the planner sees it."""
 
     index: int
-    kind: str  # embed | block | norm | head
+    kind: str  # embed | block | norm | transform | pooler | head (the task's Slot kinds)
     hf_prefixes: tuple[str, ...]
     num_params: int
     type_names: tuple[str, ...] = field(default_factory=tuple)
@@ -358,8 +391,9 @@ def stage_layers(module: nn.Module) -> list[StageLayer]:
 
 
 def tied_aliases(skeleton: ModelSkeleton) -> dict[str, str]:
-    """HF names that may stand for one another in a checkpoint of a tied model."""
+    """HF names that may stand for one another in a checkpoint of a tied model (both directions)."""
     a = skeleton.adapter
     if not a.tied(skeleton.config):
         return {}
-    return {f"{a.embed}.weight": f"{a.lm_head}.weight", f"{a.lm_head}.weight": f"{a.embed}.weight"}
+    pairs = a.tied_names()
+    return {**dict(pairs), **{head: embed for embed, head in pairs}}

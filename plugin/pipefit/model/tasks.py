@@ -1,10 +1,14 @@
 """Tasks as data: causal LM, masked LM and sequence classification, and what differs between them.
 
 A decoder family trains as a causal LM; an encoder's task is chosen by ``hf_config.architectures``
-(``BertForMaskedLM``, ``BertForSequenceClassification``). Each :class:`Task` says which HF auto
-class builds its reference model, whether its attention is bidirectional and whether the
-flops/profile cost models price its layers. Consumers look a task up in :data:`TASKS` (and the
-layer list and batches in their own tables keyed by task name); none asks which family it holds.
+(``BertForMaskedLM``, ``BertForSequenceClassification``; see the adapter's ``task``). Each
+:class:`Task` says which HF auto class builds its model, whether its attention is bidirectional,
+whether its head may be tied to the token embedding, whether the flops/profile cost models price
+its layers, and which stage layers make up its layer list: the embedding, the block and the
+:class:`Slot` s after the blocks (norm + LM head; MLM transform + decoder; pooler + classifier).
+Layers are named by class name: :mod:`pipefit.model.layer_list` resolves them, so this table sits
+below the layers. Consumers look a task up in :data:`TASKS` (batches in their own table keyed by
+task name); none asks which family it holds.
 """
 
 from __future__ import annotations
@@ -23,18 +27,65 @@ MLM_PROBABILITY = 0.15
 
 
 @dataclass(frozen=True)
+class Slot:
+    """One pipeline layer after the blocks.
+
+    ``kind`` is its kind in the layer list (``LayerInfo.kind``), ``layer`` its stage-layer class (by
+    name), ``field`` the adapter field holding its HF prefix, ``local`` the name a plain submodule
+    layer (``SubmoduleLayer``) holds it under.
+    """
+
+    kind: str
+    layer: str
+    field: str = ""
+    local: str = ""
+
+
+@dataclass(frozen=True)
 class Task:
     name: str
     auto_class: str  # the HF auto class that builds the task's model from a config
     bidirectional: bool  # every token attends to its whole document (encoders), not only to earlier ones
     priced: bool  # the flops/profile cost models price its layers
+    tieable: bool  # the head shares the token embedding where the config ties them (tie_word_embeddings)
+    embed: str  # the embedding layer (class name); a tied head is built on the same class
+    block: str  # the block layer (class name): its attention mask is the task's
+    tail: tuple[Slot, ...]  # the layers after the blocks, the last one the head (replaced by the tied head)
 
 
 TASKS = {
-    CAUSAL_LM: Task(CAUSAL_LM, "AutoModelForCausalLM", bidirectional=False, priced=True),
-    MASKED_LM: Task(MASKED_LM, "AutoModelForMaskedLM", bidirectional=True, priced=True),
+    CAUSAL_LM: Task(
+        CAUSAL_LM,
+        "AutoModelForCausalLM",
+        bidirectional=False,
+        priced=True,
+        tieable=True,
+        embed="EmbedLayer",
+        block="BlockLayer",
+        tail=(Slot("norm", "NormLayer"), Slot("head", "HeadLayer", "lm_head")),
+    ),
+    MASKED_LM: Task(
+        MASKED_LM,
+        "AutoModelForMaskedLM",
+        bidirectional=True,
+        priced=True,
+        tieable=True,
+        embed="EncoderEmbedLayer",
+        block="EncoderBlockLayer",
+        tail=(
+            Slot("transform", "SubmoduleLayer", "mlm_transform", "transform"),
+            Slot("head", "SubmoduleLayer", "lm_head", "decoder"),
+        ),
+    ),
     SEQUENCE_CLASSIFICATION: Task(
-        SEQUENCE_CLASSIFICATION, "AutoModelForSequenceClassification", bidirectional=True, priced=True
+        SEQUENCE_CLASSIFICATION,
+        "AutoModelForSequenceClassification",
+        bidirectional=True,
+        priced=True,
+        tieable=False,
+        embed="EncoderEmbedLayer",
+        block="EncoderBlockLayer",
+        tail=(Slot("pooler", "SubmoduleLayer", "pooler", "pooler"), Slot("head", "ClassifierLayer", "classifier")),
     ),
 }
 # The tasks an encoder's ``architectures`` may name.
@@ -44,7 +95,7 @@ TASK_AUTO_CLASSES = {t.name: t.auto_class for t in TASKS.values() if t.bidirecti
 def auto_class(task: str) -> Any:
     import transformers
 
-    return getattr(transformers, TASK_AUTO_CLASSES[task])
+    return getattr(transformers, TASKS[task].auto_class)
 
 
 def task_class_name(task: str, hf_config: Any) -> str:
@@ -68,8 +119,8 @@ def task_of(hf_config: Any) -> str:
     )
 
 
-def check_task_config(hf_config: Any) -> str:
-    task = task_of(hf_config)
+def check_task_config(hf_config: Any, task: str) -> None:
+    """What the task needs of the config (a classifier: one label per example), one line if not."""
     if task == SEQUENCE_CLASSIFICATION:
         labels = int(hf_config.num_labels)
         problem = getattr(hf_config, "problem_type", None)
@@ -78,7 +129,6 @@ def check_task_config(hf_config: Any) -> str:
                 f"model.hf_config.num_labels={labels} with problem_type={problem!r} is not accepted; accepted: "
                 "num_labels >= 2 and problem_type null or single_label_classification (one label per example)"
             )
-    return task
 
 
 def unpriced_error(adapter: Any, method: str) -> ConfigError:

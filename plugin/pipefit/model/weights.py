@@ -9,12 +9,14 @@ stage's tensors and reads only those tensors (``safetensors.safe_open``); nothin
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import sys
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -22,7 +24,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from pipefit.model.layers import StageLayer
+from pipefit.model.layers import ModelSkeleton, StageLayer, stage_layers, tied_aliases
+
+log = logging.getLogger("pipefit")
 
 # peft's name of the one adapter pipefit adds (see pipefit.model.lora).
 ADAPTER = "default"
@@ -161,13 +165,13 @@ def hf_state_dict(layer: StageLayer) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_layer(layer: StageLayer, reader: SafetensorsReader, tied_aliases: dict[str, str] | None = None) -> None:
+def load_layer(layer: StageLayer, reader: SafetensorsReader, renamed: dict[str, str] | None = None) -> None:
     """Fill ``layer`` from the checkpoint, strictly (every tensor present, shapes equal).
 
-    ``tied_aliases`` maps a wanted HF name to another name holding the same tensor (a tied LM
-    head saved only as the embedding, or the reverse).
+    ``renamed`` maps a wanted HF name to the checkpoint's name of the same tensor where the
+    checkpoint lacks the wanted one (see :class:`CheckpointNames`).
     """
-    aliases = tied_aliases or {}
+    aliases = renamed or {}
     for local, prefix in layer.hf_prefixes.items():
         module = getattr(layer, local)
         wanted = {f"{prefix}.{k}": k for k in module.state_dict()}
@@ -185,6 +189,75 @@ def load_layer(layer: StageLayer, reader: SafetensorsReader, tied_aliases: dict[
                 )
             state[local_key] = tensor.to(expected.dtype)
         module.load_state_dict(state, strict=True)
+
+
+class CheckpointNames:
+    """Where each HF name of the pipeline is found in a checkpoint's ``weight_map``, if anywhere.
+
+    A name is found as itself; through its rename table: the adapter's ``checkpoint_aliases``
+    (GPT-NeoX's ``embed_out``) and, for a tied model, the head's name of each tied tensor and the
+    reverse (``lm_head.weight`` for the token embedding; BERT's ``cls.predictions.decoder.weight`` and
+    ``.bias`` for the word embedding and the output bias); or without the adapter's ``base_prefix``
+    (a bare ``BertModel`` folder saves ``embeddings.*``, not ``bert.embeddings.*``).
+    """
+
+    def __init__(self, skeleton: ModelSkeleton, weight_map: dict[str, str]) -> None:
+        a = skeleton.adapter
+        self.present = weight_map
+        self.base = f"{a.base_prefix}." if a.base_prefix else None
+        self.heads = a.head_prefixes()
+        self.aliases = {**dict(a.checkpoint_aliases), **tied_aliases(skeleton)}
+
+    def resolve(self, name: str) -> str | None:
+        for candidate in (name, self.aliases.get(name)):
+            if candidate is None:
+                continue
+            if candidate in self.present:
+                return candidate
+            if self.base and candidate.startswith(self.base) and candidate[len(self.base) :] in self.present:
+                return candidate[len(self.base) :]
+        return None
+
+    def new_head(self, names: list[str]) -> bool:
+        """All of ``names`` belong to a task head and none is in the checkpoint."""
+        in_head = all(any(n == h or n.startswith(h + ".") for h in self.heads) for n in names)
+        return in_head and all(self.resolve(n) is None for n in names)
+
+
+def load_weights(module: nn.Module, skeleton: ModelSkeleton, model_path: str | os.PathLike) -> int:
+    """Fill every stage layer in ``module`` from a HF folder; returns the number of tensors read.
+
+    Every name is looked up through :class:`CheckpointNames`. Accepted checkpoints: the model's own,
+    and for an encoder another task's (``BertForMaskedLM`` weights under a classifier) or the bare
+    base model (``BertModel``, saved without the ``bert.`` prefix). A task head the folder lacks
+    entirely (the adapter's ``head_prefixes``: pooler, classifier, masked-LM transform or bias) keeps
+    its seeded random initialisation -- the same on every rank, whatever the partition -- as
+    ``from_pretrained`` initialises missing weights; it is logged. Any other missing tensor is an error.
+    """
+    reader = SafetensorsReader(model_path)
+    names = CheckpointNames(skeleton, reader.weight_map)
+    count = 0
+    fresh: list[str] = []
+    for layer in stage_layers(module):
+        loaded: dict[str, str] = {}
+        renamed: dict[str, str] = {}
+        for local, prefix in layer.hf_prefixes.items():
+            wanted = [f"{prefix}.{k}" for k in getattr(layer, local).state_dict()]
+            if names.new_head(wanted):
+                fresh.extend(wanted)
+                continue
+            loaded[local] = prefix
+            renamed.update({n: r for n in wanted if (r := names.resolve(n)) not in (None, n)})
+        view = SimpleNamespace(hf_prefixes=loaded, **{local: getattr(layer, local) for local in loaded})
+        load_layer(view, reader, renamed)  # type: ignore[arg-type]
+        count += len(hf_state_dict(view))  # type: ignore[arg-type]
+    if fresh:
+        log.warning(
+            "model.path=%s has no %s: a new task head, randomly initialised (seeded by train.seed)",
+            model_path,
+            ", ".join(sorted(set(fresh))),
+        )
+    return count
 
 
 def _fsync_dir(path: Path) -> None:

@@ -16,12 +16,18 @@ from typing import Any
 import torch
 
 from pipefit.config import RunConfig
-from pipefit.model import encoder
 from pipefit.model.hf import load_hf_config, set_attn_implementation
-from pipefit.model.layer_list import build_layers, layer_plan, load_weights, make_skeleton, stage_layers
+from pipefit.model.layer_list import (
+    build_layers,
+    check_attention,
+    layer_plan,
+    load_weights,
+    make_skeleton,
+    stage_layers,
+)
 from pipefit.model.layers import IGNORE_INDEX, causal_lm_loss, float32_model
 from pipefit.model.tasks import CAUSAL_LM, MASKED_LM, MLM_PROBABILITY, SEQUENCE_CLASSIFICATION
-from pipefit.model.weights import SafetensorsReader, hf_state_dict
+from pipefit.model.weights import CheckpointNames, SafetensorsReader, hf_state_dict
 from pipefit.parity.reference import task_reference_model
 from pipefit.partition.boundaries import run_boundaries
 
@@ -178,13 +184,13 @@ def verify_encoder(
             f"pipefit verify of an encoder runs on cpu in fp32 only (got --device={device}, "
             f"train.precision={run.train.precision})"
         )
-    encoder.check_attention(run, skeleton)
+    check_attention(run, skeleton)
     plan = layer_plan(skeleton)
     boundaries = run_boundaries(skeleton, run)
     model = task_reference_model(hf_config, run.model.path, run.train.seed).eval()
     with loaded_stages(model, skeleton, boundaries, run.model.path) as (stages, folder):
         # A task head the folder lacks is random in both models: give HF the pipeline's (seeded) one.
-        names = encoder.CheckpointNames(skeleton, SafetensorsReader(folder).weight_map)
+        names = CheckpointNames(skeleton, SafetensorsReader(folder).weight_map)
         fresh = {
             name: tensor
             for layer in stage_layers(torch.nn.ModuleList([x for layers in stages for x in layers]))

@@ -35,7 +35,7 @@ from typing import Any
 
 from pipefit.config import HardwareConfig
 from pipefit.model.adapters import for_config
-from pipefit.model.tasks import CAUSAL_LM, SEQUENCE_CLASSIFICATION, TASKS, task_of
+from pipefit.model.tasks import SEQUENCE_CLASSIFICATION, TASKS
 from pipefit.partition.balance import StageMemory
 
 __all__ = [
@@ -239,7 +239,7 @@ def attention_pairs(seq_len: int, causal: bool = True, window: int | None = None
 
 def task_name(hf_config: Any) -> str:
     """The task a config trains: causal LM for a decoder family, an encoder's from its ``architectures``."""
-    return CAUSAL_LM if for_config(hf_config).kind == "decoder" else task_of(hf_config)
+    return for_config(hf_config).task(hf_config)
 
 
 def _head_shape(hf_config: Any, shape: ModelShape, b: int, s: int) -> tuple[int, int]:

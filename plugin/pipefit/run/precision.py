@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from pipefit.model.layer_list import stage_layers, tied_aliases
-from pipefit.model.weights import SafetensorsReader
+from pipefit.model.layer_list import stage_layers
+from pipefit.model.weights import CheckpointNames, SafetensorsReader
 
 
 class FrozenFromFolder:
@@ -25,16 +25,14 @@ class FrozenFromFolder:
         import re
 
         self.reader = SafetensorsReader(folder)
-        aliases = {**dict(skeleton.adapter.checkpoint_aliases), **tied_aliases(skeleton)}
-        self.candidates: dict[int, str] = {}  # id(param) -> the folder's tensor name, as load_layer resolves it
+        names = CheckpointNames(skeleton, self.reader.weight_map)
+        self.candidates: dict[int, str] = {}  # id(param) -> the folder's tensor name, as load_weights resolves it
         for layer in stage_layers(module):
             for local, prefix in layer.hf_prefixes.items():
                 for key, param in getattr(layer, local).named_parameters():
                     plain = re.sub(r"(^|[.])base_layer[.]", r"\1", key)  # LoRA wraps the base weight
-                    hf = f"{prefix}.{plain}"
-                    if hf not in self.reader.weight_map:
-                        hf = aliases.get(hf, hf)
-                    if hf in self.reader.weight_map:
+                    hf = names.resolve(f"{prefix}.{plain}")
+                    if hf is not None:
                         self.candidates[id(param)] = hf
         self.names: dict[int, str] = {}  # the frozen parameters read again at export
 

@@ -32,6 +32,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from pipefit.model.tasks import CAUSAL_LM, TASKS
+
 __all__ = ["Adapter", "UnknownFamilyError", "for_config", "register", "supported_config_classes"]
 
 
@@ -71,11 +73,13 @@ class Adapter:
             themselves); OPT builds its mask without them.
         checkpoint_aliases: ``(name, other name)`` pairs: a checkpoint may hold the tensor
             under the other name, which ``from_pretrained`` also maps (GPT-NeoX's ``embed_out``).
+        base_prefix: the base model's prefix where a bare base-model checkpoint saves its tensors
+            without it (BERT's ``bert``); empty: every name is looked up as it is.
         gated_mlp: the MLP is gate/up/down (SwiGLU/GeGLU) rather than up/down (cost model).
         qk_norm: blocks normalise queries and keys per head (Qwen3; cost model).
         norms_per_block: norms each block applies to the hidden states (cost model).
         kind: ``decoder`` (causal LM) or ``encoder`` (bidirectional, task heads; see
-            ``adapters/bert.py`` and :mod:`pipefit.model.encoder`, which build, load and verify those).
+            ``adapters/bert.py``). A label only: what differs is the task (:meth:`task`).
     """
 
     name: str
@@ -94,6 +98,7 @@ class Adapter:
     final_logit_softcap_attr: str | None = None
     mask_uses_position_ids: bool = True
     checkpoint_aliases: tuple[tuple[str, str], ...] = ()
+    base_prefix: str = ""
     gated_mlp: bool = False
     qk_norm: bool = False
     norms_per_block: int = 2
@@ -102,9 +107,25 @@ class Adapter:
     def num_blocks(self, hf_config: Any) -> int:
         return int(hf_config.num_hidden_layers)
 
+    def task(self, hf_config: Any) -> str:
+        """The task this config trains (a key of :data:`pipefit.model.tasks.TASKS`): a causal LM."""
+        return CAUSAL_LM
+
     def tied(self, hf_config: Any) -> bool:
-        """Whether the LM head shares the token embedding's weight."""
-        return bool(getattr(hf_config, "tie_word_embeddings", False))
+        """Whether the head shares the token embedding's weight (where the config and the task tie them)."""
+        return bool(getattr(hf_config, "tie_word_embeddings", False)) and TASKS[self.task(hf_config)].tieable
+
+    def tied_names(self) -> tuple[tuple[str, str], ...]:
+        """``(embedding-side name, head-side name)`` of each tensor a tied head shares."""
+        return ((f"{self.embed}.weight", f"{self.lm_head}.weight"),)
+
+    def head_prefixes(self) -> tuple[str, ...]:
+        """Task-head prefixes a checkpoint may lack (then randomly initialised, as ``from_pretrained`` does)."""
+        return ()
+
+    def learned_positions(self) -> bool:
+        """Whether positions index a learned table (``max_position_embeddings`` is then a hard limit)."""
+        return bool(self.position_embed)
 
     def attention_kind(self, hf_config: Any, block_index: int) -> str:
         """``full_attention`` or ``sliding_attention`` for one block, as the HF model decides."""
@@ -161,5 +182,5 @@ def for_config(hf_config: Any) -> Adapter:
 
 
 # Families register themselves on import.
-# bert is the encoder family (built, loaded and verified by pipefit.model.encoder).
+# bert is the encoder family (its layers: pipefit.model.encoder).
 from pipefit.model.adapters import bert, gemma, gpt2, gpt_neox, llama, opt, qwen3  # noqa: E402,F401

@@ -1,6 +1,6 @@
 """BERT: a bidirectional encoder with a masked-LM head or a sequence-classification head.
 
-The pipeline layers (built by :mod:`pipefit.model.encoder`) are:
+The pipeline layers (classes in :mod:`pipefit.model.encoder`, named by the tasks) are:
 
 - embedding: ``bert.embeddings`` (word + position + token-type embeddings, LayerNorm, dropout);
 - one layer per block ``bert.encoder.layer.{i}`` (post-norm; no norm after the last block);
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipefit.model.adapters import Adapter, register
-from pipefit.model.tasks import MASKED_LM, task_of
+from pipefit.model.tasks import task_of
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,6 @@ class EncoderAdapter(Adapter):
 
     Attributes:
         embeddings: HF prefix of the whole embedding module (called with ids, positions, token types).
-        base_prefix: the base model's prefix; a bare base-model checkpoint saves its tensors without it.
         mlm_transform: HF prefix of the masked-LM head's transform (dense, activation, LayerNorm).
         mlm_bias: HF name of the masked-LM output bias (a parameter, not a module).
         pooler: HF prefix of the pooler (first token -> dense -> tanh).
@@ -43,16 +42,23 @@ class EncoderAdapter(Adapter):
 
     kind: str = "encoder"
     embeddings: str = ""
-    base_prefix: str = ""
     mlm_transform: str = ""
     mlm_bias: str = ""
     pooler: str = ""
     classifier_dropout: str = ""
     classifier: str = ""
 
-    def tied(self, hf_config: Any) -> bool:
-        """Only a masked-LM head shares the word embedding; a classifier has its own weights."""
-        return bool(getattr(hf_config, "tie_word_embeddings", False)) and task_of(hf_config) == MASKED_LM
+    def task(self, hf_config: Any) -> str:
+        """The task head named by ``hf_config.architectures`` (only a masked-LM head ties; see the task table)."""
+        return task_of(hf_config)
+
+    def tied_names(self) -> tuple[tuple[str, str], ...]:
+        """The tied masked-LM decoder shares the word embedding and the output bias."""
+        return (*super().tied_names(), (self.mlm_bias, f"{self.lm_head}.bias"))
+
+    def learned_positions(self) -> bool:
+        """The position table lives inside the embedding module."""
+        return True
 
     def head_prefixes(self) -> tuple[str, ...]:
         """Task-head tensors: a checkpoint without them (a bare encoder, another task) leaves them at
