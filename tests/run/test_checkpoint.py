@@ -142,7 +142,6 @@ class _SavingEngine:
 def test_saving_over_an_existing_step_never_loses_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """A later launch of the same run saves a step that exists: the old one stays until the new one is in place."""
     import os
-    from types import SimpleNamespace
 
     import torch.distributed as dist
     from transformers import AutoTokenizer
@@ -150,11 +149,11 @@ def test_saving_over_an_existing_step_never_loses_it(tmp_path: Path, monkeypatch
     from pipefit.config import RunConfig
     from pipefit.model.hf import resolve_tokenizer_path
 
-    prepared = SimpleNamespace(
+    record = checkpoint.RunRecord(
         run=RunConfig(),
-        layout=SimpleNamespace(global_batch_size=16),
         boundaries=[0, 7],
-        dp=1,
+        data_parallel=1,
+        global_batch_size=16,
         hf_config=tiny_hf_config("llama"),
         tokenizer=AutoTokenizer.from_pretrained(resolve_tokenizer_path(None, None)),
     )
@@ -173,11 +172,11 @@ def test_saving_over_an_existing_step_never_loses_it(tmp_path: Path, monkeypatch
         with monkeypatch.context() as patch:
             patch.setattr(os, "replace", failing_replace)
             with pytest.raises(OSError, match="No space left"):
-                checkpoint.save(_SavingEngine(b"new weights"), prepared, out, 2, rank=0)
+                checkpoint.save(_SavingEngine(b"new weights"), record, out, 2, rank=0)
         assert (old / "layer_00-model_states.pt").read_bytes() == b"old weights"
         assert json.loads((old / checkpoint.STATE_FILE).read_text())["pipefit_version"] == "0.1.0"
         assert checkpoint.complete_checkpoints(checkpoint.checkpoint_root(out)) == [old]
-        path = checkpoint.save(_SavingEngine(b"new weights"), prepared, out, 2, rank=0)
+        path = checkpoint.save(_SavingEngine(b"new weights"), record, out, 2, rank=0)
     finally:
         dist.destroy_process_group()
     assert path == old and (old / "layer_00-model_states.pt").read_bytes() == b"new weights"

@@ -37,6 +37,7 @@ from torch import nn
 
 from pipefit.config import ConfigError, LoraConfig, RunConfig
 from pipefit.model.layer_list import layer_plan, make_skeleton, stage_layers, tied_aliases
+from pipefit.model.layers import ModelSkeleton
 from pipefit.model.weights import ADAPTER, plain_state_dict, replace_dir
 
 __all__ = ["ADAPTER", "plain_state_dict"]
@@ -238,7 +239,7 @@ def _layer_param_names(skeleton: Any, info: Any) -> list[str]:
     return names
 
 
-def trainable_layers(run: RunConfig, skeleton: Any) -> tuple[list[bool], str] | None:
+def trainable_layers(run: RunConfig, skeleton: ModelSkeleton) -> tuple[list[bool], str] | None:
     """Which pipeline layers keep something to train under ``lora`` or ``train.freeze`` (and the
     phrase naming the cause), or None when every layer trains. Checks the patterns and targets."""
     freeze_list = list(run.train.freeze)
@@ -268,7 +269,7 @@ def trainable_layers(run: RunConfig, skeleton: Any) -> tuple[list[bool], str] | 
     return trainable, f"train.freeze={freeze_list} freezes every parameter of"
 
 
-def check(run: RunConfig, skeleton: Any, boundaries: list[int] | None) -> None:
+def check(run: RunConfig, skeleton: ModelSkeleton, boundaries: list[int] | None) -> None:
     """Every ``train.freeze`` pattern and LoRA target is usable, and every stage keeps something to train.
 
     Raises a one-line :class:`ConfigError`; needs only the meta-device skeleton (no process group).
@@ -314,18 +315,23 @@ def _describe(lora: LoraConfig | None) -> str:
     return f"(r={lora.r}, alpha={lora.alpha}, dropout={lora.dropout}, target_modules={list(lora.target_modules)})"
 
 
-def apply(module: nn.Module, prepared: Any) -> None:
-    """Freeze / add LoRA on this rank's stage (after its weights are loaded, before ``deepspeed.initialize``)."""
-    run = prepared.run
+def apply(
+    module: nn.Module, run: RunConfig, skeleton: ModelSkeleton, measured_boundaries: list[int] | None = None
+) -> None:
+    """Freeze / add LoRA on this rank's stage (after its weights are loaded, before ``deepspeed.initialize``).
+
+    ``measured_boundaries``: a split measured after the ranks started (``pipeline.partition=profile``),
+    checked here (every stage keeps a trainable layer) with the same verdict on every rank.
+    """
     if not (run.lora.enabled or run.train.freeze):
         return
-    if prepared.deferred_profile:  # boundaries measured after the ranks started: same verdict on every rank
-        check(run, prepared.skeleton, prepared.boundaries)
+    if measured_boundaries is not None:
+        check(run, skeleton, measured_boundaries)
     layers = stage_layers(module)
     if run.lora.enabled:
-        add_lora(layers, prepared.skeleton, run.lora, run.train.seed)
+        add_lora(layers, skeleton, run.lora, run.train.seed)
     else:
-        freeze(layers, list(run.train.freeze), tied_aliases(prepared.skeleton))
+        freeze(layers, list(run.train.freeze), tied_aliases(skeleton))
     for param in module.parameters():
         if not param.requires_grad:
             # DeepSpeed's pipeline reads a tied weight's ``_hp_grad`` under its BF16 optimizer (bf16 +

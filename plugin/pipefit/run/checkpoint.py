@@ -23,12 +23,17 @@ import logging
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 import pipefit
+from pipefit.config import RunConfig
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 log = logging.getLogger("pipefit")
 STATE_FILE = "pipefit_state.json"
@@ -229,12 +234,25 @@ def _allowed_globals() -> list[Any]:
     return allowed
 
 
-def save(engine: Any, prepared: Any, output_dir: Path, step: int, rank: int) -> Path:
+@dataclass(frozen=True)
+class RunRecord:
+    """What a checkpoint records of its run beside the engine's files: the config, the pipeline shape,
+    the data position's unit, and the HF config and tokenizer saved with it."""
+
+    run: RunConfig
+    boundaries: list[int]
+    data_parallel: int
+    global_batch_size: int
+    hf_config: PretrainedConfig
+    tokenizer: PreTrainedTokenizerBase
+
+
+def save(engine: Any, record: RunRecord, output_dir: Path, step: int, rank: int) -> Path:
     """Write checkpoint ``step`` atomically; keep the newest ``train.keep_last``. Collective."""
     import torch.distributed as dist
     from omegaconf import OmegaConf
 
-    run = prepared.run
+    run = record.run
     root = checkpoint_root(output_dir)
     tag = tag_for(step)
     staging = root / f".partial-{tag}"
@@ -254,19 +272,19 @@ def save(engine: Any, prepared: Any, output_dir: Path, step: int, rank: int) -> 
             "format": FORMAT_VERSION,
             "pipefit_version": pipefit.__version__,
             "step": step,
-            "data_position": {"next_step": step, "global_batch_size": prepared.layout.global_batch_size},
-            "boundaries": prepared.boundaries,
+            "data_position": {"next_step": step, "global_batch_size": record.global_batch_size},
+            "boundaries": record.boundaries,
             "stages": run.pipeline.stages,
-            "data_parallel": prepared.dp,
+            "data_parallel": record.data_parallel,
             "world_size": dist.get_world_size(),
             "model": {
-                k: getattr(prepared.hf_config, k, None)
+                k: getattr(record.hf_config, k, None)
                 for k in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers")
             },
             "config": OmegaConf.to_container(OmegaConf.structured(run)),
         }
-        prepared.hf_config.save_pretrained(staging / "hf_config")
-        prepared.tokenizer.save_pretrained(staging / "tokenizer")
+        record.hf_config.save_pretrained(staging / "hf_config")
+        record.tokenizer.save_pretrained(staging / "tokenizer")
         tmp = staging / f".{STATE_FILE}.tmp"
         tmp.write_text(json.dumps(state, indent=2))
         os.replace(tmp, staging / STATE_FILE)
@@ -363,17 +381,17 @@ def load_reshaped(engine: Any, ckpt: Path) -> int:
     return step
 
 
-def resume(engine: Any, prepared: Any, rank: int) -> int:
-    """With ``train.resume``: the checkpoint loaded into ``engine`` (whole, or reshaped for a new
-    pipeline shape); returns the step to continue after (0 for a fresh run)."""
-    if prepared.resume_from is None:
+def resume(engine: Any, resume_from: Path | None, same_shape: bool, rank: int) -> int:
+    """With ``train.resume``: the checkpoint ``resume_from`` loaded into ``engine`` (whole, or reshaped
+    for a new pipeline shape); returns the step to continue after (0 for a fresh run)."""
+    if resume_from is None:
         return 0
-    if prepared.resume_same_shape:
-        start = load(engine, prepared.resume_from, rank)
+    if same_shape:
+        start = load(engine, resume_from, rank)
         kept = "weights, optimizer state, schedule, RNG, data position"
     else:
-        start = load_reshaped(engine, prepared.resume_from)
+        start = load_reshaped(engine, resume_from)
         kept = "weights, schedule, data position (new pipeline shape: optimizer moments restart from zero)"
     if rank == 0:
-        log.info("resumed from %s at step %d; kept %s", prepared.resume_from, start, kept)
+        log.info("resumed from %s at step %d; kept %s", resume_from, start, kept)
     return start

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from pipefit.config import RunConfig
 from pipefit.model.layer_list import layer_specs
 from pipefit.model.layers import ModelSkeleton, causal_lm_loss
 from pipefit.run.checkpoint import SafeTorchCheckpointEngine
@@ -103,22 +104,23 @@ def install_global_norm_clipping(engine: Any) -> None:
     engine.clip_fp32_gradients = clip_fp32_gradients
 
 
-def build_stage(prepared: Any, topo: Any, rank: int, device: str) -> Any:
+def build_stage(
+    run: RunConfig, skeleton: ModelSkeleton, boundaries: list[int], topo: Any, rank: int, device: str
+) -> Any:
     """This rank's ``PipelineModule`` (only its own layers materialised), checked to hold exactly its layers."""
-    run = prepared.run
     torch.manual_seed(run.train.seed)
-    module = build_pipeline_module(
-        prepared.skeleton, prepared.boundaries, topo, device, run.pipeline.activation_checkpoint_interval
-    )
+    module = build_pipeline_module(skeleton, boundaries, topo, device, run.pipeline.activation_checkpoint_interval)
     stage_id = topo.get_coord(rank).pipe
     local = (module._local_start, module._local_stop)
-    wanted = (prepared.boundaries[stage_id], prepared.boundaries[stage_id + 1])
+    wanted = (boundaries[stage_id], boundaries[stage_id + 1])
     if local != wanted:  # guards the private DeepSpeed hook in build_pipeline_module
         raise RuntimeError(f"stage {stage_id} holds layers {local}, expected {wanted}; DeepSpeed version unsupported")
     return module
 
 
-def start_engine(module: Any, prepared: Any, ds_cfg: dict[str, Any], writer: bool) -> tuple[Any, KeptValues]:
+def start_engine(
+    module: Any, run: RunConfig, skeleton: ModelSkeleton, ds_cfg: dict[str, Any], writer: bool
+) -> tuple[Any, KeptValues]:
     """``deepspeed.initialize`` over the loaded stage, with exact fp32 masters and pipefit's overrides.
 
     ``writer``: this rank is the data-parallel rank that exports its stage, and keeps what the export
@@ -126,10 +128,9 @@ def start_engine(module: Any, prepared: Any, ds_cfg: dict[str, Any], writer: boo
     """
     import deepspeed  # heavy; plan and verify never need it
 
-    run = prepared.run
     from_folder = None
     if run.train.precision != "fp32" and writer and run.model.path:
-        from_folder = FrozenFromFolder(module, prepared.skeleton, run.model.path)
+        from_folder = FrozenFromFolder(module, skeleton, run.model.path)
     loaded = rounded_by_cast(module, run.train.precision, writer, from_folder)
     engine, _, _, _ = deepspeed.initialize(
         model=module,

@@ -125,7 +125,7 @@ def export_run(engine: Any, prepared: Prepared, output_dir: Path, kept: KeptValu
         log.info("exported Hugging Face model to %s", export_dir)
 
 
-def export_adapter(engine: Any, prepared: Any, out_dir: Path) -> None:
+def export_adapter(engine: Any, prepared: Prepared, out_dir: Path) -> None:
     """With LoRA on: every stage's adapter tensors (dp rank 0) gathered into one peft folder. Collective."""
     import torch.distributed as dist
 

@@ -130,7 +130,7 @@ def train_steps(
                 reporter.step(record, stage_times)
             every = run.train.save_every
             if (every and step % every == 0) or (step == last and (every or last < run.train.max_steps)):
-                path = checkpoint.save(engine, prepared, output_dir, step, rank)
+                path = checkpoint.save(engine, prepared.checkpoint_record(), output_dir, step, rank)
                 if rank == 0:
                     log.info("saved checkpoint %s", path)
     return losses, step

@@ -115,15 +115,16 @@ def _train_on_rank(
     device = accel.current_device_name() if device_kind != "cpu" else "cpu"
     if prepared.deferred_profile:
         _profile_partition(prepared, rank, device)
-    module = build_stage(prepared, topo, rank, device)
+    module = build_stage(run, prepared.skeleton, prepared.boundaries, topo, rank, device)
     if run.model.path:
         load_weights(module, prepared.skeleton, run.model.path)
-    trainable.apply(module, prepared)  # train.freeze / lora, before the optimizer sees the parameters
+    measured = prepared.boundaries if prepared.deferred_profile else None
+    trainable.apply(module, run, prepared.skeleton, measured)  # train.freeze / lora, before the optimizer
     ds_cfg = build_ds_config(run, prepared.dp, device_kind, prepared.base_ds_config)
     if rank == 0:
         write_run_files(prepared, output_dir, ds_cfg)
-    engine, kept = start_engine(module, prepared, ds_cfg, writer=topo.get_coord(rank).data == 0)
-    start = checkpoint.resume(engine, prepared, rank)
+    engine, kept = start_engine(module, run, prepared.skeleton, ds_cfg, writer=topo.get_coord(rank).data == 0)
+    start = checkpoint.resume(engine, prepared.resume_from, prepared.resume_same_shape, rank)
     losses, last = train_steps(engine, prepared, output_dir, rank, start)
     write_partition(engine, prepared, output_dir, rank, topo.get_coord(rank).pipe)
     if last < run.train.max_steps:

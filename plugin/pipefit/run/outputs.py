@@ -22,7 +22,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from pipefit.config import ConfigError
+from pipefit.config import ConfigError, RunConfig
 from pipefit.config.compose import leaves
 from pipefit.model.weights import check_export_destination, is_previous_export
 from pipefit.run.checkpoint import TAG_RE, checkpoint_root, complete_checkpoints
@@ -127,21 +127,24 @@ def _model(config: dict[str, Any] | None) -> str:
     return f"{name} from {model['path']}" if model.get("path") else str(name)
 
 
-def check_output_dir(prepared: Any) -> None:
-    """Every check of ``output_dir`` (and of the export folders in it); raises one line, writes nothing."""
+def check_output_dir(run: RunConfig, tokenizer_path: Path | None, resume_from: Path | None) -> None:
+    """Every check of ``output_dir`` (and of the export folders in it); raises one line, writes nothing.
+
+    ``tokenizer_path`` and ``resume_from`` (the resolved tokenizer folder and checkpoint) are read by
+    the run, so no overwrite or export may remove them.
+    """
     from omegaconf import OmegaConf
 
-    run = prepared.run
     out = Path(run.output_dir).expanduser()
     shown = f"output_dir={run.output_dir!r}"
     _check_writable(out, shown)
     overwrite = run.train.overwrite_output_dir
     reads = [
         ("model.path", run.model.path),
-        ("model.tokenizer", str(prepared.tokenizer_path) if prepared.tokenizer_path else None),
+        ("model.tokenizer", str(tokenizer_path) if tokenizer_path else None),
         ("data.path", run.data.path),
         *(("data.data_files", f) for f in run.data.data_files),
-        ("train.resume", prepared.resume_from),
+        ("train.resume", resume_from),
     ]
     if overwrite:
         for name, src in reads:
@@ -161,7 +164,7 @@ def check_output_dir(prepared: Any) -> None:
         return  # no run here yet
     if overwrite:
         return  # the old run is removed by clear_previous_run once every check has passed
-    if prepared.resume_from is not None and _inside(prepared.resume_from, out):
+    if resume_from is not None and _inside(resume_from, out):
         return  # continuing this folder's run
     mine = OmegaConf.to_container(OmegaConf.structured(run))
     theirs = _recorded_config(out, checkpoints)
@@ -186,14 +189,12 @@ def check_output_dir(prepared: Any) -> None:
     )
 
 
-def clear_previous_run(prepared: Any) -> None:
+def clear_previous_run(run: RunConfig) -> None:
     """``train.overwrite_output_dir=true``: rank 0 removes the old run's files before the new run writes.
 
     Each entry is first renamed aside (atomic), so another rank still checking the folder sees a
     whole entry or none. Files of the folder that a run does not write are kept.
     """
-
-    run = prepared.run
     out = Path(run.output_dir).expanduser()
     if not run.train.overwrite_output_dir or int(os.environ.get("RANK", "0")) != 0 or not out.is_dir():
         return

@@ -117,13 +117,20 @@ class Prepared:
                 world_size,
                 self.resume_same_shape,
             )
-        outputs.check_output_dir(self)  # a file, read-only, another run in it, an export over user data
+        # A file, read-only, another run in it, an export over user data:
+        outputs.check_output_dir(run, self.tokenizer_path, self.resume_from)
 
         check_prepared(self)  # train.freeze / lora: patterns, targets, every stage trainable
         self.layout = BatchLayout(run.train.micro_batch_size, run.train.grad_accum_steps, self.dp)
         self.batches, self.eval_batches = make_batches(run.data, self.tokenizer, self.layout, run.train.seed)
         self.eval_rounds = eval_rounds(run.train.eval_batches, self.eval_batches)
-        outputs.clear_previous_run(self)  # train.overwrite_output_dir, once every check has passed
+        outputs.clear_previous_run(run)  # train.overwrite_output_dir, once every check has passed
+
+    def checkpoint_record(self) -> checkpoint.RunRecord:
+        """What a checkpoint records of this run (the boundaries as they are now: profile sets them late)."""
+        return checkpoint.RunRecord(
+            self.run, self.boundaries, self.dp, self.layout.global_batch_size, self.hf_config, self.tokenizer
+        )
 
 
 def explicit_keys(overrides: list[str]) -> set[str]:
@@ -158,7 +165,7 @@ def eval_rounds(requested: int, batches: GlobalBatches | None) -> int:
     return requested or available
 
 
-def check_prepared(prepared: Any) -> None:
+def check_prepared(prepared: Prepared) -> None:
     """:func:`check` and :func:`check_resume` for a prepared run, before any process group exists."""
     run = prepared.run
     if not (run.lora.enabled or run.train.freeze or prepared.resume_from is not None):
