@@ -462,18 +462,52 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_output_dir_holding_another_run_is_refused_and_left_alone(tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    before = _other_run(out)
-    with pytest.raises(ConfigError) as info:
-        _prepare(out)
-    assert str(info.value) == (
+def _another_run_in_it(out: Path) -> tuple[list[str], str]:
+    _other_run(out)
+    return [], (
         f"output_dir={str(out)!r} holds another run (model gpt2_tiny, trained to step 4) than this one "
         "(model llama_tiny, train.max_steps=80), differing in model.hf_config, model.name, data.data_files, "
         "data.name and 2 more; accepted: train.resume=auto to continue it, another output_dir, or "
         "train.overwrite_output_dir=true to replace it"
     )
-    assert _files(out) == before and len(before) == 8
+
+
+def _overwrite_of_what_the_run_reads(out: Path) -> tuple[list[str], str]:
+    from conftest import saved_model
+
+    _other_run(out)
+    folder, _ = saved_model(out / "models", "llama")
+    return ["model=local", f"model.path={folder}", "train.overwrite_output_dir=true"], (
+        f"train.overwrite_output_dir=true would delete model.path={str(folder)!r}, which this run reads, with the "
+        f"old run in output_dir={str(out)!r}; accepted: another output_dir, or train.overwrite_output_dir=false"
+    )
+
+
+def _export_folder_holding_other_data(out: Path) -> tuple[list[str], str]:
+    (out / "hf_model").mkdir(parents=True)
+    (out / "hf_model" / "weights.bin").write_bytes(b"mine")
+    return [], (
+        f"the export folder output_dir/hf_model={str(out / 'hf_model')!r} is not empty (1 entry) and is not a "
+        "previous pipefit export (no pipefit_export.json); nothing was written; give a new or empty folder, or "
+        "move its contents away"
+    )
+
+
+@pytest.mark.parametrize(
+    ("case", "files"),
+    [(_another_run_in_it, 8), (_overwrite_of_what_the_run_reads, 11), (_export_folder_holding_other_data, 1)],
+    ids=["another-run", "overwrite-deletes-model-path", "export-over-other-data"],
+)
+def test_output_folder_refusals_are_one_line_before_training_and_touch_nothing(
+    tmp_path: Path, case: Any, files: int
+) -> None:
+    out = tmp_path / "run"
+    overrides, expected = case(out)
+    before = _files(out)
+    with pytest.raises(ValueError) as info:  # ConfigError, or the export's ExportDestinationError
+        _prepare(out, *overrides)
+    assert str(info.value) == expected
+    assert _files(out) == before and len(before) == files
 
 
 def test_output_dir_of_a_run_without_checkpoints_does_not_offer_resume(tmp_path: Path) -> None:
@@ -507,22 +541,6 @@ def test_rerun_of_the_same_run_is_accepted_and_overwrite_replaces_another(tmp_pa
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
 
-def test_overwrite_never_deletes_what_the_run_reads(tmp_path: Path) -> None:
-    from conftest import saved_model
-
-    out = tmp_path / "run"
-    _other_run(out)
-    folder, _ = saved_model(out / "models", "llama")
-    before = _files(out)
-    with pytest.raises(ConfigError) as info:
-        _prepare(out, "model=local", f"model.path={folder}", "train.overwrite_output_dir=true")
-    assert str(info.value) == (
-        f"train.overwrite_output_dir=true would delete model.path={str(folder)!r}, which this run reads, with the "
-        f"old run in output_dir={str(out)!r}; accepted: another output_dir, or train.overwrite_output_dir=false"
-    )
-    assert _files(out) == before
-
-
 def test_output_dir_that_is_a_file_or_not_writable_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     import os
 
@@ -552,19 +570,6 @@ def test_output_dir_that_is_a_file_or_not_writable_is_one_line(tmp_path: Path, m
         "give a folder you can write to"
     )
     assert list(locked.iterdir()) == []
-
-
-def test_export_folder_holding_other_data_is_refused_before_training(tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    (out / "hf_model").mkdir(parents=True)
-    (out / "hf_model" / "weights.bin").write_bytes(b"mine")
-    with pytest.raises(ValueError) as info:
-        _prepare(out)
-    assert str(info.value) == (
-        f"the export folder output_dir/hf_model={str(out / 'hf_model')!r} is not empty (1 entry) and is not a "
-        "previous pipefit export (no pipefit_export.json); nothing was written; give a new or empty folder, or "
-        "move its contents away"
-    )
 
 
 def test_run_folders_are_neither_linted_nor_committed(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from torch import nn
 
 from conftest import FAMILIES, TIED_FAMILIES, random_tokens, run_layers, saved_model, tiny_hf_config
 from pipefit.model import weights
-from pipefit.model.hf import resolve_tokenizer_path
+from pipefit.model.hf import load_tokenizer, resolve_tokenizer_path
 from pipefit.model.layer_list import build_layers, layer_plan, load_weights, make_skeleton, stage_layers
 from pipefit.model.layers import EmbedLayer
 from pipefit.model.weights import CheckpointError, SafetensorsReader, check_model_folder
@@ -131,35 +131,35 @@ _QWEN2_TOKENIZER_OVERRIDE = (
 )
 
 
-@pytest.mark.parametrize(
-    "family",
-    [
-        pytest.param(f, marks=pytest.mark.xfail(strict=True, reason=_QWEN2_TOKENIZER_OVERRIDE)) if f == "qwen2" else f
-        for f in FAMILIES
-    ],
-)
-def test_exported_folder_autotokenizer_matches_training_tokenizer(tmp_path: Path, family: str) -> None:
+def _auto_tokenizer(folder: Path) -> Any:
     from transformers import AutoTokenizer
 
+    return AutoTokenizer.from_pretrained(folder)
+
+
+@pytest.mark.parametrize(
+    ("loader", "family"),
+    [
+        *(
+            pytest.param(
+                _auto_tokenizer,
+                f,
+                id=f"auto-{f}",
+                marks=[pytest.mark.xfail(strict=True, reason=_QWEN2_TOKENIZER_OVERRIDE)] if f == "qwen2" else [],
+            )
+            for f in FAMILIES
+        ),
+        # pipefit reloads a saved tokenizer as saved, whatever the model type (qwen2 included).
+        *(pytest.param(load_tokenizer, f, id=f"pipefit-{f}") for f in FAMILIES),
+    ],
+)
+def test_exported_folder_tokenizer_matches_training_tokenizer(tmp_path: Path, loader: Any, family: str) -> None:
     embedded = embedded_tokenizer()
     out_dir = tmp_path / "export"
     staging = weights.staging_dir(out_dir, "tok")
     staging.mkdir()
     weights.finalize_export(staging, out_dir, {}, tiny_hf_config(family), embedded)
-    assert AutoTokenizer.from_pretrained(out_dir)(TEXT)["input_ids"] == embedded(TEXT)["input_ids"]
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_exported_folder_pipefit_tokenizer_matches_training_tokenizer(tmp_path: Path, family: str) -> None:
-    """pipefit reloads a saved tokenizer as saved, whatever the model type (qwen2 included)."""
-    from pipefit.model.hf import load_tokenizer
-
-    embedded = embedded_tokenizer()
-    out_dir = tmp_path / "export"
-    staging = weights.staging_dir(out_dir, "tok")
-    staging.mkdir()
-    weights.finalize_export(staging, out_dir, {}, tiny_hf_config(family), embedded)
-    assert load_tokenizer(out_dir)(TEXT)["input_ids"] == embedded(TEXT)["input_ids"]
+    assert loader(out_dir)(TEXT)["input_ids"] == embedded(TEXT)["input_ids"]
 
 
 def test_second_export_replaces_the_folder_completely(tmp_path: Path) -> None:
@@ -291,22 +291,13 @@ def _shrink_first_gate(tensors: dict[str, torch.Tensor]) -> None:
     tensors["model.layers.0.mlp.gate_proj.weight"] = tensors["model.layers.0.mlp.gate_proj.weight"][:100].clone()
 
 
-def test_checkpoint_tensor_with_wrong_shape(tmp_path: Path) -> None:
+def test_checkpoint_tensor_with_wrong_shape_names_the_folder_tensor_and_shapes(tmp_path: Path) -> None:
     folder, _ = saved_model(tmp_path, "llama")
     _rewrite_checkpoint(folder, _shrink_first_gate)
     skeleton = make_skeleton(tiny_hf_config("llama"))
     with pytest.raises(CheckpointError) as error:
         load_weights(nn.ModuleList(build_layers(skeleton, 0, 3)), skeleton, folder)
-    _assert_one_line(error, "model.layers.0.mlp.gate_proj.weight", "(100, 64)", "(128, 64)", "config.json")
-
-
-def test_checkpoint_wrong_shape_error_names_the_folder(tmp_path: Path) -> None:
-    folder, _ = saved_model(tmp_path, "llama")
-    _rewrite_checkpoint(folder, _shrink_first_gate)
-    skeleton = make_skeleton(tiny_hf_config("llama"))
-    with pytest.raises(CheckpointError) as error:
-        load_weights(nn.ModuleList(build_layers(skeleton, 0, 3)), skeleton, folder)
-    _assert_one_line(error, str(folder))
+    _assert_one_line(error, str(folder), "model.layers.0.mlp.gate_proj.weight", "(100, 64)", "(128, 64)", "config.json")
 
 
 def test_tied_checkpoint_holding_only_the_head_weight_loads_the_embedding(tmp_path: Path) -> None:

@@ -185,16 +185,28 @@ def test_tied_head_on_its_own_stage_uses_the_checkpoint_embedding(tmp_path: Path
     torch.testing.assert_close(tied, model.get_input_embeddings().weight, atol=0, rtol=0)
 
 
-def test_mistral_sliding_window_is_exercised(tmp_path: Path) -> None:
-    from transformers import AutoModelForCausalLM
-
-    folder, model = saved_model(tmp_path, "mistral")
-    cfg = tiny_hf_config("mistral")
+def _windowed(tmp_path: Path, family: str, kinds: list[str]) -> tuple[Path, Any, Any, Any, Any, list[Any]]:
+    """A saved sliding-window family whose window is shorter than the inputs, and its loaded layer list,
+    whose blocks have the attention ``kinds``: ``(folder, model, cfg, inputs, skeleton, layers)``."""
+    folder, model = saved_model(tmp_path, family)
+    cfg = tiny_hf_config(family)
     inputs = random_tokens(batch=2, seq=20)
     assert cfg.sliding_window < inputs[0].shape[1]
     skeleton = make_skeleton(cfg)
-    blocks = [layer for layer in build_layers(skeleton, 0, len(layer_plan(skeleton))) if isinstance(layer, BlockLayer)]
-    assert [b.attention_kind for b in blocks] == ["sliding_attention"] * cfg.num_hidden_layers
+    layers = build_loaded(skeleton, folder, 0, len(layer_plan(skeleton)))
+    assert [b.attention_kind for b in layers if isinstance(b, BlockLayer)] == kinds
+    return folder, model, cfg, inputs, skeleton, layers
+
+
+def _two_documents() -> torch.Tensor:
+    """Position ids of two packed documents (12 and 8 tokens) in each of 2 rows of 20."""
+    return torch.cat([torch.arange(12), torch.arange(8)]).expand(2, 20).contiguous()
+
+
+def test_mistral_sliding_window_is_exercised(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    folder, model, cfg, inputs, _, _ = _windowed(tmp_path, "mistral", ["sliding_attention"] * 3)
 
     # Without the window the same weights give clearly different logits past the window,
     # so the parity tests above would fail if the pipeline ignored it.
@@ -237,17 +249,10 @@ def _variant_parity(tmp_path: Path, family: str, splits: list[tuple[int, ...]], 
 def test_gemma2_soft_caps_and_alternating_windows_are_exercised(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    folder, model = saved_model(tmp_path, "gemma2")
-    cfg = tiny_hf_config("gemma2")
-    inputs = random_tokens(batch=2, seq=20)
-    assert cfg.sliding_window < inputs[0].shape[1]
-    skeleton = make_skeleton(cfg)
-    n = len(layer_plan(skeleton))
-    layers = build_loaded(skeleton, folder, 0, n)
-    assert [b.attention_kind for b in layers if isinstance(b, BlockLayer)] == [
-        "sliding_attention",
-        "full_attention",
-    ] * 2
+    folder, model, cfg, inputs, skeleton, layers = _windowed(
+        tmp_path, "gemma2", ["sliding_attention", "full_attention"] * 2
+    )
+    n = len(layers)
     expected = hf_logits(model, inputs)
     with torch.no_grad():
         hidden = run_layers(layers[:-1], inputs)
@@ -306,7 +311,7 @@ def test_reset_position_ids_isolate_packed_documents(tmp_path: Path, family: str
     skeleton = make_skeleton(tiny_hf_config(family))
     layers = build_loaded(skeleton, folder, 0, len(layer_plan(skeleton)))
     input_ids, _ = random_tokens(batch=2, seq=20)
-    position_ids = torch.cat([torch.arange(12), torch.arange(8)]).expand(2, 20).contiguous()
+    position_ids = _two_documents()
 
     with torch.no_grad():
         logits = run_layers(layers, (input_ids, position_ids))
@@ -344,7 +349,7 @@ def test_masks_are_built_once_per_micro_batch_and_stage(monkeypatch: pytest.Monk
     blocks = [x for x in layers if isinstance(x, BlockLayer)]
     assert len(blocks) == 3
     input_ids, arange = random_tokens(batch=2, seq=20)
-    packed = torch.cat([torch.arange(12), torch.arange(8)]).expand(2, 20).contiguous()
+    packed = _two_documents()
     with torch.no_grad():
         first = run_layers(layers, (input_ids, packed))
         second = run_layers(layers, (input_ids, packed.clone()))  # the next micro-batch: a new tensor

@@ -436,29 +436,40 @@ def test_cosine_decay() -> None:
     assert all(a > b for a, b in zip(factors, factors[1:], strict=False))
 
 
-def test_linear_decay() -> None:
-    optim = OptimConfig(warmup_steps=0, scheduler="linear", min_lr_ratio=0.2)
-    assert [lr_factor(k, optim, 4) for k in range(6)] == pytest.approx([1.0, 0.8, 0.6, 0.4, 0.2, 0.2], abs=1e-12)
+@pytest.mark.parametrize(
+    ("optim", "max_steps", "expected"),
+    [
+        (OptimConfig(warmup_steps=0, scheduler="linear", min_lr_ratio=0.2), 4, [1.0, 0.8, 0.6, 0.4, 0.2, 0.2]),
+        (OptimConfig(warmup_steps=1, scheduler="constant", min_lr_ratio=0.1), 5, [0.5, 1.0, 1.0, 1.0, 1.0, 1.0]),
+    ],
+    ids=["linear-decay", "constant-after-warmup"],
+)
+def test_lr_factors(optim: OptimConfig, max_steps: int, expected: list[float]) -> None:
+    assert [lr_factor(k, optim, max_steps) for k in range(6)] == pytest.approx(expected, abs=1e-12)
 
 
-def test_constant_after_warmup() -> None:
-    optim = OptimConfig(warmup_steps=1, scheduler="constant", min_lr_ratio=0.1)
-    assert [lr_factor(k, optim, 5) for k in range(6)] == [0.5, 1.0, 1.0, 1.0, 1.0, 1.0]
-
-
-def test_scheduler_factory_drives_the_optimizer_lr() -> None:
-    import torch
-
-    optim = OptimConfig(lr=0.1, warmup_steps=1, scheduler="linear", min_lr_ratio=0.0)
+@pytest.mark.parametrize(
+    ("optim", "max_steps", "expected"),
+    [
+        (OptimConfig(lr=0.1, warmup_steps=1, scheduler="linear", min_lr_ratio=0.0), 3, [0.05, 0.1, 0.05, 0.0]),
+        (
+            OptimConfig(lr=0.1, warmup_steps=1, scheduler="wsd", scheduler_kwargs={"num_decay_steps": 2}),
+            4,
+            [0.05, 0.1, 0.1, 0.05],
+        ),
+    ],
+    ids=["pipefit-linear", "transformers-wsd"],
+)
+def test_scheduler_factory_drives_the_optimizer_lr(optim: OptimConfig, max_steps: int, expected: list[float]) -> None:
     param = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([param], lr=optim.lr)
-    scheduler = scheduler_factory(optim, max_steps=3)(optimizer)
+    scheduler = scheduler_factory(optim, max_steps=max_steps)(optimizer)
     seen = []
     for _ in range(4):
         seen.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         scheduler.step()
-    assert seen == pytest.approx([0.05, 0.1, 0.05, 0.0], abs=1e-12)
+    assert seen == pytest.approx(expected, abs=1e-12)
 
 
 def test_transformers_schedules_by_name() -> None:
@@ -532,19 +543,6 @@ def test_scheduler_names_and_arguments_are_one_line_errors() -> None:
         "min_lr_rate should be set through the `lr_scheduler_kwargs`); accepted: the keyword arguments of "
         "transformers' cosine_with_min_lr schedule"
     )
-
-
-def test_a_transformers_schedule_drives_the_optimizer_lr() -> None:
-    optim = OptimConfig(lr=0.1, warmup_steps=1, scheduler="wsd", scheduler_kwargs={"num_decay_steps": 2})
-    param = torch.nn.Parameter(torch.zeros(1))
-    optimizer = torch.optim.SGD([param], lr=optim.lr)
-    scheduler = scheduler_factory(optim, max_steps=4)(optimizer)
-    seen = []
-    for _ in range(4):
-        seen.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
-    assert seen == pytest.approx([0.05, 0.1, 0.1, 0.05], abs=1e-12)
 
 
 def test_a_schedule_missing_its_argument_fails_before_any_rank(tmp_path: Path) -> None:
