@@ -262,3 +262,18 @@ def test_console_shows_pipefit_lines_and_train_log_keeps_the_chatter(tmp_path: P
         "[transformers.tokenization_utils_base][WARNING] a tokenizer remark",
     ):
         assert log.count(line) == 2, (line, log)
+
+
+def test_library_prints_reach_train_log_only_while_deepspeed_sets_up(tmp_path: Path, capsys, fresh_logging):
+    """Inside ``library_prints`` a ``print`` is chatter in ``train.log``; outside it stdout is untouched."""
+    from pipefit.run.logs import library_prints, setup_logging
+
+    setup_logging(tmp_path, 0)
+    with library_prints():
+        print("SEED_LAYERS=False BASE_SEED=1234")
+    print("a line printed during training")
+    captured = capsys.readouterr()
+    assert captured.out == "a line printed during training\n" and captured.err == ""
+    log = (tmp_path / "train.log").read_text()
+    assert log.count("[pipefit.library][DEBUG] SEED_LAYERS=False BASE_SEED=1234") == 1
+    assert "a line printed during training" not in log

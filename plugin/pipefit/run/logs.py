@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 CHATTER = "pipefit.library"  # what libraries print or warn: train.log only, at debug level
@@ -64,6 +65,16 @@ class _ChatterWriter:
 
     def isatty(self) -> bool:
         return False
+
+
+@contextlib.contextmanager
+def library_prints() -> Iterator[None]:
+    """While DeepSpeed sets up (process group, ``PipelineModule``, ``deepspeed.initialize``, a resume),
+    its ``print`` lines become debug chatter in ``train.log`` (:class:`_ChatterWriter`). Only there:
+    ``sys.stdout`` is the real one for the rest of the run (``steps_per_print`` keeps the engine quiet
+    while it trains)."""
+    with contextlib.redirect_stdout(_ChatterWriter()):  # type: ignore[type-var]
+        yield
 
 
 def quiet_console(rank: int) -> None:

@@ -8,7 +8,6 @@ rank writes into one ``output_dir``; rank 0 writes ``config.yaml``, ``ds_config.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import sys
@@ -28,7 +27,7 @@ from pipefit.run.engine import (
 )
 from pipefit.run.exits import InterruptFlag, end_rank, user_error_exit, user_error_types
 from pipefit.run.export import export_run
-from pipefit.run.logs import _ChatterWriter, quiet_console, setup_logging
+from pipefit.run.logs import library_prints, quiet_console, setup_logging
 from pipefit.run.loop import train_steps
 from pipefit.run.preflight import Prepared, ensure_single_process_env, prepare
 from pipefit.run.reporting import write_partition, write_run_files
@@ -80,8 +79,9 @@ def train(prepared: Prepared) -> dict[str, Any]:
     watchdog = None
     interrupts = InterruptFlag()
     try:
-        with contextlib.redirect_stdout(_ChatterWriter()), interrupts:  # type: ignore[type-var]
-            deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=run.train.dist_timeout_s))
+        with interrupts:
+            with library_prints():
+                deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=run.train.dist_timeout_s))
             if run.train.heartbeat_timeout_s > 0 and world > 1:
                 watchdog = PeerWatchdog(
                     rank,
@@ -115,7 +115,8 @@ def _train_on_rank(
     device = accel.current_device_name() if device_kind != "cpu" else "cpu"
     if prepared.deferred_profile:
         _profile_partition(prepared, rank, device)
-    module = build_stage(run, prepared.skeleton, prepared.boundaries, topo, rank, device)
+    with library_prints():  # DeepSpeed's PipelineModule printouts (SEED_LAYERS=, topology): train.log only
+        module = build_stage(run, prepared.skeleton, prepared.boundaries, topo, rank, device)
     if run.model.path:
         load_weights(module, prepared.skeleton, run.model.path)
     measured = prepared.boundaries if prepared.deferred_profile else None
@@ -123,8 +124,9 @@ def _train_on_rank(
     ds_cfg = build_ds_config(run, prepared.dp, device_kind, prepared.base_ds_config)
     if rank == 0:
         write_run_files(prepared, output_dir, ds_cfg)
-    engine, kept = start_engine(module, run, prepared.skeleton, ds_cfg, writer=topo.get_coord(rank).data == 0)
-    start = checkpoint.resume(engine, prepared.resume_from, prepared.resume_same_shape, rank)
+    with library_prints():  # deepspeed.initialize's and a resume's printouts (optimizer, op builds)
+        engine, kept = start_engine(module, run, prepared.skeleton, ds_cfg, writer=topo.get_coord(rank).data == 0)
+        start = checkpoint.resume(engine, prepared.resume_from, prepared.resume_same_shape, rank)
     losses, last = train_steps(engine, prepared, output_dir, rank, start)
     write_partition(engine, prepared, output_dir, rank, topo.get_coord(rank).pipe)
     if last < run.train.max_steps:
