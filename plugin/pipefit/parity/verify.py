@@ -26,7 +26,7 @@ from pipefit.model.layer_list import (
     stage_layers,
 )
 from pipefit.model.layers import IGNORE_INDEX, causal_lm_loss, float32_model
-from pipefit.model.tasks import CAUSAL_LM, MASKED_LM, MLM_PROBABILITY, SEQUENCE_CLASSIFICATION
+from pipefit.model.tasks import CAUSAL_LM, MASKED_LM, MLM_PROBABILITY, SEQUENCE_CLASSIFICATION, TASKS
 from pipefit.model.weights import CheckpointNames, SafetensorsReader, hf_state_dict
 from pipefit.parity.reference import task_reference_model
 from pipefit.partition.boundaries import run_boundaries
@@ -218,17 +218,13 @@ def verify_encoder(
     else:
         targets = torch.randint(0, int(hf_config.num_labels), (batch_size,), generator=gen)
         n = batch_size
-    prefix_of = {"block": None, "transform": a.mlm_transform, "pooler": a.pooler}
+    # The HF module each boundary layer wraps; a tied head's is the decoder it stands for.
+    head_prefix = getattr(a, TASKS[skeleton.task].tail[-1].field)
     captured: dict[int, torch.Tensor] = {}
     handles = []
     for idx in boundaries[1:-1]:
         layer = plan[idx]
-        if layer.kind == "block":
-            prefix = a.block_prefix(layer.block_index)
-        elif layer.kind == "head":
-            prefix = a.lm_head if skeleton.task == MASKED_LM else a.classifier
-        else:
-            prefix = prefix_of[layer.kind]
+        prefix = head_prefix if layer.kind == "head" else layer.hf_prefixes[0]
 
         def hook(_mod: Any, args: tuple[Any, ...], kwargs: dict[str, Any], idx: int = idx) -> None:
             captured[idx] = (args[0] if args else kwargs["hidden_states"]).detach()
