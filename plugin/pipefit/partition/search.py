@@ -19,33 +19,37 @@ stage keeps, per micro-batch in flight, only each group's input (hidden states a
 plus, during one group's backward, that group's whole saved activations for one micro-batch. The
 head keeps its full activations (logits and the loss' log-softmax are held for the loss). An
 interval above 1 recomputes as much as 1 and only trades saved inputs for a larger recomputed
-group, so it is kept only where it needs less memory than interval 1.
+group: it pays only where it needs less memory than interval 1, and ties in predicted time go
+to the layout with less memory. Intervals as long as a whole stage are not tried.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pipefit.config import ConfigError
+from pipefit.config import AUTO, ConfigError, auto_fields
+from pipefit.model.hf import load_hf_config, set_attn_implementation
+from pipefit.model.layer_list import layer_plan, make_skeleton
 from pipefit.partition.balance import PartitionError, StageMemory, partition_min_max
 from pipefit.partition.costs import POSITION_ID_BYTES, Hardware, LayerCosts, ModelShape, Workload, flops_costs
 from pipefit.partition.plan import evaluate
 
 __all__ = [
-    "AUTO",
     "CHECKPOINT_INTERVALS",
     "CheckpointedMemory",
     "checkpointed",
     "format_search",
+    "resolve_auto",
     "search",
+    "search_run",
     "split_global_batch",
 ]
 
-AUTO = "auto"
 CHECKPOINT_INTERVALS = (0, 1, 2, 4)
 GIB = 2**30
 
@@ -56,7 +60,8 @@ class CheckpointedMemory(StageMemory):
 
     ``inputs``: per layer, the bytes of its input per micro-batch (saved when a group starts there);
     ``kept``: per layer, bytes saved per micro-batch in flight whatever the checkpointing (the head's).
-    ``activation`` stays the full saved bytes, recomputed one group at a time.
+    ``activation`` stays the full saved bytes; beyond ``kept``, a group's are held during its recompute,
+    one group (one micro-batch) at a time.
     """
 
     interval: int = 1
@@ -66,7 +71,9 @@ class CheckpointedMemory(StageMemory):
     def __post_init__(self) -> None:
         # Every (start, stop) once, so the partitioner's many span queries are lookups.
         n, k = len(self.static), self.interval
-        static, kept, act = _prefix(self.static), _prefix(self.kept), _prefix(self.activation)
+        # What a group's recompute adds is what its layers save beyond the bytes kept anyway.
+        recomputed = [a - k for a, k in zip(self.activation, self.kept, strict=True)]
+        static, kept, act = _prefix(self.static), _prefix(self.kept), _prefix(recomputed)
         table: dict[tuple[int, int], tuple[float, float, float]] = {}
         for start in range(n):
             saved, recompute = 0.0, 0.0
@@ -149,12 +156,14 @@ def split_global_batch(
             if micro_batch_sizes is None or micro in micro_batch_sizes:
                 out.append((pp, dp, micro, rows // micro))
     if not out:
-        dps = sorted({world // pp for pp in stages if world % pp == 0})
-        micro = "" if micro_batch_sizes is None else f" with train.micro_batch_size={list(micro_batch_sizes)[0]}"
+        dps = sorted({world // pp for pp in stages if world % pp == 0}) or [world]
+        fixed = list(micro_batch_sizes)[0] if micro_batch_sizes else None
+        multiples = sorted({dp * (fixed or 1) for dp in dps})
         raise ConfigError(
             f"train.global_batch_size={global_batch} cannot be made as micro_batch_size x grad_accum_steps x "
-            f"data-parallel size on {world} ranks{micro}: the data-parallel size is one of {dps}; accepted: a "
-            f"multiple of {dps[0] if dps else world}{' times the micro-batch size' if micro else ''}"
+            f"data-parallel size on {world} ranks{'' if fixed is None else f' with train.micro_batch_size={fixed}'} "
+            f"(data-parallel size {' or '.join(map(str, dps))}); accepted: a multiple of "
+            f"{' or '.join(map(str, multiples))}"
         )
     return out
 
@@ -195,7 +204,6 @@ def search(
                 priced[key] = flops_costs(hf_config, plan, Workload(seq_len, micro, 1, dp, precision, zero, layout), hw)
             base = with_micro_batches(priced[key], accum)
             work = Workload(seq_len, micro, accum, dp, precision, zero, layout)
-            rows: list[dict[str, Any]] = []
             for k in intervals:
                 if k > 1 and pp > 1 and k >= math.ceil(n / pp):
                     continue  # a group as long as the stage: interval 1's time, more memory
@@ -204,11 +212,7 @@ def search(
                 row.update(pp=pp, dp=dp, micro_batch_size=micro, grad_accum_steps=accum)
                 row.update(activation_checkpoint_interval=k, zero_stage=zero)
                 row["tokens_per_s"] = global_batch * seq_len / row["predicted_step_s"]
-                one = next((r for r in rows if r["activation_checkpoint_interval"] == 1), None)
-                if k > 1 and one is not None and row["peak_memory_bytes"] >= one["peak_memory_bytes"]:
-                    continue  # does not pay: no less memory than interval 1, no faster
-                rows.append(row)
-            candidates += rows
+                candidates.append(row)
     candidates.sort(key=_rank)
     fitting = [c for c in candidates if c["fits"]]
     return {
@@ -224,8 +228,9 @@ def search(
 
 
 def _rank(c: dict[str, Any]) -> tuple[Any, ...]:
-    # Fitting first, fastest first; ties (equal predicted steps) to less memory, then fewer stages.
-    speed = -c["tokens_per_s"] if c["fits"] else c["peak_memory_bytes"]
+    # Fitting first, fastest first; ties (equal predicted steps to 9 digits: summation order differs
+    # between layouts of equal work) to less memory, then fewer stages, smaller micro-batches.
+    speed = -float(f"{c['tokens_per_s']:.9g}") if c["fits"] else c["peak_memory_bytes"]
     return (not c["fits"], speed, c["peak_memory_bytes"], c["pp"], c["micro_batch_size"], c["zero_stage"])
 
 
@@ -302,3 +307,109 @@ def format_search(result: dict[str, Any], limit: int = 20) -> str:
         least = min(cands, key=lambda c: c["peak_memory_bytes"])
         lines.append(f"no layout fits: the leanest needs {_gib(least['peak_memory_bytes'])} GiB per rank")
     return "\n".join(lines)
+
+
+def search_run(
+    run: Any, world: int, plan: Sequence[Any] | None = None, hf_config: Any = None, **limits: Any
+) -> dict[str, Any]:
+    """:func:`search` for a validated run on ``world`` ranks (``pipefit plan --search``).
+
+    ``limits`` (``stages``, ``micro_batch_sizes``, ``intervals``, ``zero_stages``, ``trainable``)
+    narrow the space; by default every layout is tried.
+    """
+    if run.train.global_batch_size is None:
+        raise ConfigError(
+            "train.global_batch_size is not set; the layout search needs the sequences per optimizer step, "
+            "e.g. train.global_batch_size=512"
+        )
+    if world < 1:
+        raise ConfigError(f"--world={world} is not accepted; expected an integer >= 1")
+    if plan is None or hf_config is None:
+        hf_config = load_hf_config(run.model.path, dict(run.model.hf_config))
+        set_attn_implementation(hf_config, run.model.attn_implementation)
+        plan = layer_plan(make_skeleton(hf_config, seed=run.train.seed))
+    return search(
+        hf_config,
+        plan,
+        Hardware.from_config(run.hardware),
+        world=world,
+        global_batch=run.train.global_batch_size,
+        seq_len=run.data.seq_len,
+        precision=run.train.precision,
+        layout=run.data.layout,
+        **limits,
+    )
+
+
+def resolve_auto(
+    run: Any,
+    world: int,
+    hf_config: Any = None,
+    plan: Sequence[Any] | None = None,
+    trainable: Sequence[bool] | None = None,
+) -> tuple[Any, dict[str, Any] | None]:
+    """A copy of ``run`` whose ``auto`` layout fields hold the search's best layout for ``world`` ranks.
+
+    Fields not ``auto`` stay fixed (and so narrow the search); ``zero.stage`` is the run's. The
+    result names its split explicitly (``pipeline.partition=manual`` and ``pipeline.boundaries``),
+    so the resolved ``config.yaml`` repeats the run exactly. Deterministic (flops prices only):
+    every rank computes the same answer. Returns ``(run, None)`` when nothing is ``auto``.
+
+    Raises:
+        ConfigError: no micro x accum x dp makes the global batch, or no layout fits the memory.
+    """
+    auto = auto_fields(run)
+    if not auto:
+        return run, None
+    p, t = run.pipeline, run.train
+    micro = None if t.micro_batch_size == AUTO else [t.micro_batch_size]
+    if micro is None and "flash" in (run.model.attn_implementation or "") and run.data.layout == "pack":
+        micro = [1]  # HF's flash path keeps packed documents apart only in one-row micro-batches
+    interval = p.activation_checkpoint_interval
+    result = search_run(
+        run,
+        world,
+        plan,
+        hf_config,
+        stages=None if p.stages == AUTO else [p.stages],
+        micro_batch_sizes=micro,
+        intervals=CHECKPOINT_INTERVALS if interval == AUTO else [interval],
+        zero_stages=[run.zero.stage],
+        trainable=trainable,
+    )
+    best = result["best"]
+    named = ", ".join(f"{name}=auto" for name in auto)
+    if best is None:
+        least = min(result["candidates"], key=lambda c: c["peak_memory_bytes"])
+        raise ConfigError(
+            f"{named}: no layout of {world} ranks fits hardware.memory_gib={run.hardware.memory_gib} "
+            f"({run.hardware.name}); the leanest (pp={least['pp']}, micro_batch_size={least['micro_batch_size']}, "
+            f"activation_checkpoint_interval={least['activation_checkpoint_interval']}) needs "
+            f"{least['peak_memory_bytes'] / GIB:.2f} GiB per rank; use more ranks or a smaller "
+            "train.global_batch_size or data.seq_len"
+        )
+    resolved = copy.deepcopy(run)
+    resolved.pipeline.stages = best["pp"]
+    resolved.pipeline.activation_checkpoint_interval = best["activation_checkpoint_interval"]
+    resolved.pipeline.partition = "manual"
+    resolved.pipeline.boundaries = list(best["boundaries"])
+    resolved.train.micro_batch_size = best["micro_batch_size"]
+    resolved.train.grad_accum_steps = best["grad_accum_steps"]
+    chosen = {k: best[k] for k in LAYOUT_KEYS}
+    chosen.update(auto=auto, candidates=len(result["candidates"]), world=world)
+    return resolved, chosen
+
+
+LAYOUT_KEYS = (
+    "pp",
+    "dp",
+    "micro_batch_size",
+    "grad_accum_steps",
+    "activation_checkpoint_interval",
+    "zero_stage",
+    "boundaries",
+    "predicted_step_s",
+    "tokens_per_s",
+    "peak_memory_bytes",
+    "fits",
+)
