@@ -181,6 +181,7 @@ def test_resolve_auto_fills_the_layout_and_keeps_explicit_fields() -> None:
             r"pipeline\.partition=uniform cannot be combined with train\.micro_batch_size=auto",
         ),
         (["pipeline.stages=two"], r"pipeline\.stages='two' is not accepted; expected an integer >= 1 or auto"),
+        (["pipeline.stages=auto", "train.global_batch_size=0"], r"train\.global_batch_size=0 is not accepted"),
     ],
 )
 def test_auto_config_errors_are_one_line(overrides: list[str], message: str) -> None:

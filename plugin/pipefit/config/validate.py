@@ -62,7 +62,6 @@ def check_auto(run: RunConfig) -> None:
             f"{named} needs train.global_batch_size (sequences per optimizer step) to search layouts for; "
             "set e.g. train.global_batch_size=64"
         )
-    _positive("train.global_batch_size", run.train.global_batch_size)
     if p.boundaries is not None:
         raise ConfigError(
             f"pipeline.boundaries={list(p.boundaries)} cannot be combined with {named}: the layout search chooses "
@@ -165,6 +164,8 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
     _integer_or_auto("pipeline.activation_checkpoint_interval", p.activation_checkpoint_interval, allow_zero=True)
     _positive("train.max_steps", t.max_steps)
     _integer_or_auto("train.micro_batch_size", t.micro_batch_size)
+    if t.global_batch_size is not None:
+        _positive("train.global_batch_size", t.global_batch_size)
     _positive("train.grad_accum_steps", t.grad_accum_steps)
     _positive("train.log_every", t.log_every)
     _positive("train.dist_timeout_s", t.dist_timeout_s)
