@@ -217,3 +217,19 @@ def test_cli_search_json_and_table(capsys: pytest.CaptureFixture[str], tmp_path:
     assert "2 ranks, global batch 4 x 128 tokens" in table and f"{out['best']['boundaries']}" in table
     assert cli_main(["plan", "--search", "--world", "2", "model=llama_tiny"]) == 2
     assert "train.global_batch_size is not set" in capsys.readouterr().err
+
+
+def test_cli_plan_of_an_auto_run_is_the_searched_layout(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["model=llama_tiny", "hardware=cpu", "train.global_batch_size=8"]
+    assert cli_main(["plan", "--search", "--world", "2", "--json", *args, "zero.stage=1"]) == 0
+    ranked = json.loads(capsys.readouterr().out)
+    best = next(c for c in ranked["candidates"] if (c["zero_stage"], c["activation_checkpoint_interval"]) == (1, 0))
+    assert (
+        cli_main(["plan", "--world", "2", "--json", *args, "pipeline.stages=auto", "train.micro_batch_size=auto"]) == 0
+    )
+    report = json.loads(capsys.readouterr().out)
+    assert (report["stages"], report["dp"], report["micro_batch_size"]) == (
+        best["pp"], best["dp"], best["micro_batch_size"],
+    )  # fmt: skip
+    assert report["methods"]["manual"]["boundaries"] == best["boundaries"]
+    assert report["methods"]["manual"]["predicted_step_s"] == pytest.approx(best["predicted_step_s"], rel=1e-9)
