@@ -255,6 +255,14 @@ def test_accelerate_settings_are_honoured() -> None:
     assert run.optim.grad_clip == 1.0
 
 
+def test_a_launcher_number_replaces_an_auto_layout_field() -> None:
+    from pipefit.run.ds_config import AccelerateSettings
+
+    settings = AccelerateSettings({"train.micro_batch_size": (4, "ds.json:train_micro_batch_size_per_gpu=4")}, None)
+    run = apply_accelerate_settings(make_run(micro_batch_size="auto"), settings, explicit=set())
+    assert run.train.micro_batch_size == 4 and isinstance(run.train.micro_batch_size, int)
+
+
 def test_command_line_flags_without_an_accelerate_config_file_are_honoured() -> None:
     assert taken(FLAGS_ENV) == {"zero.stage": 0, "train.grad_accum_steps": 8}
     run = apply_accelerate_settings(RunConfig(), read_accelerate_env(FLAGS_ENV), explicit=set())

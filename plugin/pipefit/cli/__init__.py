@@ -4,6 +4,8 @@
     pipefit verify model.path=/models/my-llama pipeline.stages=4 --tol 1e-5
     pipefit plan model=llama_tiny pipeline.stages=2 pipeline.partition=flops hardware=cpu --png plan.png
     pipefit plan model=llama3_8b pipeline.stages=4 pipeline.partition=profile train.precision=bf16 --device cuda
+    pipefit plan --search --world 8 model=llama3_8b hardware=a100 train.precision=bf16 data.seq_len=8192 \
+        train.global_batch_size=512
 
 Arguments of the form ``key=value`` are Hydra overrides of the same config the recipes use.
 """
@@ -11,6 +13,8 @@ Arguments of the form ``key=value`` are Hydra overrides of the same config the r
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -19,13 +23,14 @@ from pipefit.config.compose import compose
 from pipefit.model.weights import CheckpointError
 from pipefit.parity.verify import format_report, verify
 from pipefit.partition.plan import format_plan, make_plan, to_json, write_png
+from pipefit.partition.search import format_search, resolve_auto, search_run
 from pipefit.run.exits import user_error_types
 from pipefit.run.export import export
 
 
 def _verify(args: argparse.Namespace) -> int:
     device = plan_device(args.device)
-    run = validate(compose(args.overrides, args.config_dir))
+    run, _ = resolve_auto(validate(compose(args.overrides, args.config_dir)), launch_world())
     try:
         report = verify(run, batch_size=args.batch_size, seq_len=args.seq_len, device=device)
     except Exception as exc:  # a damaged model folder is bad input (exit 2), not a verdict (exit 1)
@@ -62,12 +67,27 @@ def plan_device(device: str, cuda_count: int | None = None) -> str:
     return device
 
 
+def launch_world(world: int | None = None) -> int:
+    """``--world``, else the launch's ``WORLD_SIZE``, else 1."""
+    value = world if world is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    if value < 1:
+        raise ValueError(f"--world={value} is not accepted; expected an integer >= 1")
+    return value
+
+
 def _plan(args: argparse.Namespace) -> int:
     if args.dp < 1:
         raise ValueError(f"--dp={args.dp} is not accepted; expected an integer >= 1")
     device = plan_device(args.device)
     run = validate(compose(args.overrides, args.config_dir))
-    report = make_plan(run, dp=args.dp, device=device, cache_dir=args.cache_dir)
+    world = launch_world(args.world)
+    if args.search:
+        result = search_run(run, world)
+        print(json.dumps(result, indent=1) if args.json else format_search(result))
+        return 0
+    run, chosen = resolve_auto(run, world)
+    dp = chosen["dp"] if chosen else args.dp
+    report = make_plan(run, dp=dp, device=device, cache_dir=args.cache_dir)
     print(to_json(report) if args.json else format_plan(report))
     if args.png:
         write_png(report, args.png)
@@ -100,6 +120,15 @@ def main(argv: list[str] | None = None) -> int:
     pl.add_argument("--json", action="store_true", help="machine-readable output (every figure, per-layer costs)")
     pl.add_argument("--png", default=None, metavar="PATH", help="draw stage costs and the 1F1B timeline")
     pl.add_argument("--dp", type=int, default=1, help="data-parallel replicas of each stage (default 1)")
+    pl.add_argument(
+        "--search",
+        action="store_true",
+        help="rank every layout (stages, replicas, micro-batch, checkpointing, ZeRO) for --world ranks and "
+        "train.global_batch_size by predicted tokens/s",
+    )
+    pl.add_argument(
+        "--world", type=int, default=None, help="ranks for --search and auto layouts (default: WORLD_SIZE, else 1)"
+    )
     pl.add_argument(
         "--device", default="cpu", help="where pipeline.partition=profile measures layers: cpu, cuda, cuda:N"
     )

@@ -14,6 +14,8 @@ from pipefit.config.hardware import (
     resolve_hardware,
 )
 from pipefit.config.schema import (
+    AUTO,
+    AUTO_FIELDS,
     COST_METHODS,
     DATA_LAYOUTS,
     DATA_SOURCES,
@@ -34,9 +36,12 @@ from pipefit.config.schema import (
     ZeroConfig,
     register_configs,
 )
-from pipefit.config.validate import check_attention, check_world, to_run_config, validate, validate_data
+from pipefit.config.validate import auto_fields, check_attention, check_world, to_run_config, validate, validate_data
 
 __all__ = [
+    "AUTO",
+    "AUTO_FIELDS",
+    "auto_fields",
     "COST_METHODS",
     "CUDA_PRESETS",
     "HARDWARE_PRESETS_DIR",

@@ -26,6 +26,10 @@ OPTIMIZER_IMPLS = ("auto", "torch", "fused")
 DATA_SOURCES = ("pydoc", "text", "json", "hub")
 DATA_LAYOUTS = ("concat", "pack", "pad")
 DATA_TEMPLATES = ("chat", "instruction")
+# pipeline.stages, train.micro_batch_size, pipeline.activation_checkpoint_interval: chosen at start-up
+# by the layout search (pipefit.partition.search) for the launched world and train.global_batch_size.
+AUTO = "auto"
+AUTO_FIELDS = ("pipeline.stages", "train.micro_batch_size", "pipeline.activation_checkpoint_interval")
 # The chat template used when data.template=chat, data.chat_template is null and the tokenizer has none.
 # {% generation %} marks the tokens that are trained on (the assistant's replies, each with its EOS).
 DEFAULT_CHAT_TEMPLATE = (
@@ -106,11 +110,13 @@ class DataConfig:
 
 @dataclass
 class PipelineConfig:
-    stages: int = 2
+    # An integer, or auto (with train.global_batch_size): the layout search picks it for the launch.
+    stages: Any = 2
     # uniform | parameters | flops | profile | type:REGEX | manual
     partition: str = "flops"
     boundaries: list[int] | None = None
-    activation_checkpoint_interval: int = 0
+    # 0 (off), k (DeepSpeed recomputes each group of k layers in backward), or auto (the layout search).
+    activation_checkpoint_interval: Any = 0
 
 
 @dataclass
@@ -143,9 +149,11 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 40
-    micro_batch_size: int = 4
+    # An integer, or auto (with train.global_batch_size; grad_accum_steps is then derived).
+    micro_batch_size: Any = 4
     grad_accum_steps: int = 4
-    # Optional: if set, must equal micro_batch_size * grad_accum_steps * data_parallel_size.
+    # Sequences per optimizer step. Optional: if set, must equal micro_batch_size * grad_accum_steps *
+    # data_parallel_size; required by any auto layout field and by pipefit plan --search.
     global_batch_size: int | None = None
     seed: int = 1234
     precision: str = "fp32"

@@ -9,6 +9,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipefit.config import hardware
 from pipefit.config.schema import (
+    AUTO,
+    AUTO_FIELDS,
     DATA_LAYOUTS,
     DATA_SOURCES,
     DATA_TEMPLATES,
@@ -32,6 +34,44 @@ def _positive(field_name: str, value: int | float | None, allow_zero: bool = Fal
     if value is None or value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigError(f"{field_name}={value!r} is not accepted; expected a number {bound}")
+
+
+def _integer_or_auto(field_name: str, value: Any, allow_zero: bool = False) -> None:
+    if value == AUTO:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        bound = ">= 0" if allow_zero else ">= 1"
+        raise ConfigError(f"{field_name}={value!r} is not accepted; expected an integer {bound} or auto")
+    _positive(field_name, value, allow_zero)
+
+
+def auto_fields(run: RunConfig) -> list[str]:
+    """The layout fields set to ``auto`` (:data:`AUTO_FIELDS` order)."""
+    values = (run.pipeline.stages, run.train.micro_batch_size, run.pipeline.activation_checkpoint_interval)
+    return [name for name, v in zip(AUTO_FIELDS, values, strict=True) if v == AUTO]
+
+
+def check_auto(run: RunConfig) -> None:
+    """What an ``auto`` layout needs: a global batch, and a split that the search may choose."""
+    auto = auto_fields(run)
+    if not auto:
+        return
+    p, named = run.pipeline, ", ".join(f"{name}=auto" for name in auto)
+    if run.train.global_batch_size is None:
+        raise ConfigError(
+            f"{named} needs train.global_batch_size (sequences per optimizer step) to search layouts for; "
+            "set e.g. train.global_batch_size=64"
+        )
+    if p.boundaries is not None:
+        raise ConfigError(
+            f"pipeline.boundaries={list(p.boundaries)} cannot be combined with {named}: the layout search chooses "
+            "the split; accepted: pipeline.boundaries=null, or explicit pipeline.stages and no auto"
+        )
+    if p.partition != "flops":
+        raise ConfigError(
+            f"pipeline.partition={p.partition} cannot be combined with {named}: the layout search splits with the "
+            "flops cost model; accepted: pipeline.partition=flops"
+        )
 
 
 def validate_data(d: DataConfig) -> None:
@@ -90,7 +130,7 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
     """Check values that the schema's types cannot; return the typed config."""
     run = to_run_config(cfg)
     p, t, o, z, d = run.pipeline, run.train, run.optim, run.zero, run.data
-    _positive("pipeline.stages", p.stages)
+    _integer_or_auto("pipeline.stages", p.stages)
     if z.stage not in (0, 1, 2, 3):
         raise ConfigError(f"zero.stage={z.stage} is not accepted; accepted: 0, 1, 2, 3")
     if z.stage > 1:
@@ -121,9 +161,11 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
         raise ConfigError(
             f"hardware.matmul_efficiency={run.hardware.matmul_efficiency} is not accepted; expected a number in (0, 1]"
         )
-    _positive("pipeline.activation_checkpoint_interval", p.activation_checkpoint_interval, allow_zero=True)
+    _integer_or_auto("pipeline.activation_checkpoint_interval", p.activation_checkpoint_interval, allow_zero=True)
     _positive("train.max_steps", t.max_steps)
-    _positive("train.micro_batch_size", t.micro_batch_size)
+    _integer_or_auto("train.micro_batch_size", t.micro_batch_size)
+    if t.global_batch_size is not None:
+        _positive("train.global_batch_size", t.global_batch_size)
     _positive("train.grad_accum_steps", t.grad_accum_steps)
     _positive("train.log_every", t.log_every)
     _positive("train.dist_timeout_s", t.dist_timeout_s)
@@ -172,6 +214,7 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
         )
     validate_data(d)
     check_attention(run)
+    check_auto(run)
     return run
 
 
@@ -206,7 +249,7 @@ def check_attention(run: RunConfig) -> None:
             f"model.attn_implementation={impl} is not accepted with train.precision=fp32: flash-attn runs in "
             "bf16/fp16 only; use train.precision=bf16 or model.attn_implementation=sdpa"
         )
-    if run.data.layout == "pack" and t.micro_batch_size > 1:
+    if run.data.layout == "pack" and t.micro_batch_size != AUTO and t.micro_batch_size > 1:
         raise ConfigError(
             f"model.attn_implementation={impl} with data.layout=pack needs train.micro_batch_size=1 (got "
             f"{t.micro_batch_size}): HF's flash path separates packed documents in one-row micro-batches only; "

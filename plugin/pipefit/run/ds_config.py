@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipefit.config import ConfigError, RunConfig
+from pipefit.config import AUTO, ConfigError, RunConfig
 
 log = logging.getLogger("pipefit")
 
@@ -116,7 +116,8 @@ def apply_accelerate_settings(run: RunConfig, settings: AccelerateSettings, expl
                 f"{field_name}={current} (Hydra override) conflicts with {source}; "
                 "set it in one place or make them agree"
             )
-        _set(run, field_name, type(current)(value) if current is not None else value)
+        # An auto layout field (a string) takes the launcher's number as it is.
+        _set(run, field_name, type(current)(value) if current is not None and current != AUTO else value)
     return run
 
 

@@ -15,7 +15,7 @@ from pipefit.model import lora as trainable
 from pipefit.model.hf import load_hf_config, load_tokenizer, resolve_tokenizer_path, set_attn_implementation
 from pipefit.model.layer_list import check_run, layer_plan, make_skeleton
 from pipefit.model.weights import SafetensorsReader
-from pipefit.partition import costs
+from pipefit.partition import costs, search
 from pipefit.partition.boundaries import boundaries_for
 from pipefit.run import checkpoint, outputs
 from pipefit.run.ds_config import (
@@ -71,14 +71,18 @@ class Prepared:
         check_run(run, self.skeleton)  # the task's own checks: positions, attention, partition
         make_batches = data_tasks.batch_maker(self.hf_config, self.skeleton.task)
 
+        found = trainable.trainable_layers(run, self.skeleton)
+        self.trainable_layers = found[0] if found else None  # LoRA / train.freeze: what each layer trains
+        # auto layout fields: the layout search's best for this world. It prices with flops only, so
+        # every rank computes the same layout from the same inputs and nothing is broadcast.
+        run, self.auto_layout = search.resolve_auto(run, world_size, self.hf_config, self.plan, self.trainable_layers)
+        self.run = run
         stages = run.pipeline.stages
         planned_dp = world_size // stages if world_size >= stages and world_size % stages == 0 else 1
         self.workload = costs.Workload.from_run(run, planned_dp)
         # profile measures on this machine: done once the ranks exist (rank 0 measures, all receive).
         self.deferred_profile = run.pipeline.partition == "profile"
         method = "flops" if self.deferred_profile else run.pipeline.partition
-        found = trainable.trainable_layers(run, self.skeleton)
-        self.trainable_layers = found[0] if found else None  # LoRA / train.freeze: what each layer trains
         self.boundaries = boundaries_for(
             self.skeleton,
             method,

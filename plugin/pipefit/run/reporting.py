@@ -78,11 +78,33 @@ def write_partition(engine: Any, prepared: Prepared, output_dir: Path, rank: int
             "layers": [{"index": x.index, "kind": x.kind, "params": x.num_params} for x in prepared.plan],
             "ranks": gathered,
         }
+        if prepared.auto_layout is not None:
+            record["auto_layout"] = prepared.auto_layout  # what the layout search chose, and its prediction
         write_atomic(output_dir / "partition.json", json.dumps(record, indent=2))
 
 
 def log_plan(prepared: Prepared) -> None:
     b = prepared.boundaries
+    chosen = prepared.auto_layout
+    if chosen is not None:
+        log.info(
+            "layout search (%s) over %d layouts for %d ranks: pp=%d dp=%d micro_batch_size=%d grad_accum_steps=%d "
+            "activation_checkpoint_interval=%d zero.stage=%d, predicted step %.4g s (%.4g tokens/s), peak stage "
+            "memory %.2f GiB; repeat it with these values and pipeline.partition=manual pipeline.boundaries=%s",
+            ", ".join(f"{name}=auto" for name in chosen["auto"]),
+            chosen["candidates"],
+            chosen["world"],
+            chosen["pp"],
+            chosen["dp"],
+            chosen["micro_batch_size"],
+            chosen["grad_accum_steps"],
+            chosen["activation_checkpoint_interval"],
+            chosen["zero_stage"],
+            chosen["predicted_step_s"],
+            chosen["tokens_per_s"],
+            chosen["peak_memory_bytes"] / 2**30,
+            list(chosen["boundaries"]),
+        )
     log.info("partition=%s: boundaries %s", prepared.run.pipeline.partition, b)
     for s in range(len(b) - 1):
         layers = prepared.plan[b[s] : b[s + 1]]
