@@ -12,9 +12,10 @@ two ranks with one thread each, gloo:
 - **pipefit**: ``accelerate launch recipes/finetune.py`` (ZeRO-1, the default), ``step_time_s`` of
   ``metrics.jsonl``;
 - **peer**: ``torch.distributed.pipelining`` ``Schedule1F1B`` over the unmodified HF modules split the
-  same way, torch ``AdamW`` with pipefit's weight-decay groups, clipping by the global gradient norm
-  over both stages (one all-reduce), pipefit's own global batches and token-weighted loss; the step
-  time is rank 0's ``schedule.step`` + clip + ``optimizer.step``, as pipefit's is rank 0's ``train_batch``.
+  same way, torch ``AdamW`` with pipefit's weight-decay groups and learning-rate schedule, clipping by
+  the global gradient norm over both stages (one all-reduce), pipefit's own global batches and
+  token-weighted loss; the step time is rank 0's ``schedule.step`` + clip + ``optimizer.step``, as
+  pipefit's is rank 0's ``train_batch``.
 
 Each round runs both, in alternating order, and prints the ratio of the medians of steps 2-6; the
 last line is the median ratio over rounds. With ``--trace`` pipefit runs with ``train.trace=true`` and
@@ -101,7 +102,7 @@ def worker(args: argparse.Namespace) -> None:
     from pipefit.config import validate
     from pipefit.model.layers import IGNORE_INDEX
     from pipefit.run.preflight import Prepared
-    from pipefit.run.schedule import weight_decay_groups
+    from pipefit.run.schedule import scheduler_factory, weight_decay_groups
 
     torch.set_num_threads(1)
     shape = QUICK if args.quick else FULL
@@ -171,6 +172,7 @@ def worker(args: argparse.Namespace) -> None:
         eps=o.eps,
         weight_decay=o.weight_decay,
     )
+    lr_schedule = scheduler_factory(o, run.train.max_steps)(opt)  # pipefit's warmup and decay
     times, losses = [], []
     for step in range(STEPS):
         ids, targets, tokens[0] = batch(step)
@@ -187,6 +189,7 @@ def worker(args: argparse.Namespace) -> None:
         if coef < 1.0:
             torch._foreach_mul_(grads, coef)
         opt.step()
+        lr_schedule.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
         if micro:
