@@ -177,10 +177,91 @@ def test_deepspeed_pipeline_engine_api_pipefit_relies_on() -> None:
         "SendGrad",
         "RecvGrad",
     }
+    send_act = inspect.getsource(PipelineEngine._exec_send_activations)
+    for line in ("self._send_tensor_meta(outputs, self.next_stage)", "p2p.send(buffer, self.next_stage)"):
+        assert line in send_act, line
+    send_grad = inspect.getsource(PipelineEngine._exec_send_grads)
+    for line in ("p2p.send(buffer.grad, self.prev_stage)", "self.pipe_buffers['inputs'][buffer_id] = None"):
+        assert line in send_grad, line
     cls = engine_class()
     assert issubclass(cls, PipelineEngine) and cls._exec_schedule is PipefitEngineMixin._exec_schedule
+    assert cls._INSTRUCTION_MAP[schedule.SendActivation] is PipefitEngineMixin._exec_send_activations
+    assert cls._INSTRUCTION_MAP[schedule.SendGrad] is PipefitEngineMixin._exec_send_grads
+    assert cls._INSTRUCTION_MAP[schedule.ForwardPass] is PipelineEngine._exec_forward_pass
     with pytest.raises(RuntimeError, match="expected DeepSpeed's PipelineEngine"):
         adopt(object())
+
+
+def _bare_engine(stage: int) -> Any:
+    """An engine of pipefit's class with only what sending reads (no process group, no module)."""
+    import torch
+
+    class Grid:
+        def stage_to_global(self, stage_id: int) -> int:
+            return 10 + stage_id
+
+    engine = object.__new__(engine_class())
+    engine.__dict__.update(
+        dynamic_shape=False,
+        has_attention_mask=False,
+        has_bool_tensors=False,
+        is_pipe_partitioned=False,
+        is_grad_partitioned=False,
+        first_output_send=False,
+        stage_id=stage,
+        next_stage=stage + 1,
+        prev_stage=stage - 1,
+        grid=Grid(),
+        _pending_sends=[],
+        pipe_buffers={"outputs": [None, None], "inputs": [None, None]},
+    )
+    engine.wall_clock_breakdown = lambda: False
+    hidden, positions = torch.randn(2, 3, requires_grad=True), torch.arange(3).expand(2, 3)
+    return engine, hidden, positions
+
+
+def test_activations_and_gradients_are_sent_without_waiting_for_the_receiver(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same tensors, in order, to the same rank, by isend; DeepSpeed's blocking send is never used;
+    every send is waited for once the schedule ends."""
+    import torch
+    import torch.distributed as dist
+    from deepspeed.runtime.pipe import p2p
+
+    sent: list[tuple[Any, int]] = []
+    waited: list[int] = []
+
+    class Work:
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def wait(self) -> None:
+            waited.append(self.n)
+
+    def isend(tensor: Any, dst: int) -> Work:
+        sent.append((tensor, dst))
+        return Work(len(sent))
+
+    def blocking(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("DeepSpeed's blocking send was used")
+
+    monkeypatch.setattr(dist, "isend", isend)
+    monkeypatch.setattr(p2p, "send", blocking)
+    engine, hidden, positions = _bare_engine(0)
+    out = (hidden * 2, positions)
+    engine.pipe_buffers["outputs"][1] = out
+    engine._exec_send_activations(buffer_id=1)
+    assert [(t is o, d) for (t, d), o in zip(sent, out, strict=True)] == [(True, 11), (True, 11)]
+
+    sent.clear()
+    engine, hidden, positions = _bare_engine(1)
+    hidden.grad = torch.ones(2, 3)
+    engine.pipe_buffers["inputs"][0] = (hidden, positions)
+    engine._exec_send_grads(buffer_id=0)
+    assert len(sent) == 1 and sent[0][0] is hidden.grad and sent[0][1] == 10  # position ids have no gradient
+    assert engine.pipe_buffers["inputs"][0] is None
+    assert waited == []
+    engine._wait_sends()
+    assert waited == [1] and engine._pending_sends == []
 
 
 # --- bad inputs ----------------------------------------------------------------------------------
