@@ -17,8 +17,10 @@ two ranks with one thread each, gloo:
   token-weighted loss; the step time is rank 0's ``schedule.step`` + clip + ``optimizer.step``, as
   pipefit's is rank 0's ``train_batch``.
 
-Each round runs both, in alternating order, and prints the ratio of the medians of steps 2-6; the
-last line is the median ratio over rounds. With ``--trace`` pipefit runs with ``train.trace=true`` and
+Each round runs both, in alternating order, and prints the ratio of the medians of steps 2-6; then
+the median ratio over rounds. ``--single`` adds the same model trained by one process with one
+thread (``pipefit.parity.reference``) to every round: pipefit's speedup T_s/T_p, its tokens/s, and
+the ideal p*m/(m+p-1). With ``--trace`` pipefit runs with ``train.trace=true`` and
 the per-stage breakdown of its last round is printed too.
 """
 
@@ -36,7 +38,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-from partition import FULL, QUICK, _free_port, overrides  # noqa: E402  (the same model, shapes and overrides)
+from partition import FULL, QUICK, _free_port, overrides, single_process  # noqa: E402  (the same model and shapes)
 
 STEPS = 6  # timed: steps 2..6 (step 1 allocates and exchanges shapes)
 
@@ -226,6 +228,7 @@ def main() -> int:
     parser.add_argument(
         "--trace", action="store_true", help="run pipefit with train.trace=true and print its breakdown"
     )
+    parser.add_argument("--single", action="store_true", help="also time one process (speedup T_s/T_p)")
     parser.add_argument("--save", default=None, help="also write the table to this file")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
@@ -242,30 +245,47 @@ def main() -> int:
         f"shape: {json.dumps(shape)}",
     ]
     print("\n".join(lines), flush=True)
-    ratios, traced = [], None
+    ratios, speedups, traced = [], [], None
+    m = shape["micro_batches"]
+    tokens = m * shape["micro_batch_size"] * shape["seq_len"]
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(rounds):
-            order = ("pipefit", "peer") if r % 2 == 0 else ("peer", "pipefit")
+            order = ["pipefit", "peer", *(["single"] if args.single else [])]
+            order = order[r % len(order) :] + order[: r % len(order)]
             got = {}
             for who in order:
                 if who == "pipefit":
                     got["pipefit"], pf_losses, traced = run_pipefit(shape, Path(tmp), args.extra, args.trace)
-                else:
+                elif who == "peer":
                     got["peer"], peer_losses = run_peer(shape, Path(tmp), args.quick)
+                else:
+                    got["single"] = single_process(shape, str(Path(tmp) / "single"), 3)
             ratio = got["pipefit"] / got["peer"]
             ratios.append(ratio)
             line = (
-                f"round {r + 1}/{rounds} ({order[0]} first): pipefit {got['pipefit']:.3f} s/step, "
+                f"round {r + 1}/{rounds} ({' > '.join(order)}): pipefit {got['pipefit']:.3f} s/step, "
                 f"peer {got['peer']:.3f} s/step, ratio {ratio:.3f} "
                 f"(loss at step {STEPS}: {pf_losses[-1]:.3f} / {peer_losses[-1]:.3f})"
             )
+            if "single" in got:
+                speedups.append(got["single"] / got["pipefit"])
+                line += f"; one process {got['single']:.3f} s/step, speedup T_s/T_p {speedups[-1]:.3f}"
             print(line, flush=True)
             lines.append(line)
     lines.append(f"median ratio pipefit / peer: {statistics.median(ratios):.3f} over {rounds} rounds")
+    if speedups:
+        ideal = 2 * m / (m + 1)
+        best = statistics.median(speedups)
+        lines.append(
+            f"pipefit speedup T_s/T_p (median): {best:.3f}, ideal p*m/(m+p-1) = {ideal:.3f}, "
+            f"{best / ideal:.2f} of ideal; {tokens} tokens/step"
+        )
     if traced:
-        lines.append("pipefit breakdown (train.trace, last round, steps 2-6 mean, slowest replica per stage):")
+        lines.append(
+            f"pipefit breakdown (train.trace, last round, mean of steps 2-{STEPS}, slowest replica per stage):"
+        )
         lines += breakdown_lines(traced)
-    print("\n".join(lines[-(1 + (len(breakdown_lines(traced)) + 1 if traced else 0)) :]))
+    print("\n".join(lines[2 + rounds :]))
     if args.save:
         Path(args.save).parent.mkdir(parents=True, exist_ok=True)
         Path(args.save).write_text("\n".join(lines) + "\n")
