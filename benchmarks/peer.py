@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -58,7 +59,9 @@ def pipefit_overrides(shape: dict, output_dir: str, extra: list[str], trace: boo
     ]
 
 
-def run_pipefit(shape: dict, tmp: Path, extra: list[str], trace: bool) -> tuple[float, list[float], dict | None]:
+def run_pipefit(
+    shape: dict, tmp: Path, extra: list[str], trace: bool, png: Path | None = None
+) -> tuple[float, list[float], dict | None]:
     out = tmp / f"pipefit-{time.monotonic_ns()}"
     accelerate = str(Path(sys.executable).with_name("accelerate"))
     cmd = [accelerate, "launch", "--config_file", str(REPO / "launch" / "cpu_2proc.yaml"), "--num_processes", "2"]
@@ -71,6 +74,8 @@ def run_pipefit(shape: dict, tmp: Path, extra: list[str], trace: bool) -> tuple[
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [x for x in lines if "loss" in x]
     traced = next((x["trace"] for x in lines if "trace" in x), None)
+    if png is not None and (out / "trace.png").is_file():
+        shutil.copyfile(out / "trace.png", png)
     times = [x["step_time_s"] for x in steps[1:]]
     return statistics.median(times), [x["loss"] for x in steps], traced
 
@@ -255,7 +260,8 @@ def main() -> int:
             got = {}
             for who in order:
                 if who == "pipefit":
-                    got["pipefit"], pf_losses, traced = run_pipefit(shape, Path(tmp), args.extra, args.trace)
+                    png = Path(args.save).with_name("trace.png") if args.save and args.trace else None
+                    got["pipefit"], pf_losses, traced = run_pipefit(shape, Path(tmp), args.extra, args.trace, png)
                 elif who == "peer":
                     got["peer"], peer_losses = run_peer(shape, Path(tmp), args.quick)
                 else:
