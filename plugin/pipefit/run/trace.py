@@ -277,7 +277,10 @@ def breakdown_record(table: dict[int, dict[str, float]], instr: dict[int, dict[s
     """The ``metrics.jsonl`` line of the breakdown: seconds per kind and per instruction, per stage."""
     return {
         "trace": {
-            f"stage{s}": {**{k: round(v, 6) for k, v in row.items()}, "instructions": instr.get(s, {})}
+            f"stage{s}": {
+                **{k: round(v, 6) for k, v in row.items()},
+                "instructions": {k: round(v, 6) for k, v in instr.get(s, {}).items()},
+            }
             for s, row in table.items()
         }
     }
