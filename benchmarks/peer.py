@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -80,7 +81,7 @@ def run_pipefit(
     return statistics.median(times), [x["loss"] for x in steps], traced
 
 
-def run_peer(shape: dict, tmp: Path, quick: bool) -> tuple[float, list[float]]:
+def run_peer(shape: dict, tmp: Path, quick: bool) -> tuple[float, list[float], list[list[float]]]:
     result = tmp / f"peer-{time.monotonic_ns()}.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port())]
     cmd += [str(Path(__file__).resolve()), "--worker", "--result", str(result), "--output-dir", str(tmp / "peer")]
@@ -90,7 +91,7 @@ def run_peer(shape: dict, tmp: Path, quick: bool) -> tuple[float, list[float]]:
     if proc.returncode != 0:
         raise SystemExit(f"peer run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     data = json.loads(result.read_text())
-    return statistics.median(data["times"][1:]), data["losses"]
+    return statistics.median(data["times"][1:]), data["losses"], data["parts"]
 
 
 # --- worker: one rank of the torch.distributed.pipelining peer ------------------------------------
@@ -180,7 +181,7 @@ def worker(args: argparse.Namespace) -> None:
         weight_decay=o.weight_decay,
     )
     lr_schedule = scheduler_factory(o, run.train.max_steps)(opt)  # pipefit's warmup and decay
-    times, losses = [], []
+    times, losses, parts = [], [], []  # parts: (schedule, norm + clip, optimizer) seconds per step
     for step in range(STEPS):
         ids, targets, tokens[0] = batch(step)
         t0 = time.perf_counter()
@@ -189,22 +190,27 @@ def worker(args: argparse.Namespace) -> None:
             schedule.step(ids)
         else:
             schedule.step(target=targets, losses=micro)
+        t1 = time.perf_counter()
         grads = [p.grad for _, p in params if p.grad is not None]
         sq = torch.stack(torch._foreach_norm(grads, 2)).pow(2).sum().reshape(1)
         dist.all_reduce(sq)  # the global norm over both stages, as one process clips
         coef = o.grad_clip / (float(sq.sqrt()) + 1e-6)
         if coef < 1.0:
             torch._foreach_mul_(grads, coef)
+        t2 = time.perf_counter()
         opt.step()
         lr_schedule.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
+        parts.append((t1 - t0, t2 - t1, t0 + times[-1] - t2))
         if micro:
             losses.append(float(torch.stack(micro).sum()))
-    box = [losses]
+    box: list[Any] = [losses]
     dist.broadcast_object_list(box, src=1)
+    every: list[Any] = [None, None]
+    dist.all_gather_object(every, [statistics.median(x) for x in zip(*parts[1:], strict=True)])
     if rank == 0:
-        Path(args.result).write_text(json.dumps({"times": times, "losses": box[0]}))
+        Path(args.result).write_text(json.dumps({"times": times, "losses": box[0], "parts": every}))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -263,7 +269,7 @@ def main() -> int:
                     png = Path(args.save).with_name("trace.png") if args.save and args.trace else None
                     got["pipefit"], pf_losses, traced = run_pipefit(shape, Path(tmp), args.extra, args.trace, png)
                 elif who == "peer":
-                    got["peer"], peer_losses = run_peer(shape, Path(tmp), args.quick)
+                    got["peer"], peer_losses, peer_parts = run_peer(shape, Path(tmp), args.quick)
                 else:
                     got["single"] = single_process(shape, str(Path(tmp) / "single"), 3)
             ratio = got["pipefit"] / got["peer"]
@@ -286,6 +292,13 @@ def main() -> int:
             f"pipefit speedup T_s/T_p (median): {best:.3f}, ideal p*m/(m+p-1) = {ideal:.3f}, "
             f"{best / ideal:.2f} of ideal; {tokens} tokens/step"
         )
+    lines.append(
+        f"peer, last round, median of steps 2-{STEPS} (s/step): "
+        + "; ".join(
+            f"stage {s}: schedule.step {a:.3f}, norm+clip {b:.3f}, AdamW {c:.3f}"
+            for s, (a, b, c) in enumerate(peer_parts)
+        )
+    )
     if traced:
         lines.append(
             f"pipefit breakdown (train.trace, last round, mean of steps 2-{STEPS}, slowest replica per stage):"
