@@ -216,13 +216,20 @@ def _event(name: str, cat: str, a: float, b: float, t0: float, pid: int, tid: in
 
 
 def write_png(records: list[dict[str, Any]], table: dict[int, dict[str, float]], path: Path, title: str) -> None:
-    """The last traced step of every rank, one row per (stage, replica), like ``pipefit plan``'s timeline."""
+    """One traced step (of median length) of every rank, one row per (stage, replica), like ``pipefit plan``'s
+    timeline."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    last = max((step for rec in records for step, *_ in rec["steps"]), default=0)
+    # The traced step of median length (on the slowest rank), not one a busy machine stretched.
+    lengths: dict[int, float] = {}
+    for rec in records:
+        for step, a, b in rec["steps"]:
+            lengths[step] = max(lengths.get(step, 0.0), b - a)
+    ordered = sorted(lengths, key=lambda k: (lengths[k], k))
+    last = ordered[(len(ordered) - 1) // 2] if ordered else 0
     rows = sorted(records, key=lambda r: (r["stage"], r["data"]))
     starts = [a for rec in rows for step, a, _ in rec["steps"] if step == last]
     t0 = min(starts, default=0.0)
@@ -231,7 +238,10 @@ def write_png(records: list[dict[str, Any]], table: dict[int, dict[str, float]],
     for i, rec in enumerate(rows):
         y = n - 1 - i
         for name, a, b, step, depth, micro in rec["spans"]:
-            if step != last or depth:
+            if step != last:
+                continue
+            if depth:  # e.g. the gradient norm inside the optimizer step: a strip along the bar's foot
+                ax.broken_barh([(a - t0, b - a)], (y - 0.4, 0.25), facecolors=COLORS["communication"], zorder=3)
                 continue
             color = COLORS.get(name, COLORS["communication"] if CATEGORY.get(name) == "communication" else "tab:brown")
             ax.broken_barh([(a - t0, b - a)], (y - 0.4, 0.8), facecolors=color, edgecolor="white", linewidth=0.3)
@@ -239,11 +249,14 @@ def write_png(records: list[dict[str, Any]], table: dict[int, dict[str, float]],
                 ax.text((a + b) / 2 - t0, y, f"{name[0]}", ha="center", va="center", fontsize=6)
     labels = [f"stage {r['stage']} data {r['data']}" for r in rows][::-1]
     ax.set_yticks(range(n), labels)
-    ax.set_xlabel("seconds (blue: forward, orange: backward, red: send/recv/reduce, gray: optimizer, white: idle)")
+    ax.set_xlabel(
+        "seconds (blue: forward, orange: backward, red: send/recv/reduce, gray: optimizer with its gradient-norm "
+        "collective as a red strip, white: idle)"
+    )
     shares = "; ".join(
         f"stage {s}: compute {_share(r, 'compute')} comm {_share(r, 'communication')}" for s, r in table.items()
     )
-    ax.set_title(f"{title}: measured step {last} ({shares})", fontsize=9)
+    ax.set_title(f"{title}: measured step {last} (mean of the traced steps: {shares})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
