@@ -115,12 +115,14 @@ def train_steps(
                         engine, run, metrics_path, reporter, stage_times, step, value, lr, dt, tokens, evaluated, start
                     )
             tracer.end_step()
+            if run.train.trace and step == tracer.last:  # the range is complete: write it now
+                reporter.trace(tracer, output_dir, step)
             every = run.train.save_every
             if (every and step % every == 0) or (step == last and (every or last < run.train.max_steps)):
                 path = checkpoint.save(engine, prepared, output_dir, step, rank)
                 if rank == 0:
                     log.info("saved checkpoint %s", path)
-        if run.train.trace:
+        if run.train.trace and (tracer.last is None or step < tracer.last):  # every step, or stopped early
             reporter.trace(tracer, output_dir, step)
     return losses, step
 
