@@ -26,7 +26,15 @@ from pipefit.partition import balance
 from pipefit.partition.boundaries import boundaries_for, price_layers
 from pipefit.partition.costs import Hardware, LayerCosts, Workload
 
-__all__ = ["Timeline", "bubble_fraction", "format_plan", "make_plan", "simulate_1f1b", "write_png"]
+__all__ = [
+    "Timeline",
+    "bubble_fraction",
+    "format_plan",
+    "make_plan",
+    "predicted_stage_memory",
+    "simulate_1f1b",
+    "write_png",
+]
 
 COMPARED = ("uniform", "parameters")
 
@@ -146,6 +154,16 @@ def _stage_rows(costs: LayerCosts, plan: Sequence[Any], bounds: Sequence[int]) -
             }
         )
     return rows
+
+
+def predicted_stage_memory(
+    skeleton: Any, workload: Workload, bounds: Sequence[int], hardware: Any = None
+) -> list[float]:
+    """Each stage's predicted peak bytes for the split ``bounds`` (the memory ``pipefit plan`` reports)."""
+    plan = layer_plan(skeleton)
+    hw = Hardware.from_config(hardware) if hardware is not None else Hardware()
+    costs = price_layers(skeleton, "flops", workload, hw)
+    return [r["memory_bytes"] for r in _stage_rows(costs, plan, bounds)]
 
 
 def evaluate(costs: LayerCosts, plan: Sequence[Any], bounds: Sequence[int]) -> dict[str, Any]:

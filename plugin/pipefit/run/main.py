@@ -31,7 +31,7 @@ from pipefit.run.export import export_run
 from pipefit.run.logs import _ChatterWriter, quiet_console, setup_logging
 from pipefit.run.loop import train_steps
 from pipefit.run.preflight import Prepared, ensure_single_process_env, prepare
-from pipefit.run.reporting import write_partition, write_run_files
+from pipefit.run.reporting import memory_baseline, peak_memory, write_partition, write_run_files
 from pipefit.run.watchdog import PeerWatchdog
 
 log = logging.getLogger("pipefit")
@@ -113,6 +113,7 @@ def _train_on_rank(
     if device_kind != "cpu":
         accel.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     device = accel.current_device_name() if device_kind != "cpu" else "cpu"
+    baseline = memory_baseline(device_kind)
     if prepared.deferred_profile:
         _profile_partition(prepared, rank, device)
     module = build_stage(prepared, topo, rank, device)
@@ -125,7 +126,8 @@ def _train_on_rank(
     engine, kept = start_engine(module, prepared, ds_cfg, writer=topo.get_coord(rank).data == 0)
     start = checkpoint.resume(engine, prepared, rank)
     losses, last = train_steps(engine, prepared, output_dir, rank, start)
-    write_partition(engine, prepared, output_dir, rank, topo.get_coord(rank).pipe)
+    memory = (peak_memory(device_kind, baseline), baseline)
+    write_partition(engine, prepared, output_dir, rank, topo.get_coord(rank).pipe, memory)
     if last < run.train.max_steps:
         if rank == 0:
             log.info("stopping after step %d (train.stop_after_steps); resume with train.resume=auto", last)
