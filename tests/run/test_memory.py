@@ -108,7 +108,8 @@ def test_predicted_stage_memory_is_what_the_engine_holds_at_its_peak(tmp_path: P
             else:
                 os.environ[k] = v
     assert abs(start - held) < 0.05 * held  # the profile sees what the engine holds
-    (predicted,) = predicted_stage_memory(prepared.skeleton, prepared.workload, [0, len(prepared.plan)], run.hardware)
+    # Live tensors only: the default hardware adds no runtime or allocator bytes (the cpu preset does, for RSS).
+    (predicted,) = predicted_stage_memory(prepared.skeleton, prepared.workload, [0, len(prepared.plan)], None)
     assert predicted == pytest.approx(peak, rel=0.05), (predicted / params, peak / params)
     # The resident set also keeps the allocator's free blocks: never below the live peak.
-    assert resident >= 0.95 * (peak - 0)
+    assert resident >= 0.95 * peak

@@ -3,6 +3,7 @@
     pipefit verify model=llama_tiny pipeline.stages=3
     pipefit verify model.path=/models/my-llama pipeline.stages=4 --tol 1e-5
     pipefit plan model=llama_tiny pipeline.stages=2 pipeline.partition=flops hardware=cpu --png plan.png
+    pipefit plan pipeline.stages=2 pipeline.partition=manual pipeline.boundaries=[0,3,6] --costs profile
     pipefit plan model=llama3_8b pipeline.stages=4 pipeline.partition=profile train.precision=bf16 --device cuda
 
 Arguments of the form ``key=value`` are Hydra overrides of the same config the recipes use.
@@ -67,7 +68,7 @@ def _plan(args: argparse.Namespace) -> int:
         raise ValueError(f"--dp={args.dp} is not accepted; expected an integer >= 1")
     device = plan_device(args.device)
     run = validate(compose(args.overrides, args.config_dir))
-    report = make_plan(run, dp=args.dp, device=device, cache_dir=args.cache_dir)
+    report = make_plan(run, dp=args.dp, device=device, cache_dir=args.cache_dir, costs_model=args.costs)
     print(to_json(report) if args.json else format_plan(report))
     if args.png:
         write_png(report, args.png)
@@ -104,6 +105,13 @@ def main(argv: list[str] | None = None) -> int:
         "--device", default="cpu", help="where pipeline.partition=profile measures layers: cpu, cuda, cuda:N"
     )
     pl.add_argument("--cache-dir", default=None, help="profile cache folder (default ~/.cache/pipefit)")
+    pl.add_argument(
+        "--costs",
+        choices=("flops", "profile"),
+        default=None,
+        help="price every split with this cost model (default: profile for pipeline.partition=profile, else flops);"
+        " profile on CPU measures with one process per rank, all busy at once",
+    )
     pl.add_argument("--config-dir", default=None, help="Hydra config folder (default: the repository's conf/)")
     ex = sub.add_parser("export", help="write a Hugging Face folder from a checkpoint (or a run's newest one)")
     ex.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its newest complete checkpoint)")

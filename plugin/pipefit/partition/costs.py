@@ -348,7 +348,8 @@ class LayerCosts:
     """Per-layer prices in seconds, and what the partitioner and simulator need besides.
 
     ``per_step`` is the per-step work of a layer (optimizer, gradient reduction); ``transfer_s``
-    the seconds one boundary takes per micro-batch in one direction.
+    the seconds one boundary takes per micro-batch in one direction; ``transfer_busy``: both stages spend
+    those seconds (a blocking send and its receive, as gloo's), not only the data's flight time.
     """
 
     method: str
@@ -365,6 +366,7 @@ class LayerCosts:
     # Per layer: (mask kind, bytes) of the dense attention mask its stage keeps per micro-batch in
     # flight (:func:`attention_mask`), counted once per stage and kind by ``pipefit plan``.
     attention_masks: list[tuple[str, float] | None] = field(default_factory=list)
+    transfer_busy: bool = False
 
     def per_layer(self) -> list[float]:
         """Seconds per optimizer step each layer costs the stage that holds it."""
@@ -411,7 +413,7 @@ def flops_costs(hf_config: Any, plan: Sequence[Any], workload: Workload, hw: Har
         per_step_s=_per_step_seconds(plan, workload, hw),
         transfer_s=_transfer_seconds(hf_config, workload, hw),
         micro_batches=workload.micro_batches,
-        memory=memory.memory_model(plan, workload, [activation_bytes(hf_config, x, workload) for x in plan]),
+        memory=memory.memory_model(plan, workload, [activation_bytes(hf_config, x, workload) for x in plan], hw),
         memory_cap=hw.memory_gib * 2**30,
         tied=tuple(x.index for x in plan if x.tied),
         flops=flops,

@@ -67,20 +67,27 @@ def reduce_bucket_elements(configured: int, dp: int) -> int:
     return min(int(configured), DP1_BUCKET_ELEMENTS) if dp == 1 else int(configured)
 
 
-def memory_model(plan: Sequence[Any], workload: Any, activation: Sequence[float]) -> StageMemory:
+def memory_model(plan: Sequence[Any], workload: Any, activation: Sequence[float], hw: Any = None) -> StageMemory:
     """The :class:`StageMemory` of a layer list under ``workload`` (a :class:`pipefit.partition.costs.Workload`).
 
     ZeRO-1 (not bf16, whose ``BF16_Optimizer`` keeps its own flat gradient buffer) copies each stage's
     gradients through a reduction bucket of ``reduce_bucket_size`` elements; the part the gradients fill,
     ``min(bucket, stage parameters)`` elements, is what the stage holds (an untouched CPU page is never
     resident).
+
+    ``hw`` (a :class:`pipefit.config.HardwareConfig`) adds what its measure of memory holds beyond live
+    tensors: ``runtime_memory_gib`` per stage and ``allocator_bytes_per_param``. On CPU the peak resident
+    set keeps glibc's free blocks (tensors under its 32 MiB mmap threshold return to the heap, not the
+    system): measured ~7 B per parameter above the live peak at 42M-542M parameters, fp32 ZeRO-1.
     """
     per_param = state_bytes_per_param(workload.precision, workload.zero_stage, workload.dp)
+    per_param += float(getattr(hw, "allocator_bytes_per_param", 0.0) or 0.0)
     bucketed = workload.zero_stage >= 1 and workload.precision != "bf16"
     return StageMemory(
         static=[layer.num_params * per_param for layer in plan],
         activation=list(activation),
         micro_batches=workload.micro_batches,
+        fixed=float(getattr(hw, "runtime_memory_gib", 0.0) or 0.0) * 2**30,
         params=[float(layer.num_params) for layer in plan],
         bucket_elements=float(reduce_bucket_elements(workload.reduce_bucket_size, workload.dp)) if bucketed else 0.0,
         bucket_bytes=float(DTYPE_BYTES[workload.precision]),

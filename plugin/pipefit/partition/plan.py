@@ -172,11 +172,18 @@ def evaluate(costs: LayerCosts, plan: Sequence[Any], bounds: Sequence[int]) -> d
     p = len(rows)
     stage_cost = [r["cost_s"] for r in rows]
     tied_stages = sorted({s for s, r in enumerate(rows) for i in range(*r["layers"]) if plan[i].tied})
+    forward, backward = [r["forward_s"] for r in rows], [r["backward_s"] for r in rows]
+    transfer = costs.transfer_s if p > 1 else 0.0
+    if costs.transfer_busy:  # each forward receives (but on stage 0) and sends on (but on the last stage)
+        sides = [(s > 0) + (s < p - 1) for s in range(p)]
+        forward = [f + k * transfer for f, k in zip(forward, sides, strict=True)]
+        backward = [b + k * transfer for b, k in zip(backward, sides, strict=True)]
+        transfer = 0.0
     timeline = simulate_1f1b(
-        [r["forward_s"] for r in rows],
-        [r["backward_s"] for r in rows],
+        forward,
+        backward,
         costs.micro_batches,
-        costs.transfer_s if p > 1 else 0.0,
+        transfer,
         [r["per_step_s"] for r in rows],
         tied_stages,
     )
@@ -193,8 +200,15 @@ def evaluate(costs: LayerCosts, plan: Sequence[Any], bounds: Sequence[int]) -> d
     }
 
 
-def make_plan(run: Any, dp: int = 1, device: str = "cpu", cache_dir: str | None = None) -> dict[str, Any]:
-    """The plan for a validated :class:`pipefit.config.RunConfig` on ``run.hardware``."""
+def make_plan(
+    run: Any, dp: int = 1, device: str = "cpu", cache_dir: str | None = None, costs_model: str | None = None
+) -> dict[str, Any]:
+    """The plan for a validated :class:`pipefit.config.RunConfig` on ``run.hardware``.
+
+    ``costs_model`` (``flops`` or ``profile``) prices every split, the chosen one included (e.g. a manual
+    one); by default ``profile`` when ``pipeline.partition=profile``, else ``flops``. ``profile`` on CPU
+    measures with one process per rank busy at once (:mod:`pipefit.partition.contended`).
+    """
 
     hf_config = load_hf_config(run.model.path, dict(run.model.hf_config))
     set_attn_implementation(hf_config, run.model.attn_implementation)
@@ -203,8 +217,9 @@ def make_plan(run: Any, dp: int = 1, device: str = "cpu", cache_dir: str | None 
     p = run.pipeline
     hw = Hardware.from_config(run.hardware)
     workload = Workload.from_run(run, dp)
-    model_name = "profile" if p.partition == "profile" else "flops"
-    costs = price_layers(skeleton, model_name, workload, hw, device=device, cache_dir=cache_dir)
+    model_name = costs_model or ("profile" if p.partition == "profile" else "flops")
+    ranks = p.stages * dp if model_name == "profile" and device == "cpu" else 1
+    costs = price_layers(skeleton, model_name, workload, hw, device=device, cache_dir=cache_dir, ranks=ranks)
     chosen = boundaries_for(skeleton, p.partition, p.stages, p.boundaries, layer_costs=costs)
     methods: dict[str, dict[str, Any]] = {p.partition: evaluate(costs, plan, chosen)}
     for name in (*COMPARED, model_name):
