@@ -78,10 +78,11 @@ def memory_model(plan: Sequence[Any], workload: Any, activation: Sequence[float]
     ``hw`` (a :class:`pipefit.config.HardwareConfig`) adds what its measure of memory holds beyond live
     tensors: ``runtime_memory_gib`` per stage and ``allocator_bytes_per_param``. On CPU the peak resident
     set keeps glibc's free blocks (tensors under its 32 MiB mmap threshold return to the heap, not the
-    system): measured ~7 B per parameter above the live peak at 42M-542M parameters, fp32 ZeRO-1.
+    system), most of them left by ZeRO's per-parameter gradient copies of the rank's partition: measured
+    ~7 B per parameter above the live peak at 42M-542M parameters, fp32 ZeRO-1, dp=1; divided over dp.
     """
     per_param = state_bytes_per_param(workload.precision, workload.zero_stage, workload.dp)
-    per_param += float(getattr(hw, "allocator_bytes_per_param", 0.0) or 0.0)
+    per_param += float(getattr(hw, "allocator_bytes_per_param", 0.0) or 0.0) / workload.dp
     bucketed = workload.zero_stage >= 1 and workload.precision != "bf16"
     return StageMemory(
         static=[layer.num_params * per_param for layer in plan],
