@@ -87,7 +87,7 @@ def price_layers(
     if method == "flops":
         return flops_costs(skeleton.config, plan, workload, hw)
     if method == "profile" and ranks > 1 and device == "cpu":
-        measured = contended.measure_contended(skeleton, plan, workload, ranks)
+        measured = contended.measure_contended(skeleton, plan, workload, ranks, cache_dir=cache_dir)
         return contended.contended_costs(skeleton.config, plan, workload, hw, measured)
     if method == "profile":
         profiles = profile_layers(skeleton, plan, workload, device, cache_dir, measure, broadcast)

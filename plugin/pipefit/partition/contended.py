@@ -15,16 +15,25 @@ cores, caches and memory bandwidth, and measures the two per-step terms the 1F1B
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from pipefit.partition.costs import Hardware, LayerCosts, ModelShape, Workload
-from pipefit.partition.profile import LayerProfile, layer_signature, measure_layer, profile_costs
+from pipefit.partition.profile import (
+    LayerProfile,
+    _cache_key,
+    default_cache_dir,
+    layer_signature,
+    measure_layer,
+    profile_costs,
+)
 
 __all__ = ["ContendedProfile", "contended_costs", "measure_contended"]
 
@@ -119,22 +128,15 @@ def _worker(
         dist.destroy_process_group()
 
 
-def measure_contended(
-    skeleton: Any, plan: Sequence[Any], workload: Workload, ranks: int = 2, runs: int = 6
-) -> ContendedProfile:
-    """Every distinct layer of ``plan`` timed by ``ranks`` CPU processes at once (rank 0's figures), with
-    the measured boundary transfer and optimizer terms (the median over ranks). Starts processes: call it
-    from ``pipefit plan`` or a benchmark, not inside a running process group."""
+def _spawn(skeleton: Any, layers: list[Any], workload: Workload, ranks: int, runs: int) -> tuple[list, float, float]:
+    """Start the ``ranks`` workers; (rank 0's layer profiles, transfer seconds, optimizer seconds/param)."""
     import torch.multiprocessing as mp
 
-    distinct: dict[str, Any] = {}
-    for layer in plan:
-        distinct.setdefault(layer_signature(layer, skeleton.config), layer)
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "store")
-        args = (ranks, store, skeleton, list(distinct.values()), workload, runs, out)
+        args = (ranks, store, skeleton, layers, workload, runs, out)
         procs = [ctx.Process(target=_worker, args=(r, *args)) for r in range(ranks)]
         for p in procs:
             p.start()
@@ -144,11 +146,48 @@ def measure_contended(
     if any(p.exitcode != 0 for p in procs):
         raise RuntimeError(f"measure_contended: a worker failed (exit codes {[p.exitcode for p in procs]})")
     results.sort(key=lambda r: r[0])
-    by_signature = {sig: LayerProfile(**found) for sig, found in zip(distinct, results[0][1], strict=True)}
+    transfer = statistics.median(r[2] for r in results[:2])
+    return results[0][1], transfer, statistics.median(r[3] for r in results)
+
+
+def measure_contended(
+    skeleton: Any,
+    plan: Sequence[Any],
+    workload: Workload,
+    ranks: int = 2,
+    runs: int = 6,
+    cache_dir: str | os.PathLike | None = None,
+) -> ContendedProfile:
+    """Every distinct layer of ``plan`` timed by ``ranks`` CPU processes at once (rank 0's figures), with
+    the measured boundary transfer and optimizer terms (the median over ranks). Starts processes: call it
+    from ``pipefit plan`` or a benchmark, not inside a running process group. Cached like the quiet
+    profile (``cache_dir/profile.json``), keyed by every layer's signature, the shape and ``ranks``."""
+    distinct: dict[str, Any] = {}
+    for layer in plan:
+        distinct.setdefault(layer_signature(layer, skeleton.config), layer)
+    signature = f"contended{ranks}x{runs}|" + "|".join(distinct)
+    key = _cache_key(skeleton.config, signature, workload, workload.precision, "cpu")
+    cache_file = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache_file = cache_file / "profile.json"
+    cache: dict[str, Any] = {}
+    if cache_file.is_file():
+        try:
+            cache = json.loads(cache_file.read_text())
+        except (OSError, ValueError):
+            cache = {}
+    if key not in cache:
+        found, transfer, optimizer = _spawn(skeleton, list(distinct.values()), workload, ranks, runs)
+        cache[key] = {"layers": found, "transfer_s": transfer, "optimizer_s_per_param": optimizer}
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_name(f".{cache_file.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
+        os.replace(tmp, cache_file)
+    entry = cache[key]
+    by_signature = {sig: LayerProfile(**found) for sig, found in zip(distinct, entry["layers"], strict=True)}
     return ContendedProfile(
         layers=[by_signature[layer_signature(layer, skeleton.config)] for layer in plan],
-        transfer_s=statistics.median(r[2] for r in results[:2]),
-        optimizer_s_per_param=statistics.median(r[3] for r in results),
+        transfer_s=float(entry["transfer_s"]),
+        optimizer_s_per_param=float(entry["optimizer_s_per_param"]),
         ranks=ranks,
     )
 
