@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from pipefit.model.layer_list import layer_plan, make_skeleton
 from pipefit.partition.costs import Hardware, LayerCosts, ModelShape, Workload
 from pipefit.partition.profile import (
     LayerProfile,
@@ -106,12 +107,17 @@ def _transfer_seconds(workload: Workload, hidden: int, rank: int, repeats: int =
 
 
 def _worker(
-    rank: int, ranks: int, store: str, skeleton: Any, layers: list[Any], workload: Workload, runs: int, out: Any
+    rank: int, ranks: int, store: str, recipe: tuple, indices: list[int], workload: Workload, runs: int, out: Any
 ) -> None:
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)
+    config, seed, one_document_per_row = recipe  # the skeleton is rebuilt here: a used one may not pickle
+    skeleton = make_skeleton(config, seed=seed)
+    skeleton.one_document_per_row = one_document_per_row
+    plan = layer_plan(skeleton)
+    layers = [plan[i] for i in indices]
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=ranks)
     try:
         found = []
@@ -136,7 +142,8 @@ def _spawn(skeleton: Any, layers: list[Any], workload: Workload, ranks: int, run
     out = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "store")
-        args = (ranks, store, skeleton, layers, workload, runs, out)
+        recipe = (skeleton.config, skeleton.seed, getattr(skeleton, "one_document_per_row", False))
+        args = (ranks, store, recipe, [x.index for x in layers], workload, runs, out)
         procs = [ctx.Process(target=_worker, args=(r, *args)) for r in range(ranks)]
         for p in procs:
             p.start()
