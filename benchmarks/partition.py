@@ -11,8 +11,8 @@ second one with a small vocabulary and long rows (vocab 4096, seq 512). Every co
 timed, in rounds that alternate the order of the splits, so drift on a shared machine falls on every split
 alike. The splits that ``parameters``, ``uniform``, ``flops`` and ``profile`` choose are looked up in the
 same measurements. It prints, for each split, the median step time, its ratio to ``parameters`` and to the
-fastest split, the prediction of ``pipefit plan --costs profile`` (layers timed with both ranks busy,
-measured transfers and optimizer step: ``pipefit.partition.contended``), measured in the same run, the
+fastest split, the prediction of ``pipefit plan --costs profile --contended`` (layers timed with both
+ranks busy, measured transfers and optimizer step: ``pipefit.partition.contended``), measured in the same run, the
 older quiet-profile and flops predictions, and measured / 1F1B bound; then the methods' rows; then the
 single-process baseline (the same model trained by one process with one thread) against the best
 pipeline: tokens/s, speedup T_s/T_p and the ideal p*m/(m+p-1).
@@ -223,8 +223,8 @@ def measure_profile(shape: dict, output_dir: str, cache_dir: str) -> None:
 
 
 def contended_predictions(shape: dict, output_dir: str, splits: list[list[int]]) -> dict[str, float]:
-    """``pipefit plan --costs profile``'s predicted step for every split: layers timed with both ranks busy,
-    measured transfers and optimizer work (``pipefit.partition.contended``), measured in this run."""
+    """``pipefit plan --costs profile --contended``'s predicted step for every split: layers timed with both
+    ranks busy, measured transfers and optimizer work (``pipefit.partition.contended``), measured in this run."""
     from pipefit.cli import compose
     from pipefit.config import validate
     from pipefit.partition import costs
@@ -259,7 +259,7 @@ def table(result: dict, single_s: float | None) -> str:
         f"{m} micro-batches, ZeRO-1; {len(next(iter(rows.values()))['times'])} rounds (alternating order), "
         "median of per-round medians",
         "",
-        "pred(plan): pipefit plan --costs profile (contended profile, measured transfers and optimizer step);",
+        "pred(plan): pipefit plan --costs profile --contended (both ranks busy, measured transfers, optimizer step);",
         "pred(quiet): layers timed one at a time, alone (the profile before); pred(flops): analytic",
         "",
         f"{'split':<14} {'measured':>9} {'/params':>8} {'/fastest':>9} {'pred(plan)':>11} {'pred/meas':>10} "

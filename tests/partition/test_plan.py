@@ -171,8 +171,8 @@ def test_cli_bad_input_is_one_line(args, message, capsys: pytest.CaptureFixture[
 
 
 def test_cli_profile_plan_measures_once_then_reads_the_cache(tmp_path: Path, capsys, monkeypatch) -> None:
-    """On CPU at pp=2 the profile is contended (two ranks busy at once, measured in spawned workers: here
-    stood in for by this process) and cached with its measured transfer and optimizer terms."""
+    """With --contended on CPU at pp=2 the profile has two ranks busy at once (measured in spawned workers:
+    here stood in for by this process) and is cached with its measured transfer and optimizer terms."""
     from dataclasses import asdict
 
     from pipefit.partition import contended, profile
@@ -188,6 +188,7 @@ def test_cli_profile_plan_measures_once_then_reads_the_cache(tmp_path: Path, cap
 
     monkeypatch.setattr(contended, "_spawn", quick)
     args = ["plan", "pipeline.partition=profile", "data.seq_len=32", "--json", "--cache-dir", str(tmp_path)]
+    args.append("--contended")
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["cost_model"] == "profile" and set(report["methods"]) == {"profile", "uniform", "parameters"}

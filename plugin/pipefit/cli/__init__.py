@@ -68,7 +68,9 @@ def _plan(args: argparse.Namespace) -> int:
         raise ValueError(f"--dp={args.dp} is not accepted; expected an integer >= 1")
     device = plan_device(args.device)
     run = validate(compose(args.overrides, args.config_dir))
-    report = make_plan(run, dp=args.dp, device=device, cache_dir=args.cache_dir, costs_model=args.costs)
+    report = make_plan(
+        run, dp=args.dp, device=device, cache_dir=args.cache_dir, costs_model=args.costs, contended=args.contended
+    )
     print(to_json(report) if args.json else format_plan(report))
     if args.png:
         write_png(report, args.png)
@@ -109,8 +111,12 @@ def main(argv: list[str] | None = None) -> int:
         "--costs",
         choices=("flops", "profile"),
         default=None,
-        help="price every split with this cost model (default: profile for pipeline.partition=profile, else flops);"
-        " profile on CPU measures with one process per rank, all busy at once",
+        help="price every split with this cost model (default: profile for pipeline.partition=profile, else flops)",
+    )
+    pl.add_argument(
+        "--contended",
+        action="store_true",
+        help="profile on CPU with one process per rank, all busy at once, with measured transfers and optimizer step",
     )
     pl.add_argument("--config-dir", default=None, help="Hydra config folder (default: the repository's conf/)")
     ex = sub.add_parser("export", help="write a Hugging Face folder from a checkpoint (or a run's newest one)")

@@ -201,13 +201,18 @@ def evaluate(costs: LayerCosts, plan: Sequence[Any], bounds: Sequence[int]) -> d
 
 
 def make_plan(
-    run: Any, dp: int = 1, device: str = "cpu", cache_dir: str | None = None, costs_model: str | None = None
+    run: Any,
+    dp: int = 1,
+    device: str = "cpu",
+    cache_dir: str | None = None,
+    costs_model: str | None = None,
+    contended: bool = False,
 ) -> dict[str, Any]:
     """The plan for a validated :class:`pipefit.config.RunConfig` on ``run.hardware``.
 
     ``costs_model`` (``flops`` or ``profile``) prices every split, the chosen one included (e.g. a manual
-    one); by default ``profile`` when ``pipeline.partition=profile``, else ``flops``. ``profile`` on CPU
-    measures with one process per rank busy at once (:mod:`pipefit.partition.contended`).
+    one); by default ``profile`` when ``pipeline.partition=profile``, else ``flops``. ``contended``:
+    ``profile`` on CPU measures with one process per rank busy at once (:mod:`pipefit.partition.contended`).
     """
 
     hf_config = load_hf_config(run.model.path, dict(run.model.hf_config))
@@ -218,7 +223,7 @@ def make_plan(
     hw = Hardware.from_config(run.hardware)
     workload = Workload.from_run(run, dp)
     model_name = costs_model or ("profile" if p.partition == "profile" else "flops")
-    ranks = p.stages * dp if model_name == "profile" and device == "cpu" else 1
+    ranks = p.stages * dp if contended and model_name == "profile" and device == "cpu" else 1
     costs = price_layers(skeleton, model_name, workload, hw, device=device, cache_dir=cache_dir, ranks=ranks)
     chosen = boundaries_for(skeleton, p.partition, p.stages, p.boundaries, layer_costs=costs)
     methods: dict[str, dict[str, Any]] = {p.partition: evaluate(costs, plan, chosen)}
