@@ -1,19 +1,21 @@
-"""Partition quality, measured: every pp=2 split of a large-vocabulary Llama-style model.
+"""Partition quality and the plan's predicted step, measured: every pp=2 split of two Llama-style shapes.
 
-    python benchmarks/partition.py                       # the issue's model; ~20-30 min on 2 CPU cores
+    python benchmarks/partition.py                       # both shapes; ~1 h on 2 quiet CPU cores
     python benchmarks/partition.py --quick               # tiny shapes, 1-2 min: checks the script runs
     python benchmarks/partition.py --save benchmarks/results/partition.txt
 
-Two CPU ranks (gloo, one thread each) train a Llama-style model (hidden 256, 8 blocks, vocab
-12288, seq 256, micro-batch 2, 8 micro-batches, ZeRO-1) through pipefit's own pieces
-(``build_pipeline_module``, ``build_ds_config``, ``deepspeed.initialize``, ``engine.train_batch``).
-Every contiguous pp=2 split is timed, in rounds that alternate the order of the splits, so drift
-on a shared machine falls on every split alike. The splits that ``parameters``, ``uniform``,
-``flops`` and ``profile`` choose are looked up in the same measurements. It prints, for each
-split, the median step time, its ratio to ``parameters`` and to the fastest split, the 1F1B
-simulator's prediction from measured (``profile``) layer times, and measured / 1F1B bound;
-then the methods' rows; then the single-process baseline (the same model trained by one process
-with one thread) against the best pipeline: tokens/s, speedup T_s/T_p and the ideal p*m/(m+p-1).
+Two CPU ranks (gloo, one thread each) train a Llama-style model through pipefit's own pieces
+(``build_pipeline_module``, ``build_ds_config``, ``deepspeed.initialize``, ``engine.train_batch``): the
+issue's shape (hidden 256, 8 blocks, vocab 12288, seq 256, micro-batch 2, 8 micro-batches, ZeRO-1) and a
+second one with a small vocabulary and long rows (vocab 4096, seq 512). Every contiguous pp=2 split is
+timed, in rounds that alternate the order of the splits, so drift on a shared machine falls on every split
+alike. The splits that ``parameters``, ``uniform``, ``flops`` and ``profile`` choose are looked up in the
+same measurements. It prints, for each split, the median step time, its ratio to ``parameters`` and to the
+fastest split, the prediction of ``pipefit plan --costs profile --contended`` (layers timed with both
+ranks busy, measured transfers and optimizer step: ``pipefit.partition.contended``), measured in the same run, the
+older quiet-profile and flops predictions, and measured / 1F1B bound; then the methods' rows; then the
+single-process baseline (the same model trained by one process with one thread) against the best
+pipeline: tokens/s, speedup T_s/T_p and the ideal p*m/(m+p-1).
 """
 
 from __future__ import annotations
@@ -42,8 +44,12 @@ FULL = {
     "micro_batch_size": 2,
     "micro_batches": 8,
 }
+# The second shape: a small vocabulary and long rows, so the head is light and the blocks heavy.
+LONG = {**FULL, "vocab_size": 4096, "seq_len": 512}  # the embedded tokenizer has 4096 tokens
 QUICK = {**FULL, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "vocab_size": 4096}
 QUICK.update(seq_len=32, micro_batch_size=2, micro_batches=4)
+QUICK_LONG = {**QUICK, "seq_len": 64}
+SHAPES = {"full": [FULL, LONG], "quick": [QUICK, QUICK_LONG]}
 
 
 def overrides(shape: dict, output_dir: str) -> list[str]:
@@ -111,7 +117,7 @@ def worker(args: argparse.Namespace) -> None:
     from pipefit.run.preflight import Prepared
 
     torch.set_num_threads(1)
-    shape = QUICK if args.quick else FULL
+    shape = json.loads(args.shape)
     run = validate(compose(overrides(shape, args.output_dir)))
     prepared = Prepared(run, world_size=2)
     deepspeed.init_distributed(dist_backend="gloo")
@@ -216,6 +222,23 @@ def measure_profile(shape: dict, output_dir: str, cache_dir: str) -> None:
     profile.profile_layers(skeleton, layer_plan(skeleton), costs.Workload.from_run(run, 1), cache_dir=cache_dir)
 
 
+def contended_predictions(shape: dict, output_dir: str, splits: list[list[int]]) -> dict[str, float]:
+    """``pipefit plan --costs profile --contended``'s predicted step for every split: layers timed with both
+    ranks busy, measured transfers and optimizer work (``pipefit.partition.contended``), measured in this run."""
+    from pipefit.cli import compose
+    from pipefit.config import validate
+    from pipefit.partition import costs
+    from pipefit.partition.boundaries import price_layers
+    from pipefit.partition.plan import evaluate
+    from pipefit.run.preflight import Prepared
+
+    run = validate(compose(overrides(shape, output_dir)))
+    prepared = Prepared(run, world_size=2)
+    hw = costs.Hardware.from_config(run.hardware)
+    priced = price_layers(prepared.skeleton, "profile", costs.Workload.from_run(run, 1), hw, ranks=2)
+    return {str(b): evaluate(priced, prepared.plan, b)["predicted_step_s"] for b in splits}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -236,15 +259,28 @@ def table(result: dict, single_s: float | None) -> str:
         f"{m} micro-batches, ZeRO-1; {len(next(iter(rows.values()))['times'])} rounds (alternating order), "
         "median of per-round medians",
         "",
-        f"{'split':<14} {'measured':>9} {'/params':>8} {'/fastest':>9} {'pred(profile)':>14} {'pred/meas':>10} "
-        f"{'pred(flops)':>12} {'meas/1F1B bound':>16}  chosen by",
+        "pred(plan): pipefit plan --costs profile --contended (both ranks busy, measured transfers, optimizer step);",
+        "pred(quiet): layers timed one at a time, alone (the profile before); pred(flops): analytic",
+        "",
+        f"{'split':<14} {'measured':>9} {'/params':>8} {'/fastest':>9} {'pred(plan)':>11} {'pred/meas':>10} "
+        f"{'pred(quiet)':>12} {'pred/meas':>10} {'pred(flops)':>12} {'meas/1F1B bound':>16}  chosen by",
     ]
     for key, v in rows.items():
         by = [name for name, b in result["methods"].items() if str(b) == key]
+        plan = v.get("predicted_contended_s", float("nan"))
         lines.append(
             f"{key:<14} {med[key]:>8.3f}s {med[key] / med[params]:>8.3f} {med[key] / med[fastest]:>9.3f} "
-            f"{v['predicted_profile_s']:>13.3f}s {v['predicted_profile_s'] / med[key]:>10.3f} "
+            f"{plan:>10.3f}s {plan / med[key]:>10.3f} "
+            f"{v['predicted_profile_s']:>11.3f}s {v['predicted_profile_s'] / med[key]:>10.3f} "
             f"{v['predicted_flops_s']:>11.3f}s {med[key] / v['bound_1f1b_s']:>16.3f}  {', '.join(by)}"
+        )
+    ratios = [v["predicted_contended_s"] / med[k] for k, v in rows.items() if "predicted_contended_s" in v]
+    if ratios:
+        worst = max(abs(r - 1) for r in ratios)
+        within = sum(abs(r - 1) <= 0.10 for r in ratios)
+        lines.append(
+            f"pred(plan)/measured: {min(ratios):.3f}-{max(ratios):.3f}, worst {worst:.1%} off, "
+            f"{within} of {len(ratios)} splits within 10 %"
         )
     lines += ["", f"{'method':<12} {'split':<14} {'measured':>9} {'vs parameters':>14} {'vs fastest':>11}"]
     for name, b in result["methods"].items():
@@ -258,33 +294,22 @@ def table(result: dict, single_s: float | None) -> str:
             "",
             f"single process (1 thread): {single_s:.3f} s/step, {tokens / single_s:.0f} tokens/s; "
             f"best pp=2: {best:.3f} s/step, {tokens / best:.0f} tokens/s; speedup T_s/T_p {single_s / best:.2f} "
-            f"(ideal p*m/(m+p-1) = {2 * m / (m + 1):.2f})",
+            f"(ideal p*m/(m+p-1) = {2 * m / (m + 1):.2f}; {single_s / best / (2 * m / (m + 1)):.2f} of ideal)",
         ]
     return "\n".join(lines)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny shapes: checks the script, measures nothing useful")
-    parser.add_argument("--rounds", type=int, default=None, help="passes over every split (default 3; quick 1)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per split per round (default 2; quick 1)")
-    parser.add_argument("--no-single", action="store_true", help="skip the single-process baseline")
-    parser.add_argument("--save", default=None, help="also write the table to this file")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--output-dir", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--cache-dir", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    args.rounds = args.rounds or (1 if args.quick else 3)
-    args.steps = args.steps or (1 if args.quick else 2)
-    if args.worker:
-        worker(args)
-        return 0
-    shape = QUICK if args.quick else FULL
+def measure_shape(args: argparse.Namespace, shape: dict) -> str | None:
+    """Every pp=2 split of one shape timed by two worker ranks, predicted, and the single-process baseline."""
     with tempfile.TemporaryDirectory() as tmp:
         result_file = Path(tmp) / "result.json"
         measure_profile(shape, str(Path(tmp) / "profile"), str(Path(tmp) / "cache"))
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "benchmarks")}
+        # This checkout's pipefit (plugin/), not whichever one is installed.
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": f"{REPO / 'plugin'}{os.pathsep}{REPO / 'benchmarks'}",
+        }
         cmd = [
             sys.executable,
             "-m",
@@ -305,19 +330,49 @@ def main() -> int:
             str(args.rounds),
             "--steps",
             str(args.steps),
-            *(["--quick"] if args.quick else []),
+            "--shape",
+            json.dumps(shape),
         ]
         proc = subprocess.run(cmd, env=env, cwd=REPO)
         if proc.returncode != 0:
             print(f"benchmark workers failed (exit {proc.returncode})", file=sys.stderr)
-            return proc.returncode
+            return None
         result = json.loads(result_file.read_text())
+        splits = [v["boundaries"] for v in result["splits"].values()]
+        for key, pred in contended_predictions(shape, str(Path(tmp) / "plan"), splits).items():
+            result["splits"][key]["predicted_contended_s"] = pred
         single = None if args.no_single else single_process(shape, str(Path(tmp) / "single"), max(2, args.steps))
-    text = table(result, single)
-    print(text)
+    return table(result, single)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny shapes: checks the script, measures nothing useful")
+    parser.add_argument("--rounds", type=int, default=None, help="passes over every split (default 3; quick 1)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per split per round (default 2; quick 1)")
+    parser.add_argument("--no-single", action="store_true", help="skip the single-process baseline")
+    parser.add_argument("--save", default=None, help="also write the table to this file")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--output-dir", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--cache-dir", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--shape", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.rounds = args.rounds or (1 if args.quick else 3)
+    args.steps = args.steps or (1 if args.quick else 2)
+    if args.worker:
+        worker(args)
+        return 0
+    texts = []
+    for shape in SHAPES["quick" if args.quick else "full"]:
+        text = measure_shape(args, shape)
+        if text is None:
+            return 1
+        texts.append(text)
+        print(text, flush=True)
     if args.save:
         Path(args.save).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.save).write_text(text + "\n")
+        Path(args.save).write_text("\n\n".join(texts) + "\n")
     return 0
 
 

@@ -193,9 +193,9 @@ def test_boundaries_for_flops_on_the_tiny_llama_and_memory_cap() -> None:
     work = Workload(seq_len=512, micro_batch_size=1, micro_batches=4)
     # Head ~3.5 blocks of compute, embedding ~0: unconstrained, flops gives the head a stage of its own.
     assert boundaries_for(skeleton, "flops", 2, None, workload=work, hardware=Hardware(memory_gib=100)) == [0, 6, 7]
-    # fp32 ZeRO-1 at dp=1 keeps 24 B/parameter (Workload.state_bytes_per_param): the embedding's 263M
-    # parameters and four blocks (61M each) no longer fit 11 GiB, so the memory cap moves blocks over.
-    assert boundaries_for(skeleton, "flops", 2, None, workload=work, hardware=Hardware(memory_gib=11)) == [0, 4, 7]
+    # fp32 ZeRO-1 at dp=1 keeps 28 B/parameter (Workload.state_bytes_per_param): the embedding's 263M
+    # parameters and four blocks (61M each) no longer fit 12.8 GiB, so the memory cap moves blocks over.
+    assert boundaries_for(skeleton, "flops", 2, None, workload=work, hardware=Hardware(memory_gib=12.8)) == [0, 4, 7]
     assert boundaries_for(skeleton, "parameters", 2, None) == [0, 3, 7]
     with pytest.raises(PartitionError, match=r"smallest per-stage cap that would fit is [0-9.e+]+ \([0-9.]+ GiB"):
         boundaries_for(skeleton, "flops", 2, None, workload=work, hardware=Hardware(memory_gib=0.5))
@@ -208,12 +208,13 @@ def test_memory_model_counts_state_and_in_flight_activations() -> None:
     plan = layer_plan(make_skeleton(cfg))
     work = Workload(seq_len=16, micro_batch_size=2, micro_batches=3, dp=2, zero_stage=1)
     priced = costs.flops_costs(cfg, plan, work, Hardware())
-    assert work.state_bytes_per_param() == 4 + 4 + 16 / 2  # master copy, its gradient, moments sharded
-    assert priced.memory.static[1] == plan[1].num_params * 16
+    assert work.state_bytes_per_param() == 4 + 4 + 20 / 2  # gradient copies, master copy, moments sharded
+    assert priced.memory.static[1] == plan[1].num_params * 18
     # Stage 0 of 3 holds min(3, 3) micro-batches of activations, stage 2 holds one.
     assert priced.memory.in_flight(0, 3) == 3 and priced.memory.in_flight(2, 3) == 1
     act = priced.memory.activation[1]
-    assert priced.memory.stage_bytes(0, 3, 1, 2) == plan[1].num_params * 16 + 3 * act
+    # dp=2: the stage also fills its part of the 50M-element reduction bucket, 4 bytes per parameter.
+    assert priced.memory.stage_bytes(0, 3, 1, 2) == plan[1].num_params * (18 + 4) + 3 * act
 
 
 @pytest.mark.parametrize(
@@ -250,8 +251,8 @@ def test_attention_mask_bytes_are_those_of_the_mask_hf_builds(
     [
         ("fp32", 0, 1, 16.0),  # weight, grad, two moments (torch AdamW)
         ("fp32", 0, 4, 16.0),  # ZeRO-0 shards nothing
-        ("fp32", 1, 1, 24.0),  # + DeepSpeedZeroOptimizer's fp32 master clone and gradient partition
-        ("fp32", 1, 4, 12.0),
+        ("fp32", 1, 1, 28.0),  # + DeepSpeedZeroOptimizer: two gradient copies, fp32 master, moments
+        ("fp32", 1, 4, 13.0),
         ("fp16", 0, 4, 20.0),  # FP16_Optimizer: unsharded fp32 master, flat fp32 gradient, moments
         ("fp16", 1, 4, 8.0),
         ("bf16", 1, 1, 20.0),  # BF16_Optimizer: full fp32 gradient buffer + sharded masters and moments

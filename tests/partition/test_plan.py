@@ -171,17 +171,24 @@ def test_cli_bad_input_is_one_line(args, message, capsys: pytest.CaptureFixture[
 
 
 def test_cli_profile_plan_measures_once_then_reads_the_cache(tmp_path: Path, capsys, monkeypatch) -> None:
-    from pipefit.partition import profile
+    """With --contended on CPU at pp=2 the profile has two ranks busy at once (measured in spawned workers:
+    here stood in for by this process) and is cached with its measured transfer and optimizer terms."""
+    from dataclasses import asdict
+
+    from pipefit.partition import contended, profile
 
     calls: list[str] = []
     real = profile.measure_layer
 
-    def quick(skeleton, layer, workload, device="cpu", **kw):
-        calls.append(layer.kind)
-        return real(skeleton, layer, workload, device, min_runs=2, max_runs=3, warmup=1)
+    def quick(skeleton, layers, workload, ranks, runs):
+        assert ranks == 2
+        calls.extend(layer.kind for layer in layers)
+        found = [asdict(real(skeleton, x, workload, "cpu", min_runs=2, max_runs=3, warmup=1)) for x in layers]
+        return found, 1e-4, 2e-8
 
-    monkeypatch.setattr(profile, "measure_layer", quick)
+    monkeypatch.setattr(contended, "_spawn", quick)
     args = ["plan", "pipeline.partition=profile", "data.seq_len=32", "--json", "--cache-dir", str(tmp_path)]
+    args.append("--contended")
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["cost_model"] == "profile" and set(report["methods"]) == {"profile", "uniform", "parameters"}
@@ -191,13 +198,15 @@ def test_cli_profile_plan_measures_once_then_reads_the_cache(tmp_path: Path, cap
     assert len(calls) == 4
     again = json.loads(capsys.readouterr().out)
     assert [x["forward_s"] for x in again["layers"]] == [x["forward_s"] for x in report["layers"]]
+    assert again["transfer_s"] == 1e-4
+    assert again["layers"][1]["per_step_s"] == pytest.approx(report["layers"][1]["params"] * 2e-8)
 
 
 def test_cli_profile_plan_measures_on_the_given_device(tmp_path: Path, capsys, monkeypatch) -> None:
     """``--device cuda`` reaches the profiler (and its cache key); the default stays ``cpu``."""
     import torch
 
-    from pipefit.partition import profile
+    from pipefit.partition import contended, profile
 
     devices: list[str] = []
 
@@ -205,7 +214,13 @@ def test_cli_profile_plan_measures_on_the_given_device(tmp_path: Path, capsys, m
         devices.append(device)
         return profile.LayerProfile(forward_s=1e-3, backward_s=2e-3, activation_bytes=1024.0, runs=5, spread=0.0)
 
+    def spawned(skeleton, layers, workload, ranks, runs):  # CPU at pp=2: the contended profile's workers
+        from dataclasses import asdict
+
+        return [asdict(fake(skeleton, x, workload, "cpu")) for x in layers], 1e-4, 2e-8
+
     monkeypatch.setattr(profile, "measure_layer", fake)
+    monkeypatch.setattr(contended, "_spawn", spawned)
     monkeypatch.setattr(profile, "_device_name", lambda device: device)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)

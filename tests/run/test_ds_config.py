@@ -565,3 +565,14 @@ def test_a_schedule_missing_its_argument_fails_before_any_rank(tmp_path: Path) -
         "min_lr_rate": 0.1
     }
     assert not (tmp_path / "out").exists()
+
+
+def test_buckets_capped_at_dp1_where_nothing_is_reduced() -> None:
+    """At dp=1 DeepSpeed still allocates a reduce_bucket_size bucket every pipeline step: pipefit caps it."""
+    from pipefit.partition.memory import DP1_BUCKET_ELEMENTS
+
+    run = RunConfig(zero=ZeroConfig(stage=1, reduce_bucket_size=50_000_000, allgather_bucket_size=500))
+    zero = build_ds_config(run, dp=1, device_kind="cpu")["zero_optimization"]
+    assert (zero["reduce_bucket_size"], zero["allgather_bucket_size"]) == (DP1_BUCKET_ELEMENTS, 500)
+    zero = build_ds_config(run, dp=2, device_kind="cpu")["zero_optimization"]
+    assert (zero["reduce_bucket_size"], zero["allgather_bucket_size"]) == (50_000_000, 500)

@@ -19,6 +19,7 @@ from conftest import saved_model
 from launching import compose, local_run, losses_match, metrics, run_recipe, tail, weights_match
 from pipefit.config import validate
 from pipefit.parity.reference import train_reference
+from pipefit.partition.plan import predicted_stage_memory
 from pipefit.run.preflight import Prepared
 
 pytestmark = pytest.mark.slow
@@ -83,6 +84,14 @@ def test_pipeline_training_matches_single_process(tmp_path: Path, family: str, r
         full = 8 * r["params"]
         expected = full / dp if zero == 1 else full
         assert abs(r["optimizer_state_bytes"] - expected) <= 0.01 * expected, (r, expected)
+        # Each rank's measured peak (above its baseline) and the plan's prediction for its stage.
+        assert r["peak_memory_bytes"] > 0 and r["baseline_memory_bytes"] > 0
+        assert (
+            r["predicted_memory_bytes"]
+            == predicted_stage_memory(prepared.skeleton, prepared.workload, prepared.boundaries, run.hardware)[
+                r["stage"]
+            ]
+        )
     print("optimizer state bytes per rank:", [(r["rank"], r["optimizer_state_bytes"]) for r in part["ranks"]])
 
 

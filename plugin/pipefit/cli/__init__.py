@@ -3,6 +3,7 @@
     pipefit verify model=llama_tiny pipeline.stages=3
     pipefit verify model.path=/models/my-llama pipeline.stages=4 --tol 1e-5
     pipefit plan model=llama_tiny pipeline.stages=2 pipeline.partition=flops hardware=cpu --png plan.png
+    pipefit plan pipeline.stages=2 pipeline.partition=manual pipeline.boundaries=[0,3,6] --costs profile
     pipefit plan model=llama3_8b pipeline.stages=4 pipeline.partition=profile train.precision=bf16 --device cuda
     pipefit plan --search --world 8 model=llama3_8b hardware=a100 train.precision=bf16 data.seq_len=8192 \
         train.global_batch_size=512
@@ -87,7 +88,9 @@ def _plan(args: argparse.Namespace) -> int:
         return 0
     run, chosen = resolve_auto(run, world)
     dp = chosen["dp"] if chosen else args.dp
-    report = make_plan(run, dp=dp, device=device, cache_dir=args.cache_dir)
+    report = make_plan(
+        run, dp=dp, device=device, cache_dir=args.cache_dir, costs_model=args.costs, contended=args.contended
+    )
     print(to_json(report) if args.json else format_plan(report))
     if args.png:
         write_png(report, args.png)
@@ -133,6 +136,17 @@ def main(argv: list[str] | None = None) -> int:
         "--device", default="cpu", help="where pipeline.partition=profile measures layers: cpu, cuda, cuda:N"
     )
     pl.add_argument("--cache-dir", default=None, help="profile cache folder (default ~/.cache/pipefit)")
+    pl.add_argument(
+        "--costs",
+        choices=("flops", "profile"),
+        default=None,
+        help="price every split with this cost model (default: profile for pipeline.partition=profile, else flops)",
+    )
+    pl.add_argument(
+        "--contended",
+        action="store_true",
+        help="profile on CPU with one process per rank, all busy at once, with measured transfers and optimizer step",
+    )
     pl.add_argument("--config-dir", default=None, help="Hydra config folder (default: the repository's conf/)")
     ex = sub.add_parser("export", help="write a Hugging Face folder from a checkpoint (or a run's newest one)")
     ex.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its newest complete checkpoint)")

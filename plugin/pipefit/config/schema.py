@@ -210,6 +210,11 @@ class HardwareConfig:
     memory_bandwidth_gbs: float = 10.0
     # Between two pipeline stages (NVLink, PCIe, loopback), GB/s in one direction.
     link_bandwidth_gbs: float = 2.0
+    # What a rank's memory holds beyond its live tensors (measured; 0 where the measure is the allocator's
+    # live bytes, as max_memory_allocated on a GPU): the runtime (GiB) and the host allocator's retained
+    # free blocks (bytes per trainable parameter), see pipefit.partition.memory.
+    runtime_memory_gib: float = 0.0
+    allocator_bytes_per_param: float = 0.0
 
 
 @dataclass

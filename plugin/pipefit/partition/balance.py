@@ -101,19 +101,26 @@ class StageMemory:
         activation: per-layer bytes saved for backward, per micro-batch.
         micro_batches: micro-batches per step (gradient accumulation steps).
         fixed: bytes every stage holds whatever its layers (communication buffers, runtime).
+        params: per-layer trainable parameters; with ``bucket_elements``, a stage also holds a gradient
+            bucket of ``min(bucket_elements, its trainable parameters)`` elements of ``bucket_bytes`` each
+            (the part of ZeRO's reduction bucket its gradients fill).
     """
 
     static: Sequence[float]
     activation: Sequence[float]
     micro_batches: int
     fixed: float = 0.0
+    params: Sequence[float] = ()
+    bucket_elements: float = 0.0
+    bucket_bytes: float = 0.0
 
     def in_flight(self, stage: int, num_stages: int) -> int:
         return max(1, min(num_stages - stage, self.micro_batches))
 
     def stage_bytes(self, stage: int, num_stages: int, start: int, stop: int) -> float:
         held = self.in_flight(stage, num_stages)
-        return self.fixed + sum(self.static[start:stop]) + held * sum(self.activation[start:stop])
+        bucket = self.bucket_bytes * min(self.bucket_elements, sum(self.params[start:stop])) if self.params else 0.0
+        return self.fixed + bucket + sum(self.static[start:stop]) + held * sum(self.activation[start:stop])
 
     def bind(self, num_stages: int) -> MemoryModel:
         """The ``(stage, start, stop) -> bytes`` function :func:`partition_min_max` takes."""

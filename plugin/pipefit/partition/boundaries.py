@@ -9,7 +9,7 @@ from typing import Any
 from pipefit.model.layer_list import layer_plan
 from pipefit.model.layers import ModelSkeleton
 from pipefit.model.tasks import TASKS, unpriced_error
-from pipefit.partition import balance, costs
+from pipefit.partition import balance, contended, costs
 from pipefit.partition.costs import Hardware, LayerCosts, Workload, flops_costs
 from pipefit.partition.profile import profile_costs, profile_layers
 
@@ -70,8 +70,14 @@ def price_layers(
     cache_dir: str | os.PathLike | None = None,
     measure: bool = True,
     broadcast: Callable[[Any], Any] | None = None,
+    ranks: int = 1,
 ) -> LayerCosts:
-    """:class:`LayerCosts` for ``method`` (``flops`` or ``profile``) over the skeleton's layer list."""
+    """:class:`LayerCosts` for ``method`` (``flops`` or ``profile``) over the skeleton's layer list.
+
+    ``profile`` with ``ranks`` > 1 on CPU measures with that many processes busy at once, with measured
+    transfers and per-step work (:mod:`pipefit.partition.contended`); it starts processes, so only
+    ``pipefit plan`` and benchmarks ask for it.
+    """
 
     if not TASKS[skeleton.task].priced:
         raise unpriced_error(skeleton.adapter, method)
@@ -80,6 +86,9 @@ def price_layers(
     plan = layer_plan(skeleton)
     if method == "flops":
         return flops_costs(skeleton.config, plan, workload, hw)
+    if method == "profile" and ranks > 1 and device == "cpu":
+        measured = contended.measure_contended(skeleton, plan, workload, ranks, cache_dir=cache_dir)
+        return contended.contended_costs(skeleton.config, plan, workload, hw, measured)
     if method == "profile":
         profiles = profile_layers(skeleton, plan, workload, device, cache_dir, measure, broadcast)
         return profile_costs(skeleton.config, plan, workload, hw, profiles)

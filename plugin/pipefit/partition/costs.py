@@ -36,7 +36,9 @@ from typing import Any
 from pipefit.config import HardwareConfig
 from pipefit.model.adapters import for_config
 from pipefit.model.tasks import SEQUENCE_CLASSIFICATION, TASKS
+from pipefit.partition import memory
 from pipefit.partition.balance import StageMemory
+from pipefit.partition.memory import DTYPE_BYTES
 
 __all__ = [
     "Hardware",
@@ -62,7 +64,6 @@ SOFTCAP_FLOPS_PER_ELEMENT = 3.0  # divide, tanh, multiply
 
 OPTIMIZER_BYTES_PER_PARAM = 32.0
 POSITION_ID_BYTES = 8
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
 class Hardware(HardwareConfig):
@@ -88,6 +89,7 @@ class Workload:
     precision: str = "fp32"
     zero_stage: int = 1
     layout: str = "concat"
+    reduce_bucket_size: int = 50_000_000
 
     @classmethod
     def from_run(cls, run: Any, dp: int = 1) -> Workload:
@@ -99,6 +101,7 @@ class Workload:
             precision=run.train.precision,
             zero_stage=run.zero.stage,
             layout=run.data.layout,
+            reduce_bucket_size=run.zero.reduce_bucket_size,
         )
 
     @property
@@ -106,33 +109,8 @@ class Workload:
         return DTYPE_BYTES[self.precision]
 
     def state_bytes_per_param(self) -> float:
-        """Bytes DeepSpeed 0.19 holds per trainable parameter at the optimizer step (gradients still held).
-
-        Which optimizer wrapper DeepSpeed picks (``DeepSpeedEngine._do_optimizer_sanity_check``, as a
-        pipeline) and what it holds; ``w`` = 2 (bf16/fp16) or 4 (fp32) bytes for the weight and again
-        for its ``.grad``:
-
-        - fp32, ZeRO-0: torch's AdamW on the weights: ``w + w + 8`` (two fp32 moments);
-        - fp32/fp16, ZeRO-1: ``DeepSpeedZeroOptimizer``: ``w + w`` plus, sharded over dp, an fp32 master
-          copy (cloned even in fp32), its fp32 gradient partition and the moments: ``16 / dp``;
-        - fp16, ZeRO-0: ``FP16_Optimizer`` (``FP16_UnfusedOptimizer`` with torch's AdamW): unsharded
-          fp32 masters, their fp32 gradients, moments: ``+ 16``;
-        - bf16 (ZeRO-0 and 1): ``BF16_Optimizer``: the full, unsharded gradient accumulation buffer in
-          the accumulation dtype (fp32 under ZeRO-1, bf16 under ZeRO-0: see ``ds_config.build_ds_config``)
-          and, sharded over dp at either stage, fp32 masters and moments: ``12 / dp``.
-
-        Between steps DeepSpeed frees the ``.grad`` tensors: measured in one process after a step
-        (dp=1), fp32 ZeRO-0, fp32 ZeRO-1, bf16 ZeRO-1 and fp16 ZeRO-1 held 12, 18, 18 and 15 B/param
-        against the 16, 24, 20 and 20 here; these are the peak, at the step.
-        """
-        w = DTYPE_BYTES[self.precision]
-        dp = self.dp
-        if self.precision == "bf16":
-            accumulation = 4 if self.zero_stage >= 1 else 2
-            return w + w + accumulation + 12 / dp
-        if self.zero_stage >= 1:
-            return w + w + 16 / dp
-        return w + w + (8 if self.precision == "fp32" else 16)
+        """Bytes DeepSpeed holds per trainable parameter at the step (see :mod:`pipefit.partition.memory`)."""
+        return memory.state_bytes_per_param(self.precision, self.zero_stage, self.dp)
 
 
 @dataclass(frozen=True)
@@ -370,7 +348,8 @@ class LayerCosts:
     """Per-layer prices in seconds, and what the partitioner and simulator need besides.
 
     ``per_step`` is the per-step work of a layer (optimizer, gradient reduction); ``transfer_s``
-    the seconds one boundary takes per micro-batch in one direction.
+    the seconds one boundary takes per micro-batch in one direction; ``transfer_busy``: both stages spend
+    those seconds (a blocking send and its receive, as gloo's), not only the data's flight time.
     """
 
     method: str
@@ -387,6 +366,7 @@ class LayerCosts:
     # Per layer: (mask kind, bytes) of the dense attention mask its stage keeps per micro-batch in
     # flight (:func:`attention_mask`), counted once per stage and kind by ``pipefit plan``.
     attention_masks: list[tuple[str, float] | None] = field(default_factory=list)
+    transfer_busy: bool = False
 
     def per_layer(self) -> list[float]:
         """Seconds per optimizer step each layer costs the stage that holds it."""
@@ -422,15 +402,6 @@ def _transfer_seconds(hf_config: Any, workload: Workload, hw: Hardware) -> float
     return tokens * (shape.hidden * workload.act_bytes + POSITION_ID_BYTES) / (hw.link_bandwidth_gbs * 1e9)
 
 
-def _memory_model(hf_config: Any, plan: Sequence[Any], workload: Workload, activation: Sequence[float]) -> StageMemory:
-    per_param = workload.state_bytes_per_param()
-    return StageMemory(
-        static=[layer.num_params * per_param for layer in plan],
-        activation=list(activation),
-        micro_batches=workload.micro_batches,
-    )
-
-
 def flops_costs(hf_config: Any, plan: Sequence[Any], workload: Workload, hw: Hardware) -> LayerCosts:
     """``pipeline.partition=flops``: analytic FLOPs at the hardware's achieved rate."""
     flops = model_flops(hf_config, plan, workload.seq_len, workload.micro_batch_size)
@@ -442,7 +413,7 @@ def flops_costs(hf_config: Any, plan: Sequence[Any], workload: Workload, hw: Har
         per_step_s=_per_step_seconds(plan, workload, hw),
         transfer_s=_transfer_seconds(hf_config, workload, hw),
         micro_batches=workload.micro_batches,
-        memory=_memory_model(hf_config, plan, workload, [activation_bytes(hf_config, x, workload) for x in plan]),
+        memory=memory.memory_model(plan, workload, [activation_bytes(hf_config, x, workload) for x in plan], hw),
         memory_cap=hw.memory_gib * 2**30,
         tied=tuple(x.index for x in plan if x.tied),
         flops=flops,

@@ -26,7 +26,15 @@ from pipefit.partition import balance
 from pipefit.partition.boundaries import boundaries_for, price_layers
 from pipefit.partition.costs import Hardware, LayerCosts, Workload
 
-__all__ = ["Timeline", "bubble_fraction", "format_plan", "make_plan", "simulate_1f1b", "write_png"]
+__all__ = [
+    "Timeline",
+    "bubble_fraction",
+    "format_plan",
+    "make_plan",
+    "predicted_stage_memory",
+    "simulate_1f1b",
+    "write_png",
+]
 
 COMPARED = ("uniform", "parameters")
 
@@ -148,17 +156,34 @@ def _stage_rows(costs: LayerCosts, plan: Sequence[Any], bounds: Sequence[int]) -
     return rows
 
 
+def predicted_stage_memory(
+    skeleton: Any, workload: Workload, bounds: Sequence[int], hardware: Any = None
+) -> list[float]:
+    """Each stage's predicted peak bytes for the split ``bounds`` (the memory ``pipefit plan`` reports)."""
+    plan = layer_plan(skeleton)
+    hw = Hardware.from_config(hardware) if hardware is not None else Hardware()
+    costs = price_layers(skeleton, "flops", workload, hw)
+    return [r["memory_bytes"] for r in _stage_rows(costs, plan, bounds)]
+
+
 def evaluate(costs: LayerCosts, plan: Sequence[Any], bounds: Sequence[int]) -> dict[str, Any]:
     """Every figure ``plan`` reports for one split."""
     rows = _stage_rows(costs, plan, bounds)
     p = len(rows)
     stage_cost = [r["cost_s"] for r in rows]
     tied_stages = sorted({s for s, r in enumerate(rows) for i in range(*r["layers"]) if plan[i].tied})
+    forward, backward = [r["forward_s"] for r in rows], [r["backward_s"] for r in rows]
+    transfer = costs.transfer_s if p > 1 else 0.0
+    if costs.transfer_busy:  # each forward receives (but on stage 0) and sends on (but on the last stage)
+        sides = [(s > 0) + (s < p - 1) for s in range(p)]
+        forward = [f + k * transfer for f, k in zip(forward, sides, strict=True)]
+        backward = [b + k * transfer for b, k in zip(backward, sides, strict=True)]
+        transfer = 0.0
     timeline = simulate_1f1b(
-        [r["forward_s"] for r in rows],
-        [r["backward_s"] for r in rows],
+        forward,
+        backward,
         costs.micro_batches,
-        costs.transfer_s if p > 1 else 0.0,
+        transfer,
         [r["per_step_s"] for r in rows],
         tied_stages,
     )
@@ -175,8 +200,20 @@ def evaluate(costs: LayerCosts, plan: Sequence[Any], bounds: Sequence[int]) -> d
     }
 
 
-def make_plan(run: Any, dp: int = 1, device: str = "cpu", cache_dir: str | None = None) -> dict[str, Any]:
-    """The plan for a validated :class:`pipefit.config.RunConfig` on ``run.hardware``."""
+def make_plan(
+    run: Any,
+    dp: int = 1,
+    device: str = "cpu",
+    cache_dir: str | None = None,
+    costs_model: str | None = None,
+    contended: bool = False,
+) -> dict[str, Any]:
+    """The plan for a validated :class:`pipefit.config.RunConfig` on ``run.hardware``.
+
+    ``costs_model`` (``flops`` or ``profile``) prices every split, the chosen one included (e.g. a manual
+    one); by default ``profile`` when ``pipeline.partition=profile``, else ``flops``. ``contended``:
+    ``profile`` on CPU measures with one process per rank busy at once (:mod:`pipefit.partition.contended`).
+    """
 
     hf_config = load_hf_config(run.model.path, dict(run.model.hf_config))
     set_attn_implementation(hf_config, run.model.attn_implementation)
@@ -185,8 +222,9 @@ def make_plan(run: Any, dp: int = 1, device: str = "cpu", cache_dir: str | None 
     p = run.pipeline
     hw = Hardware.from_config(run.hardware)
     workload = Workload.from_run(run, dp)
-    model_name = "profile" if p.partition == "profile" else "flops"
-    costs = price_layers(skeleton, model_name, workload, hw, device=device, cache_dir=cache_dir)
+    model_name = costs_model or ("profile" if p.partition == "profile" else "flops")
+    ranks = p.stages * dp if contended and model_name == "profile" and device == "cpu" else 1
+    costs = price_layers(skeleton, model_name, workload, hw, device=device, cache_dir=cache_dir, ranks=ranks)
     chosen = boundaries_for(skeleton, p.partition, p.stages, p.boundaries, layer_costs=costs)
     methods: dict[str, dict[str, Any]] = {p.partition: evaluate(costs, plan, chosen)}
     for name in (*COMPARED, model_name):

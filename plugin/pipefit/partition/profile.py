@@ -28,12 +28,12 @@ from pipefit.partition.costs import (
     ModelShape,
     Workload,
     _head_shape,
-    _memory_model,
     _per_step_seconds,
     _transfer_seconds,
     attention_mask,
     model_flops,
 )
+from pipefit.partition.memory import memory_model
 
 
 @dataclass(frozen=True)
@@ -263,7 +263,7 @@ def profile_costs(
         per_step_s=_per_step_seconds(plan, workload, hw),
         transfer_s=_transfer_seconds(hf_config, workload, hw),
         micro_batches=workload.micro_batches,
-        memory=_memory_model(hf_config, plan, workload, [p.activation_bytes for p in profiles]),
+        memory=memory_model(plan, workload, [p.activation_bytes for p in profiles], hw),
         memory_cap=hw.memory_gib * 2**30,
         tied=tuple(x.index for x in plan if x.tied),
         flops=model_flops(hf_config, plan, workload.seq_len, workload.micro_batch_size),

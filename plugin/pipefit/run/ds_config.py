@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pipefit.config import AUTO, ConfigError, RunConfig
+from pipefit.partition.memory import reduce_bucket_elements
 
 log = logging.getLogger("pipefit")
 
@@ -197,8 +198,9 @@ def build_ds_config(run: RunConfig, dp: int, device_kind: str, base: Mapping[str
     zero.update(
         {
             "stage": run.zero.stage,
-            "reduce_bucket_size": run.zero.reduce_bucket_size,
-            "allgather_bucket_size": run.zero.allgather_bucket_size,
+            # At dp=1 nothing is reduced or gathered: small buckets (see partition.memory.DP1_BUCKET_ELEMENTS).
+            "reduce_bucket_size": reduce_bucket_elements(run.zero.reduce_bucket_size, dp),
+            "allgather_bucket_size": reduce_bucket_elements(run.zero.allgather_bucket_size, dp),
         }
     )
     cfg["zero_optimization"] = zero

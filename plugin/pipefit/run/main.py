@@ -32,7 +32,7 @@ from pipefit.run.export import export_run
 from pipefit.run.logs import library_prints, quiet_console, setup_logging
 from pipefit.run.loop import train_steps
 from pipefit.run.preflight import Prepared, ensure_single_process_env, prepare
-from pipefit.run.reporting import write_partition, write_run_files
+from pipefit.run.reporting import memory_baseline, peak_memory, write_partition, write_run_files
 from pipefit.run.watchdog import PeerWatchdog
 
 log = logging.getLogger("pipefit")
@@ -115,6 +115,7 @@ def _train_on_rank(
     if device_kind != "cpu":
         accel.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     device = accel.current_device_name() if device_kind != "cpu" else "cpu"
+    baseline = memory_baseline(device_kind)
     if prepared.deferred_profile:
         _profile_partition(prepared, rank, device)
     with library_prints():  # DeepSpeed's PipelineModule printouts (SEED_LAYERS=, topology): train.log only
@@ -130,7 +131,8 @@ def _train_on_rank(
         engine, kept = start_engine(module, run, prepared.skeleton, ds_cfg, writer=topo.get_coord(rank).data == 0)
         start = checkpoint.resume(engine, prepared.resume_from, prepared.resume_same_shape, rank)
     losses, last = train_steps(engine, prepared, output_dir, rank, start)
-    write_partition(engine, prepared, output_dir, rank, topo.get_coord(rank).pipe)
+    memory = (peak_memory(device_kind, baseline), baseline)
+    write_partition(engine, prepared, output_dir, rank, topo.get_coord(rank).pipe, memory)
     if last < run.train.max_steps:
         if rank == 0:
             log.info("stopping after step %d (train.stop_after_steps); resume with train.resume=auto", last)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import resource
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,7 @@ import torch
 from omegaconf import OmegaConf
 
 from pipefit.config import RunConfig
+from pipefit.partition.plan import predicted_stage_memory
 from pipefit.run.logs import write_atomic
 from pipefit.run.preflight import Prepared
 from pipefit.run.trace import KINDS, Tracer, breakdown_record, format_breakdown, gather_and_write, per_instruction
@@ -50,11 +53,37 @@ def optimizer_state_bytes(engine: Any) -> int:
     return total
 
 
-def write_partition(engine: Any, prepared: Prepared, output_dir: Path, rank: int, stage_id: int) -> None:
+def memory_baseline(device_kind: str) -> int:
+    """Bytes this rank holds before its stage is built: the interpreter and libraries (resident set) on
+    CPU; on an accelerator 0, and its peak counter restarts here. Call before building the stage."""
+    if device_kind == "cpu":
+        return os.sysconf("SC_PAGE_SIZE") * int(Path("/proc/self/statm").read_text().split()[1])
+    torch.cuda.reset_peak_memory_stats()
+    return 0
+
+
+def peak_memory(device_kind: str, baseline: int) -> int:
+    """This rank's peak memory above ``baseline``: peak resident set (``ru_maxrss``, KiB on Linux) on CPU,
+    ``torch.cuda.max_memory_allocated`` on an accelerator."""
+    if device_kind == "cpu":
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
+    return int(torch.cuda.max_memory_allocated()) - baseline
+
+
+def write_partition(
+    engine: Any,
+    prepared: Prepared,
+    output_dir: Path,
+    rank: int,
+    stage_id: int,
+    memory: tuple[int, int] | None = None,
+) -> None:
     """Rank 0 writes ``partition.json``: boundaries, and what each rank built and holds.
 
-    Per rank: its stage and data-parallel index, its layer range, its parameter count and the
-    bytes of optimizer state it holds after training (ZeRO-1 divides these by the dp degree).
+    Per rank: its stage and data-parallel index, its layer range, its parameter count, the bytes of
+    optimizer state it holds after training (ZeRO-1 divides these by the dp degree) and, with
+    ``memory`` = (measured peak above the baseline, baseline), its peak memory next to the plan's
+    prediction for its stage (:func:`pipefit.partition.plan.predicted_stage_memory`), also logged.
     """
     import torch.distributed as dist
 
@@ -68,6 +97,13 @@ def write_partition(engine: Any, prepared: Prepared, output_dir: Path, rank: int
         "optimizer_state_bytes": optimizer_state_bytes(engine),
         "param_dtype": str(next(module.parameters()).dtype).replace("torch.", ""),
     }
+    if memory is not None:
+        predicted = predicted_stage_memory(
+            prepared.skeleton, prepared.workload, prepared.boundaries, prepared.run.hardware
+        )
+        built.update(
+            peak_memory_bytes=memory[0], baseline_memory_bytes=memory[1], predicted_memory_bytes=predicted[stage_id]
+        )
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, built)
     if rank == 0:
@@ -82,6 +118,16 @@ def write_partition(engine: Any, prepared: Prepared, output_dir: Path, rank: int
         if prepared.auto_layout is not None:
             record["auto_layout"] = prepared.auto_layout  # what the layout search chose, and its prediction
         write_atomic(output_dir / "partition.json", json.dumps(record, indent=2))
+        for r in gathered if memory is not None else []:
+            log.info(
+                "rank %d (stage %d): peak memory %.3f GiB above a %.3f GiB baseline; plan predicted %.3f GiB (%.3fx)",
+                r["rank"],
+                r["stage"],
+                r["peak_memory_bytes"] / 2**30,
+                r["baseline_memory_bytes"] / 2**30,
+                r["predicted_memory_bytes"] / 2**30,
+                r["predicted_memory_bytes"] / max(r["peak_memory_bytes"], 1),
+            )
 
 
 def log_plan(prepared: Prepared) -> None:

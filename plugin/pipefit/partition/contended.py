@@ -1,0 +1,228 @@
+"""The ``profile`` cost model measured the way a pipeline runs: every rank busy at the same time.
+
+Layers timed one at a time on a quiet machine miss what a real step adds (measured: predicted/measured
+0.74-0.99 on two CPU ranks). :func:`measure_contended` starts ``ranks`` processes (one thread each, gloo)
+that time every distinct layer *together*, so each layer is priced while the other ranks compete for the
+cores, caches and memory bandwidth, and measures the two per-step terms the 1F1B simulator needs:
+
+- ``transfer_s``: one boundary crossing (hidden states and int64 position ids) by gloo between two ranks,
+  which both the sending and the receiving stage spend (a gloo send returns once the receiver has the
+  data), so :class:`~pipefit.partition.costs.LayerCosts` marks it ``transfer_busy``;
+- ``optimizer_s_per_param``: DeepSpeed ZeRO-1's per-step work per trainable parameter, rehearsed with the
+  same tensor operations (copy of the accumulated gradients into the partition, its flattening, the
+  gradient norm and clipping, torch's AdamW on the fp32 master, the copy back into the weights).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from pipefit.model.layer_list import layer_plan, make_skeleton
+from pipefit.partition.costs import Hardware, LayerCosts, ModelShape, Workload
+from pipefit.partition.profile import (
+    LayerProfile,
+    _cache_key,
+    default_cache_dir,
+    layer_signature,
+    measure_layer,
+    profile_costs,
+)
+
+__all__ = ["ContendedProfile", "contended_costs", "measure_contended"]
+
+OPTIMIZER_PROBE_PARAMS = 2_000_000
+
+
+@dataclass(frozen=True)
+class ContendedProfile:
+    """Per-layer profiles measured with every rank busy, and the measured per-step terms."""
+
+    layers: list[LayerProfile]
+    transfer_s: float
+    optimizer_s_per_param: float
+    ranks: int
+
+
+def _optimizer_seconds(workload: Workload, params: int, repeats: int = 3) -> float:
+    """Seconds of one ZeRO-1 optimizer step over ``params`` fp32 parameters (see the module docstring)."""
+    import torch
+
+    n = params // 4
+    weights = [torch.randn(n) for _ in range(4)]
+    grads = [torch.randn(n) for _ in range(4)]
+    master = torch.cat(weights).requires_grad_(False)
+    opt = torch.optim.AdamW([master], lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01)
+    times = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        partition = [g.clone() for g in grads]  # get_flat_partition
+        flat = torch.cat(partition)  # step: flatten
+        del partition
+        norm = torch.linalg.vector_norm(flat)
+        flat.mul_(1.0 / max(float(norm), 1.0))
+        master.grad = flat
+        opt.step()
+        master.grad = None
+        offset = 0
+        for w in weights:
+            w.copy_(master[offset : offset + n])
+            offset += n
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
+def _transfer_seconds(workload: Workload, hidden: int, rank: int, repeats: int = 5) -> float:
+    """Seconds for ranks 0 and 1 to pass one boundary's tensors (ping-pong, half a round trip)."""
+    import torch
+    import torch.distributed as dist
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[workload.precision]
+    b, s = workload.micro_batch_size, workload.seq_len
+    x = torch.zeros(b, s, hidden, dtype=dtype)
+    ids = torch.zeros(b, s, dtype=torch.int64)
+    times = []
+    for _ in range(repeats + 1):
+        dist.barrier()
+        t0 = time.perf_counter()
+        if rank == 0:
+            dist.send(x, 1)
+            dist.send(ids, 1)
+            dist.recv(x, 1)
+            dist.recv(ids, 1)
+        elif rank == 1:
+            dist.recv(x, 0)
+            dist.recv(ids, 0)
+            dist.send(x, 0)
+            dist.send(ids, 0)
+        times.append((time.perf_counter() - t0) / 2)
+    return statistics.median(times[1:])
+
+
+def _worker(
+    rank: int, ranks: int, store: str, recipe: tuple, indices: list[int], workload: Workload, runs: int, out: Any
+) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    config, seed, one_document_per_row = recipe  # the skeleton is rebuilt here: a used one may not pickle
+    skeleton = make_skeleton(config, seed=seed)
+    skeleton.one_document_per_row = one_document_per_row
+    plan = layer_plan(skeleton)
+    layers = [plan[i] for i in indices]
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=ranks)
+    try:
+        found = []
+        for layer in layers:
+            dist.barrier()  # every rank starts the same layer together
+            found.append(asdict(measure_layer(skeleton, layer, workload, "cpu", min_runs=runs, max_runs=runs)))
+        dist.barrier()
+        opt = _optimizer_seconds(workload, OPTIMIZER_PROBE_PARAMS) / OPTIMIZER_PROBE_PARAMS
+        hidden = ModelShape.from_config(skeleton.config).hidden
+        transfer = _transfer_seconds(workload, hidden, rank) if ranks > 1 else 0.0
+        dist.barrier()
+        out.put((rank, found, transfer, opt))
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(skeleton: Any, layers: list[Any], workload: Workload, ranks: int, runs: int) -> tuple[list, float, float]:
+    """Start the ``ranks`` workers; (rank 0's layer profiles, transfer seconds, optimizer seconds/param)."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        store = os.path.join(tmp, "store")
+        recipe = (skeleton.config, skeleton.seed, getattr(skeleton, "one_document_per_row", False))
+        args = (ranks, store, recipe, [x.index for x in layers], workload, runs, out)
+        procs = [ctx.Process(target=_worker, args=(r, *args)) for r in range(ranks)]
+        for p in procs:
+            p.start()
+        results = [out.get() for _ in procs]
+        for p in procs:
+            p.join()
+    if any(p.exitcode != 0 for p in procs):
+        raise RuntimeError(f"measure_contended: a worker failed (exit codes {[p.exitcode for p in procs]})")
+    results.sort(key=lambda r: r[0])
+    transfer = statistics.median(r[2] for r in results[:2])
+    return results[0][1], transfer, statistics.median(r[3] for r in results)
+
+
+def measure_contended(
+    skeleton: Any,
+    plan: Sequence[Any],
+    workload: Workload,
+    ranks: int = 2,
+    runs: int = 6,
+    cache_dir: str | os.PathLike | None = None,
+) -> ContendedProfile:
+    """Every distinct layer of ``plan`` timed by ``ranks`` CPU processes at once (rank 0's figures), with
+    the measured boundary transfer and optimizer terms (the median over ranks). Starts processes: call it
+    from ``pipefit plan`` or a benchmark, not inside a running process group. Cached like the quiet
+    profile (``cache_dir/profile.json``), keyed by every layer's signature, the shape and ``ranks``."""
+    distinct: dict[str, Any] = {}
+    for layer in plan:
+        distinct.setdefault(layer_signature(layer, skeleton.config), layer)
+    signature = f"contended{ranks}x{runs}|" + "|".join(distinct)
+    key = _cache_key(skeleton.config, signature, workload, workload.precision, "cpu")
+    cache_file = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache_file = cache_file / "profile.json"
+    cache: dict[str, Any] = {}
+    if cache_file.is_file():
+        try:
+            cache = json.loads(cache_file.read_text())
+        except (OSError, ValueError):
+            cache = {}
+    if key not in cache:
+        found, transfer, optimizer = _spawn(skeleton, list(distinct.values()), workload, ranks, runs)
+        cache[key] = {"layers": found, "transfer_s": transfer, "optimizer_s_per_param": optimizer}
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_name(f".{cache_file.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
+        os.replace(tmp, cache_file)
+    entry = cache[key]
+    by_signature = {sig: LayerProfile(**found) for sig, found in zip(distinct, entry["layers"], strict=True)}
+    return ContendedProfile(
+        layers=[by_signature[layer_signature(layer, skeleton.config)] for layer in plan],
+        transfer_s=float(entry["transfer_s"]),
+        optimizer_s_per_param=float(entry["optimizer_s_per_param"]),
+        ranks=ranks,
+    )
+
+
+def contended_costs(
+    hf_config: Any, plan: Sequence[Any], workload: Workload, hw: Hardware, measured: ContendedProfile
+) -> LayerCosts:
+    """:class:`LayerCosts` from :func:`measure_contended`: measured compute, transfers and per-step work.
+
+    Per layer and step: its parameters times the measured optimizer seconds per parameter (divided over
+    dp under ZeRO-1), plus, as in the ``flops`` model, the gradient all-reduce over dp and a tied weight's
+    exchange at the link bandwidth.
+    """
+    base = profile_costs(hf_config, plan, workload, hw, measured.layers)
+    shard = workload.dp if workload.zero_stage >= 1 else 1
+    link = hw.link_bandwidth_gbs * 1e9
+    per_step = []
+    for layer in plan:
+        t = layer.num_params * measured.optimizer_s_per_param / shard
+        if workload.dp > 1:
+            t += 2 * (workload.dp - 1) / workload.dp * layer.num_params * 4 / link
+        if layer.tied:
+            t += layer.num_params * 4 / link
+        per_step.append(t)
+    return replace(
+        base,
+        per_step_s=per_step,
+        transfer_s=measured.transfer_s,
+        transfer_busy=True,
+        details={"contended_ranks": measured.ranks, "optimizer_s_per_param": measured.optimizer_s_per_param},
+    )
