@@ -14,7 +14,8 @@ pipefit's weight-decay groups and clipping that engages. Three engines, each ste
   ``reduce_bucket_size`` (50 M elements), then ``step``;
 - ``deepspeed-capped``: the same with the bucket capped to the stage's parameters (what capping
   the buckets at dp=1 in ``run/ds_config.py`` does);
-- ``direct``: pipefit.run.zero_dp1 installed (no bucket, no copies), then the same ``step``.
+- ``direct``: pipefit.run.zero_dp1 installed (no bucket, no copies; the fp32 partition shares the
+  model's storage, so ``step``'s copy back is a no-op), then the same ``step``.
 
 Printed: the median seconds of reduce and step per variant, and the ratios to ``direct``; the
 three engines' weights are checked equal to the bit at the end.

@@ -109,6 +109,20 @@ def test_direct_gradients_train_bit_for_bit_as_deepspeed(group: Any, tmp_path: P
         assert torch.equal(a[k], b[k]), k
     # DeepSpeed reduced (over the group of one) and copied; the direct path did neither.
     assert calls[id(fast)] == 0 and calls[id(base)] > 8
+    # fp32: the master partition is the model's flat weights (DeepSpeed's copy after the step is a no-op),
+    # and the fp32 fragments DeepSpeed links to each parameter read that storage.
+    shared = [
+        m.data_ptr() == parts[0].data_ptr()
+        for e in (base, fast)
+        for m, parts in zip(
+            e.optimizer.single_partition_of_fp32_groups, e.optimizer.parallel_partitioned_bit16_groups, strict=True
+        )
+    ]
+    assert shared == [False, False, True, True]
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    for p in fast.module.parameters():
+        assert torch.equal(safe_get_full_fp32_param(p), p.detach())
 
     # Checkpoints load both ways and continue identically.
     base.save_checkpoint(str(tmp_path / "base"), tag="t")
@@ -137,7 +151,10 @@ def test_deepspeed_zero1_internals_the_direct_path_relies_on() -> None:
     """The private DeepSpeed API of pipefit.run.zero_dp1: names, and what the replaced method ends with."""
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer as Z
 
-    for name in ("get_all_grad_tensors", "get_flat_partition", "_clear_param_grad_only", "_is_muon_group"):
+    for name in (
+        *("get_all_grad_tensors", "get_flat_partition", "_clear_param_grad_only", "_is_muon_group"),
+        "_link_all_hp_params",
+    ):
         assert callable(getattr(Z, name)), name
     epilogue = inspect.getsource(Z.independent_gradient_partition_epilogue)
     for line in (
@@ -154,6 +171,8 @@ def test_deepspeed_zero1_internals_the_direct_path_relies_on() -> None:
     assert "self.overlapping_partition_gradients_reduce_epilogue()" in reduce
     step = inspect.getsource(Z.step)
     assert "self.flatten_dense_tensors_aligned(self.averaged_gradients[i]" in step
+    assert "bit16_partitions[partition_id].data.copy_(fp32_partition.data)" in step
+    assert "flat_hp_partition = self.single_partition_of_fp32_groups[i]" in inspect.getsource(Z._link_all_hp_params)
     init = inspect.getsource(Z.__init__)
     for attr in ("self.use_grad_accum_attribute", "self.communication_data_type", "self.gradient_accumulation_dtype"):
         assert attr in init, attr

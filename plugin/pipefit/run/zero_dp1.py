@@ -12,7 +12,9 @@ behind, built from the gradients themselves: ``averaged_gradients[i]`` as
 ``param.grad`` cleared, the epilogue flag set. ``step`` (norm, clipping, AdamW, the copy back into
 the model's weights) is DeepSpeed's, unchanged, over bit-identical inputs; losses, weights, the
 optimizer state and the reported gradient norm are the same to the bit
-(tests/run/test_zero_dp1.py). The all-gather after the step is already skipped by DeepSpeed at dp=1.
+(tests/run/test_zero_dp1.py). The all-gather after the step is already skipped by DeepSpeed at dp=1;
+under fp32 the copy of the updated partition into the model's weights is made a no-op too
+(:func:`share_fp32_masters`).
 
 Only the plain configuration is taken over: no CPU offload, no overlapped communication, no
 separate gradient-accumulation dtype (bf16 with fp32 accumulation keeps DeepSpeed's path), no
@@ -25,7 +27,8 @@ and the source lines this relies on): ``dp_process_group``, ``bit16_groups``,
 ``all_grad_tensors``, ``get_all_grad_tensors``, ``get_flat_partition``,
 ``_clear_param_grad_only``, ``_epilogue_ran_this_backward``, ``gradient_accumulation_dtype``,
 ``use_grad_accum_attribute``, ``overlap_comm``, ``cpu_offload``, ``has_moe_layers``, ``zenflow``,
-``communication_data_type``, ``_is_muon_group``.
+``communication_data_type``, ``_is_muon_group``; for :func:`share_fp32_masters`
+``single_partition_of_fp32_groups``, ``parallel_partitioned_bit16_groups``, ``_link_all_hp_params``.
 """
 
 from __future__ import annotations
@@ -97,14 +100,39 @@ def direct_reduce_gradients(opt: Any, pipeline_parallel: bool = False) -> None:
     opt._epilogue_ran_this_backward = True
 
 
+def share_fp32_masters(opt: Any) -> bool:
+    """fp32 at dp=1: the optimizer's flat fp32 partition becomes the model's own flat weights.
+
+    DeepSpeed keeps the fp32 "master" partition as a separate copy even when the model is fp32 and
+    the partition is the whole group; after every AdamW step it copies the partition into the
+    model's flat weights. Made one storage (only where the two hold the same bits), that copy is a
+    copy of a tensor onto itself, which torch skips; the values are the same either way, and should
+    anything later give the partition other storage, DeepSpeed's copy in ``step`` keeps the model
+    right. The links from parameters to their fp32 fragments are rebuilt on the shared storage.
+    """
+    pairs = list(zip(opt.single_partition_of_fp32_groups, opt.parallel_partitioned_bit16_groups, strict=True))
+    for master, partitions in pairs:
+        model = partitions[0]
+        if len(partitions) != 1 or master.dtype != torch.float32 or model.dtype != torch.float32:
+            return False
+        if master.shape != model.shape or not torch.equal(master, model):
+            return False
+    for master, partitions in pairs:
+        master.data = partitions[0].data
+    opt._link_all_hp_params()
+    return True
+
+
 def install_dp1_direct_gradients(engine: Any) -> bool:
-    """At dp=1 under ZeRO-1, replace ``reduce_gradients`` on ``engine.optimizer`` (this instance only).
+    """At dp=1 under ZeRO-1, replace ``reduce_gradients`` on ``engine.optimizer`` (this instance only);
+    under fp32, also share the fp32 partition with the model's weights (:func:`share_fp32_masters`).
 
     Returns whether it was installed (see :func:`dp1_direct_eligible` for when it is not).
     """
     opt = engine.optimizer
     if dp1_direct_eligible(opt) is not None:
         return False
+    share_fp32_masters(opt)
 
     def reduce_gradients(pipeline_parallel: bool = False) -> None:
         with torch.no_grad():
