@@ -1,7 +1,7 @@
 """The engine: this rank's ``PipelineModule`` with pipefit's boundaries, started by ``deepspeed.initialize``.
 
 DeepSpeed is extended per engine (its module class, the engine's class: pipefit.run.pipe_engine,
-two of its methods), never patched globally.
+two of its methods, ZeRO-1's reduction at dp=1: pipefit.run.zero_dp1), never patched globally.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pipefit.run.checkpoint import SafeTorchCheckpointEngine
 from pipefit.run.pipe_engine import adopt
 from pipefit.run.precision import FrozenFromFolder, KeptValues, restore_fp32_masters, rounded_by_cast
 from pipefit.run.schedule import scheduler_factory, weight_decay_groups
+from pipefit.run.zero_dp1 import install_dp1_direct_gradients
 
 
 def build_pipeline_module(
@@ -149,5 +150,6 @@ def start_engine(
         install_global_norm_clipping(engine)
     if run.zero.stage == 1:
         install_single_collective_grad_norm(engine)
+        install_dp1_direct_gradients(engine)  # dp=1: no reduction bucket, no copies (same bits)
     engine.checkpoint_engine = SafeTorchCheckpointEngine()
     return engine, KeptValues(frozen_fp32, from_folder)
