@@ -53,14 +53,16 @@ def _live_peak(timeline: list) -> tuple[int, int]:
 
 @pytest.mark.slow
 def test_predicted_stage_memory_is_what_the_engine_holds_at_its_peak(tmp_path: Path) -> None:
-    """fp32, ZeRO-1, dp=1, one stage: predicted bytes within 5 % of the peak of live tensors over a real
-    ``train_batch`` (torch's memory profiler, every tensor created and destroyed), whose persistent part is
-    counted from the engine's own tensors (weights, fp32 master partition, Adam moments: 16 B/param)."""
+    """fp32, ZeRO-1, dp=1, one stage, started as a run starts it (``start_engine``: dp=1 direct gradients,
+    fp32 partition sharing the weights' storage): predicted bytes within 5 % of the peak of live tensors
+    over a real ``train_batch`` (torch's memory profiler, every tensor created and destroyed), whose
+    persistent part is counted from the engine's own storages (weights = fp32 partition, Adam moments:
+    12 B/param)."""
     import deepspeed
     from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
     from torch.profiler import ProfilerActivity, profile
 
-    from pipefit.run.engine import build_stage
+    from pipefit.run.engine import build_stage, start_engine
 
     run = validate(compose([*SHAPE, f"output_dir={tmp_path / 'out'}"]))
     assert isinstance(run, RunConfig)
@@ -77,21 +79,18 @@ def test_predicted_stage_memory_is_what_the_engine_holds_at_its_peak(tmp_path: P
             dist_backend="gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
         )
         baseline = memory_baseline("cpu")
-        module = build_stage(prepared, PipeDataParallelTopology(num_pp=1, num_dp=1), 0, "cpu")
+        topo = PipeDataParallelTopology(num_pp=1, num_dp=1)
+        module = build_stage(run, prepared.skeleton, prepared.boundaries, topo, 0, "cpu")
         params = sum(p.numel() for p in module.parameters())
-        engine, *_ = deepspeed.initialize(
-            model=module,
-            config=ds_cfg,
-            model_parameters=[{"params": list(module.parameters()), "weight_decay": run.optim.weight_decay}],
-        )
+        engine, _ = start_engine(module, run, prepared.skeleton, ds_cfg, writer=True)
         engine.set_dataiterator(prepared.batches.iterate(0))
         engine.train_batch()  # the moments exist from here on
-        held = (
-            sum(p.numel() * p.element_size() for p in module.parameters())
-            + sum(t.numel() * t.element_size() for t in engine.optimizer.single_partition_of_fp32_groups)
-            + optimizer_state_bytes(engine)
-        )
-        assert held == 16 * params  # weights, fp32 master partition, two moments
+        storages = {
+            t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+            for t in [*module.parameters(), *engine.optimizer.single_partition_of_fp32_groups]
+        }
+        held = sum(storages.values()) + optimizer_state_bytes(engine)
+        assert held == 12 * params  # weights (the fp32 partition shares them), two moments
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as p:
             engine.train_batch()
         start, peak = _live_peak(p._memory_profile().timeline)

@@ -38,6 +38,10 @@ def state_bytes_per_param(precision: str, zero_stage: int, dp: int) -> float:
       the fp32 master partition (cloned even in fp32, 4) and the two moments (8) are held throughout;
       measured (peak resident set, one rank, dp=1, 42-117M parameters): 31-36 B/param against 28 here,
       the rest being the allocator's retained free blocks and the runtime (about 80 MiB);
+      at dp=1 pipefit hands the gradients to ``step`` without that copy and the fp32 partition shares the
+      weights' storage (``pipefit.run.zero_dp1``): ``w + w + 16``, the flattened gradients (4), the moments
+      (8) and AdamW's full-size temporary (4: the partition is one tensor); measured with torch's memory
+      profiler through ``start_engine`` (``tests/run/test_memory.py``): 24.4 B/param at the peak;
     - fp16, ZeRO-1: ``w + w`` plus the fp32 master, its fp32 gradient partition and the moments:
       ``16 / dp``;
     - fp16, ZeRO-0: ``FP16_Optimizer`` (``FP16_UnfusedOptimizer`` with torch's AdamW): unsharded
@@ -50,6 +54,8 @@ def state_bytes_per_param(precision: str, zero_stage: int, dp: int) -> float:
     if precision == "bf16":
         accumulation = 4 if zero_stage >= 1 else 2
         return w + w + accumulation + 12 / dp
+    if zero_stage >= 1 and precision == "fp32" and dp == 1:
+        return w + w + 16  # pipefit.run.zero_dp1: no partition copy, the master is the weights
     if zero_stage >= 1:
         return w + w + (20 if precision == "fp32" else 16) / dp
     return w + w + (8 if precision == "fp32" else 16)
