@@ -179,6 +179,13 @@ class TrainConfig:
     # Regular expressions matched in full against Hugging Face parameter names (model.embed_tokens.weight,
     # model.layers.0.*): those tensors keep their loaded values (see pipefit.model.lora).
     freeze: list[str] = field(default_factory=list)
+    # Measured timeline: every rank times each pipeline instruction of steps trace_steps=[first, last]
+    # (inclusive; null: every step of this launch) and rank 0 writes trace.json (Chrome trace /
+    # Perfetto), trace.png and a per-stage breakdown (log, metrics.jsonl, TensorBoard) into trace_dir
+    # (null: output_dir). See pipefit.run.trace.
+    trace: bool = False
+    trace_steps: list[int] | None = None
+    trace_dir: str | None = None
 
 
 @dataclass

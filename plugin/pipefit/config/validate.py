@@ -19,6 +19,7 @@ from pipefit.config.schema import (
     ConfigError,
     DataConfig,
     RunConfig,
+    TrainConfig,
     scheduler_names,
 )
 
@@ -145,6 +146,7 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
             f"train.heartbeat_timeout_s={t.heartbeat_timeout_s} is not accepted; expected 0 (off) or at least "
             f"2 x train.heartbeat_interval_s ({2 * t.heartbeat_interval_s})"
         )
+    check_trace_steps(t)
     _choice("train.precision", t.precision, PRECISIONS)
     if t.precision == "bf16" and z.stage == 0:
         # DeepSpeed's pipeline engine refuses fp32 gradient accumulation for a bf16 model at ZeRO-0.
@@ -173,6 +175,22 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
     validate_data(d)
     check_attention(run)
     return run
+
+
+def check_trace_steps(t: TrainConfig) -> None:
+    """``train.trace_steps``: null, or ``[first, last]`` inside the steps this launch runs."""
+    if t.trace_steps is None:
+        return
+    last = t.max_steps
+    if t.stop_after_steps is not None and t.resume is None:
+        last = min(last, t.stop_after_steps)  # a fresh launch ends there
+    steps = list(t.trace_steps)
+    if len(steps) != 2 or not 1 <= steps[0] <= steps[1] <= last:
+        end = "train.max_steps" if last == t.max_steps else "train.stop_after_steps"
+        raise ConfigError(
+            f"train.trace_steps={steps} is not accepted; expected [first, last] with 1 <= first <= last <= "
+            f"{end} ({last}), or null (every step)"
+        )
 
 
 def check_scheduler(name: str, kwargs: dict[str, Any]) -> None:

@@ -1,6 +1,7 @@
 """The engine: this rank's ``PipelineModule`` with pipefit's boundaries, started by ``deepspeed.initialize``.
 
-DeepSpeed is extended per engine (its module class, two of its methods), never patched globally.
+DeepSpeed is extended per engine (its module class, the engine's class: pipefit.run.pipe_engine,
+two of its methods), never patched globally.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pipefit.config import RunConfig
 from pipefit.model.layer_list import layer_specs
 from pipefit.model.layers import ModelSkeleton, causal_lm_loss
 from pipefit.run.checkpoint import SafeTorchCheckpointEngine
+from pipefit.run.pipe_engine import adopt
 from pipefit.run.precision import FrozenFromFolder, KeptValues, restore_fp32_masters, rounded_by_cast
 from pipefit.run.schedule import scheduler_factory, weight_decay_groups
 
@@ -138,6 +140,7 @@ def start_engine(
         model_parameters=weight_decay_groups(list(module.named_parameters()), run.optim.weight_decay),
         lr_scheduler=scheduler_factory(run.optim, run.train.max_steps),
     )
+    adopt(engine)  # pipefit's PipelineEngine subclass, on this instance (see pipefit.run.pipe_engine)
     restore_fp32_masters(engine, loaded)
     # Frozen parameters have no fp32 master: keep their loaded values for an exact export.
     frozen_fp32 = {id(p): loaded[n] for n, p in engine.module.named_parameters() if n in loaded and not p.requires_grad}

@@ -18,6 +18,7 @@ from pipefit.model.layers import IGNORE_INDEX
 from pipefit.run import checkpoint
 from pipefit.run.preflight import Prepared
 from pipefit.run.reporting import _Reporter
+from pipefit.run.trace import Tracer
 
 log = logging.getLogger("pipefit")
 
@@ -87,6 +88,7 @@ def train_steps(
         last = min(last, first + run.train.stop_after_steps)
     every_eval = run.train.eval_every
     reporter = _Reporter(engine, run, output_dir, rank, first)
+    tracer = start_trace(engine, run, first)
     step = first
     with ExitStack() as stack:
         stack.callback(reporter.close)
@@ -95,42 +97,82 @@ def train_steps(
 
             stack.enter_context(logging_redirect_tqdm())  # log lines print above the bar
         for step in range(first + 1, last + 1):
+            tracer.begin_step(step)
             lr = float(engine.get_lr()[0])  # the rate this step's update uses
             loss, dt = timed_train_batch(engine)
-            value = float(loss.detach().float().cpu())
-            losses.append(value)
-            stage_times = reporter.stage_times(dt)
+            with tracer.span("Logging"):
+                value = float(loss.detach().float().cpu())
+                losses.append(value)
+                stage_times = reporter.stage_times(dt)
             evaluated = None
             if every_eval and (step % every_eval == 0 or step == run.train.max_steps):
                 assert prepared.eval_batches is not None  # validate() requires evaluation data
-                evaluated = evaluate(engine, prepared.eval_batches, prepared.eval_rounds)
+                with tracer.span("Evaluate"):
+                    evaluated = evaluate(engine, prepared.eval_batches, prepared.eval_rounds)
             if rank == 0:
-                norm = engine.get_global_grad_norm()
-                record: dict[str, Any] = {
-                    "step": step,
-                    "loss": value,
-                    "lr": lr,
-                    "grad_norm": None if norm is None else float(norm),
-                    "tokens_per_s": tokens / dt if dt > 0 else None,
-                    "step_time_s": dt,
-                }
-                if evaluated is not None:
-                    eval_loss, eval_tokens = evaluated
-                    ppl = math.exp(eval_loss) if eval_loss < 700 else math.inf
-                    record.update({"eval_loss": eval_loss, "eval_ppl": ppl, "eval_tokens": eval_tokens})
-                record.update({"wall_time_s": time.time() - start, "time": time.time()})
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
-                if step % run.train.log_every == 0 or step == run.train.max_steps:
-                    log.info(
-                        "step %d/%d loss %.4f lr %.2e tokens/s %.0f", step, run.train.max_steps, value, lr, tokens / dt
+                with tracer.span("Logging"):
+                    _record_step(
+                        engine, run, metrics_path, reporter, stage_times, step, value, lr, dt, tokens, evaluated, start
                     )
-                if evaluated is not None:
-                    log.info("step %d eval loss %.4f ppl %.3f (%d tokens)", step, eval_loss, ppl, eval_tokens)
-                reporter.step(record, stage_times)
+            tracer.end_step()
             every = run.train.save_every
             if (every and step % every == 0) or (step == last and (every or last < run.train.max_steps)):
                 path = checkpoint.save(engine, prepared.checkpoint_record(), output_dir, step, rank)
                 if rank == 0:
                     log.info("saved checkpoint %s", path)
+        if run.train.trace:
+            reporter.trace(tracer, output_dir, step)
     return losses, step
+
+
+def start_trace(engine: Any, run: Any, first: int) -> Tracer:
+    """``train.trace``: a tracer over ``train.trace_steps`` on this engine, its clock aligned to rank 0's.
+    Collective when tracing; otherwise a tracer that records nothing."""
+    import torch.distributed as dist
+
+    t = run.train
+    if not t.trace:
+        return Tracer(first=1, last=0)
+    lo, hi = (t.trace_steps[0], t.trace_steps[1]) if t.trace_steps else (first + 1, None)
+    tracer = Tracer(first=lo, last=hi)
+    tracer.align(dist.all_gather_object, dist.barrier, dist.get_world_size())
+    engine.trace(tracer)
+    return tracer
+
+
+def _record_step(
+    engine: Any,
+    run: Any,
+    metrics_path: Path,
+    reporter: _Reporter,
+    stage_times: dict[int, float],
+    step: int,
+    value: float,
+    lr: float,
+    dt: float,
+    tokens: int,
+    evaluated: tuple[float, int] | None,
+    start: float,
+) -> None:
+    """Rank 0: the step's ``metrics.jsonl`` line, log line and reporter update."""
+    norm = engine.get_global_grad_norm()
+    record: dict[str, Any] = {
+        "step": step,
+        "loss": value,
+        "lr": lr,
+        "grad_norm": None if norm is None else float(norm),
+        "tokens_per_s": tokens / dt if dt > 0 else None,
+        "step_time_s": dt,
+    }
+    if evaluated is not None:
+        eval_loss, eval_tokens = evaluated
+        ppl = math.exp(eval_loss) if eval_loss < 700 else math.inf
+        record.update({"eval_loss": eval_loss, "eval_ppl": ppl, "eval_tokens": eval_tokens})
+    record.update({"wall_time_s": time.time() - start, "time": time.time()})
+    with metrics_path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    if step % run.train.log_every == 0 or step == run.train.max_steps:
+        log.info("step %d/%d loss %.4f lr %.2e tokens/s %.0f", step, run.train.max_steps, value, lr, tokens / dt)
+    if evaluated is not None:
+        log.info("step %d eval loss %.4f ppl %.3f (%d tokens)", step, eval_loss, ppl, eval_tokens)
+    reporter.step(record, stage_times)

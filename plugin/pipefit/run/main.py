@@ -3,7 +3,9 @@
 Everything that can be wrong with the inputs is checked before a process group exists. Every
 rank writes into one ``output_dir``; rank 0 writes ``config.yaml``, ``ds_config.json``,
 ``metrics.jsonl`` (one JSON line per optimizer step, appended; ``eval_loss``, ``eval_ppl`` and
-``eval_tokens`` on evaluated steps), ``train.log`` and, with ``train.tensorboard``, ``tensorboard/``.
+``eval_tokens`` on evaluated steps; with ``train.trace``, one last line holding the ``trace``
+breakdown), ``train.log``, with ``train.tensorboard`` ``tensorboard/`` and with ``train.trace``
+``trace.json`` and ``trace.png``.
 """
 
 from __future__ import annotations

@@ -37,6 +37,8 @@ RUN_ENTRIES = (
     "ds_config.json",
     "partition.json",
     "tensorboard",
+    "trace.json",
+    "trace.png",
     "hf_model",
     "hf_adapter",
 )
@@ -58,6 +60,9 @@ LAUNCH_FIELDS = frozenset(
         "train.heartbeat_interval_s",
         "train.heartbeat_timeout_s",
         "train.export",
+        "train.trace",
+        "train.trace_steps",
+        "train.trace_dir",
     }
 )
 
@@ -138,6 +143,8 @@ def check_output_dir(run: RunConfig, tokenizer_path: Path | None, resume_from: P
     out = Path(run.output_dir).expanduser()
     shown = f"output_dir={run.output_dir!r}"
     _check_writable(out, shown)
+    if run.train.trace and run.train.trace_dir is not None:
+        _check_writable(Path(run.train.trace_dir).expanduser(), f"train.trace_dir={run.train.trace_dir!r}")
     overwrite = run.train.overwrite_output_dir
     reads = [
         ("model.path", run.model.path),

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from pipefit.config import RunConfig
 from pipefit.run.logs import write_atomic
 from pipefit.run.preflight import Prepared
+from pipefit.run.trace import KINDS, Tracer, breakdown_record, format_breakdown, gather_and_write, per_instruction
 
 log = logging.getLogger("pipefit")
 
@@ -103,6 +104,8 @@ class _Reporter:
         t = run.train
         self.engine = engine
         self.gather = t.tensorboard
+        self.run = run
+        self.rank = rank
         self.bar: Any = None
         self.writer: Any = None
         if rank != 0:
@@ -154,6 +157,26 @@ class _Reporter:
                     self.writer.add_scalar(tag, record[key], step)
             for stage, sec in stage_times.items():
                 self.writer.add_scalar(f"stage_step_time_s/stage{stage}", sec, step)
+
+    def trace(self, tracer: Tracer, output_dir: Path, step: int) -> None:
+        """``train.trace``: gather every rank's spans; rank 0 writes the trace files and reports the
+        per-stage breakdown (log, one ``metrics.jsonl`` line with ``trace``, TensorBoard). Collective."""
+        run = self.run
+        folder = Path(run.train.trace_dir).expanduser() if run.train.trace_dir else output_dir
+        title = f"{run.model.name} boundaries {list(getattr(self.engine.module, 'parts', []))}"
+        table, records = gather_and_write(tracer, self.engine, self.rank, folder, title)
+        if self.rank != 0:
+            return
+        for line in format_breakdown(table):
+            log.info("%s", line)
+        log.info("trace: wrote %s", folder / "trace.json")
+        record = {"step": step, **breakdown_record(table, per_instruction(records))}
+        with (output_dir / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for stage, row in table.items():
+                for kind in (*KINDS, "step_s"):
+                    self.writer.add_scalar(f"trace/stage{stage}/{kind}", row[kind], step)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -1,0 +1,158 @@
+"""pipefit's ``PipelineEngine``: DeepSpeed's, with each schedule instruction run through one hook.
+
+``deepspeed.initialize`` builds a plain ``deepspeed.runtime.pipe.engine.PipelineEngine`` for a
+``PipelineModule``; :func:`adopt` turns that one instance into :func:`engine_class` (its
+``__class__`` set, nothing patched globally). The subclass changes what DeepSpeed does per step
+only where the result is the same to the bit:
+
+- ``_exec_schedule`` runs each instruction through :meth:`PipefitEngineMixin._run_instruction`,
+  the one place a tracer (``train.trace``) hooks in; ``_INSTRUCTION_MAP`` maps DeepSpeed's
+  instruction types to this class's overrides (another schedule adds its own types there);
+- ``_aggregate_total_loss`` is traced as ``AggregateLoss`` (the last stage's loss broadcast);
+- activations and gradients are sent without waiting for the receiver (``isend``, the same
+  tensors in the same order), every send waited for before the schedule ends.
+
+Private DeepSpeed API used (pinned in pyproject.toml, checked by tests/run/test_trace.py):
+``_exec_schedule``, ``_INSTRUCTION_MAP``, ``_reserve_pipe_buffers``, ``fwd_outputs``,
+``_aggregate_total_loss``, ``_exec_send_activations``/``_exec_send_grads`` and what they read
+(``pipe_buffers``, ``first_output_send``, ``_send_tensor_meta``, ``next_stage``/``prev_stage``,
+``grid.stage_to_global``, the flags of :meth:`PipefitEngineMixin._sends_async`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+from pipefit.run.trace import Tracer
+
+
+class PipefitEngineMixin:
+    """The overrides; combined with DeepSpeed's ``PipelineEngine`` by :func:`engine_class`."""
+
+    tracer: Tracer | None = None
+    _INSTRUCTION_MAP: dict[type, Any]
+    _pending_sends: list[Any]
+
+    def _exec_schedule(self, pipe_schedule: Any) -> None:
+        # As DeepSpeed's: reserve the buffers, then every instruction of every step in order; then
+        # wait for this schedule's sends (see _exec_send_activations).
+        self._reserve_pipe_buffers(pipe_schedule.num_pipe_buffers())  # type: ignore[attr-defined]
+        self.fwd_outputs = []
+        self._pending_sends = []
+        for step_cmds in pipe_schedule:
+            for cmd in step_cmds:
+                self._run_instruction(cmd)
+        self._wait_sends()
+
+    def _run_instruction(self, cmd: Any) -> None:
+        method = self._INSTRUCTION_MAP.get(type(cmd))
+        if method is None:
+            raise RuntimeError(f"{self.__class__.__name__} does not understand instruction {cmd!r}")
+        tracer = self.tracer
+        if tracer is None or not tracer.active:
+            method(self, **cmd.kwargs)
+            return
+        with tracer.span(type(cmd).__name__, cmd.kwargs.get("buffer_id", -1)):
+            method(self, **cmd.kwargs)
+
+    # --- sends that do not wait for the receiver ---------------------------------------------------
+    # DeepSpeed sends activations and gradients with a blocking send: a stage that sends waits
+    # until its peer posts the matching receive (gloo hands over a large tensor only then), so
+    # each stage also waits on the other's progress, and a stage slowed by a busy machine stalls
+    # both. Here the same tensors go out with ``isend``, in the same order to the same rank (the
+    # receiver, DeepSpeed's blocking ``recv``, is unchanged): the sender moves on to its next
+    # instruction; the sent tensors are never written again (a forward makes new outputs, a
+    # gradient is freed with its input buffer) and every send is waited for before the schedule
+    # ends. Cases DeepSpeed transforms before sending (partitioned tensors, boolean masks,
+    # dynamic shapes, DeepSpeed's own timers) keep DeepSpeed's path.
+
+    def _sends_async(self) -> bool:
+        e: Any = self
+        return not (
+            e.dynamic_shape
+            or e.has_attention_mask
+            or e.has_bool_tensors
+            or e.is_pipe_partitioned
+            or e.is_grad_partitioned
+            or e.wall_clock_breakdown()
+        )
+
+    def _isend(self, tensors: list[torch.Tensor], stage: int) -> None:
+        import torch.distributed as dist
+
+        dest = self.grid.stage_to_global(stage_id=stage)  # type: ignore[attr-defined]
+        for t in tensors:
+            self._pending_sends.append(dist.isend(t, dest))
+
+    def _wait_sends(self) -> None:
+        for work in self._pending_sends:
+            work.wait()
+        self._pending_sends = []
+
+    def _exec_send_activations(self, buffer_id: int) -> None:
+        e: Any = self
+        if not self._sends_async():
+            return super()._exec_send_activations(buffer_id)  # type: ignore[misc]
+        outputs = e.pipe_buffers["outputs"][buffer_id]
+        if e.first_output_send:  # shapes and dtypes, once (blocking, as DeepSpeed sends them)
+            e.first_output_send = False
+            e._send_tensor_meta(outputs, e.next_stage)
+        self._isend([outputs] if isinstance(outputs, torch.Tensor) else list(outputs), e.next_stage)
+
+    def _exec_send_grads(self, buffer_id: int) -> None:
+        e: Any = self
+        if not self._sends_async():
+            return super()._exec_send_grads(buffer_id)  # type: ignore[misc]
+        inputs = e.pipe_buffers["inputs"][buffer_id]
+        if isinstance(inputs, torch.Tensor):
+            grads = [inputs.grad]
+        else:  # as DeepSpeed: integer side inputs (position ids) have no gradient and are not sent
+            grads = [t.grad for t in inputs if t.is_floating_point()]
+        if any(g is None for g in grads):
+            raise RuntimeError(f"stage {e.stage_id}: an input of buffer {buffer_id} has no gradient to send")
+        self._isend(grads, e.prev_stage)
+        e.pipe_buffers["inputs"][buffer_id] = None  # as DeepSpeed: the input buffer is free now
+
+    def _aggregate_total_loss(self) -> Any:
+        tracer = self.tracer
+        if tracer is None or not tracer.active:
+            return super()._aggregate_total_loss()  # type: ignore[misc]
+        with tracer.span("AggregateLoss"):
+            return super()._aggregate_total_loss()  # type: ignore[misc]
+
+    def trace(self, tracer: Tracer) -> None:
+        """Record this engine's instructions, and its gradient-norm/clipping overrides, into ``tracer``."""
+        self.tracer = tracer
+        opt = getattr(self, "optimizer", None)
+        if "scaled_global_norm" in getattr(opt, "__dict__", {}):  # pipefit's ZeRO-1 norm (run/engine.py)
+            opt.scaled_global_norm = tracer.wrap(opt.scaled_global_norm, "GradNorm")  # type: ignore[union-attr]
+        if "clip_fp32_gradients" in self.__dict__:  # pipefit's stage-0 global-norm clipping
+            self.clip_fp32_gradients = tracer.wrap(self.clip_fp32_gradients, "GradNormClip")
+
+
+@functools.cache
+def engine_class() -> type:
+    """``PipefitPipelineEngine``: the mixin over DeepSpeed's ``PipelineEngine`` (built once, on first use)."""
+    from deepspeed.runtime.pipe.engine import PipelineEngine  # heavy; plan and verify never import it
+
+    # DeepSpeed's map holds its own functions: point each instruction at this class's override, if any.
+    instructions = {
+        kind: getattr(PipefitEngineMixin, fn.__name__, fn) for kind, fn in PipelineEngine._INSTRUCTION_MAP.items()
+    }
+    namespace = {"__module__": __name__, "_INSTRUCTION_MAP": instructions}
+    return type("PipefitPipelineEngine", (PipefitEngineMixin, PipelineEngine), namespace)
+
+
+def adopt(engine: Any) -> Any:
+    """Make the engine ``deepspeed.initialize`` returned an instance of :func:`engine_class` (this instance only)."""
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+
+    if type(engine) is not PipelineEngine:
+        raise RuntimeError(
+            f"expected DeepSpeed's PipelineEngine from deepspeed.initialize, got {type(engine).__name__}"
+        )
+    engine.__class__ = engine_class()
+    return engine
