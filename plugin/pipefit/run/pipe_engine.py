@@ -22,6 +22,7 @@ Private DeepSpeed API used (pinned in pyproject.toml, checked by tests/run/test_
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any
 
 import torch
@@ -29,6 +30,8 @@ import torch
 from pipefit.run.split_backward import WeightGradQueue, install_split_linears
 from pipefit.run.trace import Tracer
 from pipefit.run.zero_bubble import BackwardInput, BackwardWeight, schedule_class
+
+log = logging.getLogger("pipefit")
 
 
 class PipefitEngineMixin:
@@ -46,7 +49,9 @@ class PipefitEngineMixin:
         self.pipe_schedule = name
         if name == "zb1p":
             self.weight_grads = WeightGradQueue()
-            install_split_linears(self.module, self.weight_grads)  # type: ignore[attr-defined]
+            split = install_split_linears(self.module, self.weight_grads)  # type: ignore[attr-defined]
+            stage = getattr(self, "stage_id", -1)
+            log.debug("pipeline.schedule=zb1p: stage %d defers the weight gradients of %d layers", stage, len(split))
 
     def _train_schedule(self) -> Any:
         e: Any = self

@@ -31,8 +31,9 @@ class WeightGradQueue:
     """The deferred weight GEMMs of each micro-batch, keyed by micro-batch id."""
 
     def __init__(self) -> None:
-        self.collecting: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]] | None = None
-        self.pending: dict[int, list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]]] = {}
+        self.collecting: list[Deferred] | None = None
+        self.pending: dict[int, list[Deferred]] = {}
+        self.gemms = 0  # weight GEMMs run by W so far (what tests and logs read)
 
     def collect(self, micro_batch: int) -> _Collecting:
         """Context: weight GEMMs of backwards run inside it are queued for ``micro_batch``."""
@@ -42,20 +43,21 @@ class WeightGradQueue:
         """W: compute and accumulate ``micro_batch``'s weight gradients (in the order B queued them)."""
         n = 0
         with torch.no_grad():
-            for weight, inp, grad_out in self.pending.pop(micro_batch, []):
-                grad = weight_grad(inp, grad_out)
+            for weight, inp, grad_out, transposed in self.pending.pop(micro_batch, []):
+                grad = weight_grad(inp, grad_out, transposed)
                 if weight.grad is None:  # as AccumulateGrad: the gradient takes the parameter's layout
                     weight.grad = grad.contiguous()
                 else:
                     weight.grad.add_(grad)
                 n += 1
+        self.gemms += n
         return n
 
     def saved_bytes(self) -> int:
         """Bytes held by the queue now (inputs and output gradients; an input shared by several GEMMs once)."""
         seen: dict[int, int] = {}
         for entries in self.pending.values():
-            for _, inp, grad_out in entries:
+            for _, inp, grad_out, _ in entries:
                 for t in (inp, grad_out):
                     seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return sum(seen.values())
@@ -74,51 +76,81 @@ class _Collecting:
         self.queue.collecting = None
 
 
-def weight_grad(inp: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
-    """``linear``'s weight gradient as autograd computes it: ``(input^T @ grad_output)^T`` over flattened rows."""
-    return inp.reshape(-1, inp.shape[-1]).t().mm(grad_out.reshape(-1, grad_out.shape[-1])).t()
+def weight_grad(inp: torch.Tensor, grad_out: torch.Tensor, transposed: bool = False) -> torch.Tensor:
+    """The weight gradient as autograd computes it, ``input^T @ grad_output`` over flattened rows: for
+    ``linear`` (weight ``[out, in]``) its transpose, for a GPT-2 ``Conv1D`` (weight ``[in, out]``) itself."""
+    grad = inp.reshape(-1, inp.shape[-1]).t().mm(grad_out.reshape(-1, grad_out.shape[-1]))
+    return grad if transposed else grad.t()
 
 
 class SplitLinearFunction(torch.autograd.Function):
-    """``F.linear`` whose weight gradient is queued for W while its queue is collecting."""
+    """``F.linear`` (or GPT-2's ``Conv1D``, ``transposed``) whose weight gradient is queued for W while
+    its queue is collecting."""
 
     @staticmethod
     def forward(
-        ctx: Any, inp: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, queue: WeightGradQueue
+        ctx: Any,
+        inp: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        queue: WeightGradQueue,
+        transposed: bool,
     ) -> torch.Tensor:
         ctx.save_for_backward(inp, weight)
-        ctx.queue = queue
+        ctx.queue, ctx.transposed = queue, transposed
         ctx.weight = weight  # the Parameter itself (saved tensors unpack as plain tensors)
         ctx.has_bias = bias is not None
-        return F.linear(inp, weight, bias)
+        if not transposed:
+            return F.linear(inp, weight, bias)
+        # transformers' Conv1D.forward, operation for operation
+        out = torch.addmm(bias, inp.view(-1, inp.size(-1)), weight)
+        return out.view(inp.size()[:-1] + (weight.shape[1],))
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> Any:
         inp, weight = ctx.saved_tensors
-        need_in, need_w, need_b, _ = ctx.needs_input_grad
+        need_in, need_w, need_b, _, _ = ctx.needs_input_grad
         rows = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_in = rows.mm(weight).reshape(*grad_out.shape[:-1], weight.shape[1]) if need_in else None
+        grad_in = None
+        if need_in:
+            grad_in = (rows.mm(weight.t()) if ctx.transposed else rows.mm(weight)).reshape(inp.shape)
         grad_b = rows.sum(0) if need_b and ctx.has_bias else None
         grad_w = None
         if need_w:
             queue = ctx.queue.collecting
             if queue is not None:
-                queue.append((ctx.weight, inp.detach(), grad_out.detach()))
+                queue.append((ctx.weight, inp.detach(), grad_out.detach(), ctx.transposed))
             else:
-                grad_w = weight_grad(inp, grad_out)
-        return grad_in, grad_w, grad_b, None
+                grad_w = weight_grad(inp, grad_out, ctx.transposed)
+        return grad_in, grad_w, grad_b, None, None
 
 
-def _split_forward(self: nn.Linear, inp: torch.Tensor) -> torch.Tensor:
-    return SplitLinearFunction.apply(inp, self.weight, self.bias, self._weight_grad_queue)
+# (weight, input, grad_output, transposed): one deferred weight GEMM.
+Deferred = tuple[nn.Parameter, torch.Tensor, torch.Tensor, bool]
+
+
+def _split_forward(self: nn.Module, inp: torch.Tensor) -> torch.Tensor:
+    return SplitLinearFunction.apply(inp, self.weight, self.bias, self._weight_grad_queue, self._weight_transposed)
+
+
+def _conv1d_class() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D  # GPT-2's projections: a Linear with weight [in, out]
+    except ImportError:  # pragma: no cover - transformers is a dependency; keep the split usable without it
+        return None
+    return Conv1D
 
 
 def install_split_linears(module: nn.Module, queue: WeightGradQueue) -> list[str]:
-    """Route every trainable ``nn.Linear`` of ``module`` through the split backward; returns their names."""
+    """Route every trainable ``nn.Linear`` (and GPT-2 ``Conv1D``) of ``module`` through the split
+    backward, on those instances only; returns their names."""
+    conv1d = _conv1d_class()
     names = []
     for name, sub in module.named_modules():
-        if type(sub) is nn.Linear and sub.weight.requires_grad:
+        transposed = conv1d is not None and type(sub) is conv1d
+        if (type(sub) is nn.Linear or transposed) and sub.weight.requires_grad:
             sub._weight_grad_queue = queue
+            sub._weight_transposed = transposed
             sub.forward = types.MethodType(_split_forward, sub)
             names.append(name)
     return names
