@@ -262,3 +262,26 @@ def test_activation_checkpointing_queues_the_recomputed_inputs():
 def test_weight_grad_is_autograds_layout():
     x, g = torch.randn(6, 4), torch.randn(6, 5)
     assert weight_grad(x, g).shape == (5, 4) and weight_grad(x, g, transposed=True).shape == (4, 5)
+
+
+def test_queued_gradient_in_a_reused_receive_buffer_is_copied_before_the_next_receive():
+    # DeepSpeed receives every micro-batch's output gradient into one buffer (engine.grad_layer); a
+    # residual add hands that very tensor to the block's last projection as its grad_output.
+    import inspect
+
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+
+    assert "p2p.recv(self.grad_layer" in inspect.getsource(PipelineEngine._exec_recv_grads)
+
+    ref, split, queue = _pair(lambda: nn.Linear(4, 4))
+    install_split_linears(split, queue)
+    x = torch.randn(3, 4)
+    received = torch.randn(3, 4)  # the receive buffer
+    expected = weight_grad(x, received.clone())
+    with queue.collect(0):
+        (split(x) + x).backward(received)  # the add passes `received` itself on
+    assert queue.pending[0][0][2].untyped_storage().data_ptr() == received.untyped_storage().data_ptr()
+    assert queue.detach_from(0, [received]) == 1
+    received.fill_(7.0)  # the next micro-batch's gradient arrives
+    queue.run(0)
+    assert torch.equal(split.weight.grad, expected)

@@ -69,8 +69,12 @@ class PipefitEngineMixin:
         # DeepSpeed's whole backward (loss scaling, the bf16 optimizer's gradient moves), with the
         # Linear weight GEMMs queued for this micro-batch's W.
         assert self.weight_grads is not None
+        received = self.grad_layer  # type: ignore[attr-defined]
         with self.weight_grads.collect(micro_batch_id):
             self._exec_backward_pass(buffer_id)  # type: ignore[attr-defined]
+        if received is not None:  # the next RecvGrad writes into this buffer before our W runs
+            buffers = [received] if isinstance(received, torch.Tensor) else list(received)
+            self.weight_grads.detach_from(micro_batch_id, buffers)
 
     def _exec_backward_weight(self, micro_batch_id: int) -> None:
         e: Any = self

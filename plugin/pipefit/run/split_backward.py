@@ -53,6 +53,21 @@ class WeightGradQueue:
         self.gemms += n
         return n
 
+    def detach_from(self, micro_batch: int, buffers: list[torch.Tensor]) -> int:
+        """Copy the queued tensors of ``micro_batch`` that live in ``buffers`` (storage reused before W,
+        e.g. DeepSpeed's one received-gradient buffer, which a residual add hands on to the last
+        projection unchanged); returns how many were copied."""
+        reused = {b.untyped_storage().data_ptr() for b in buffers}
+        copied = 0
+        entries = self.pending.get(micro_batch, [])
+        for n, (weight, inp, grad_out, transposed) in enumerate(entries):
+            if inp.untyped_storage().data_ptr() in reused or grad_out.untyped_storage().data_ptr() in reused:
+                inp = inp.clone() if inp.untyped_storage().data_ptr() in reused else inp
+                grad_out = grad_out.clone() if grad_out.untyped_storage().data_ptr() in reused else grad_out
+                entries[n] = (weight, inp, grad_out, transposed)
+                copied += 1
+        return copied
+
     def saved_bytes(self) -> int:
         """Bytes held by the queue now (inputs and output gradients; an input shared by several GEMMs once)."""
         seen: dict[int, int] = {}
