@@ -3,13 +3,14 @@
 Each backward is split into B (gradients of the stage's inputs and of the parameters whose split
 does not pay) and W (the weight-gradient GEMMs of the stage's trainable ``nn.Linear`` layers, see
 :mod:`pipefit.run.split_backward`). The order of F and B on every stage is exactly 1F1B's (same
-warm-up forwards, same in-flight activations, same pipe buffers); W passes are deferred, at most
-``stages - 1 - stage`` of them, and run one after each cool-down B, where 1F1B's stage waits for
-the next gradient: that is what fills the cool-down bubble. Every W runs before the step's
-ReduceTiedGrads / ReduceGrads / OptimizerStep, in micro-batch order, so the optimizer sees the
-same gradients as with 1F1B.
+warm-up forwards, same in-flight activations, same pipe buffers); stage ``s`` runs a W after each
+B except its first ``s``, which wait until its last B: the later stages, on the gradients' critical
+path, hand each B on without its W and fill the time 1F1B leaves idle at their end with the
+deferred W's (see :mod:`pipefit.partition.zero_bubble_sim`, which also simulates the step).
+Every W runs before the step's ReduceTiedGrads / ReduceGrads / OptimizerStep, in micro-batch
+order, so the optimizer sees the same gradients as with 1F1B.
 
-:func:`zb_h1_order` is the pure order (testable without processes); :func:`zb_h1_steps` turns it
+:func:`zb_h1_order` (pure, in the partition layer) is the order; :func:`zb_h1_steps` turns it
 into instruction names per step; :func:`schedule_class` builds the ``PipeSchedule`` subclass over
 DeepSpeed's instruction types (imported on first use only). Sends follow their computation at
 once, so the schedule relies on pipefit's non-blocking sends (pipefit.run.pipe_engine); the
@@ -19,39 +20,10 @@ engine refuses zb1p where DeepSpeed's blocking sends would be used.
 from __future__ import annotations
 
 import functools
-from collections import deque
 from collections.abc import Iterator
-from typing import Any, NamedTuple
+from typing import Any
 
-
-class Op(NamedTuple):
-    """One computation of one stage: ``kind`` F (forward), B (input backward) or W (weight backward)."""
-
-    kind: str
-    micro_batch: int
-
-
-def zb_h1_order(stages: int, micro_batches: int, stage: int) -> list[Op]:
-    """The ZB-H1 order of F, B and W for ``stage``: 1F1B's F/B order, W deferred into the cool-down."""
-    warmup = min(stages - 1 - stage, micro_batches)
-    deferred = stages - 1 - stage  # W passes held back in the steady state
-    ops = [Op("F", i) for i in range(warmup)]
-    pending: deque[int] = deque()
-    forward = warmup
-    for b in range(micro_batches):
-        cooldown = forward == micro_batches
-        if not cooldown:
-            ops.append(Op("F", forward))
-            forward += 1
-        ops.append(Op("B", b))
-        pending.append(b)
-        # Steady state: keep `deferred` W passes for the cool-down; cool-down: one W after each B.
-        while pending and (len(pending) > deferred or cooldown):
-            ops.append(Op("W", pending.popleft()))
-            if cooldown:
-                break
-    ops.extend(Op("W", i) for i in pending)
-    return ops
+from pipefit.partition.zero_bubble_sim import zb_h1_order
 
 
 def num_pipe_buffers(stages: int, micro_batches: int, stage: int) -> int:
