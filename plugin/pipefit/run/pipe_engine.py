@@ -16,7 +16,10 @@ Private DeepSpeed API used (pinned in pyproject.toml, checked by tests/run/test_
 ``_exec_schedule``, ``_INSTRUCTION_MAP``, ``_reserve_pipe_buffers``, ``fwd_outputs``,
 ``_aggregate_total_loss``, ``_exec_send_activations``/``_exec_send_grads`` and what they read
 (``pipe_buffers``, ``first_output_send``, ``_send_tensor_meta``, ``next_stage``/``prev_stage``,
-``grid.stage_to_global``, the flags of :meth:`PipefitEngineMixin._sends_async`).
+``grid.stage_to_global``, the flags of :meth:`PipefitEngineMixin._sends_async`). For
+``pipeline.schedule=zb1p`` (checked by tests/run/test_zero_bubble.py): ``_train_schedule``,
+``_exec_backward_pass``, ``grad_layer`` (the one received-gradient buffer), ``using_bf16_optimizer``
+and the bf16 optimizer's ``clear_lp_grads``/``update_hp_grads``.
 """
 
 from __future__ import annotations
