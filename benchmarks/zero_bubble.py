@@ -185,6 +185,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="tiny shapes, one round: checks the script runs")
     parser.add_argument("--rounds", type=int, default=None, help="rounds of (zb1p, 1f1b), alternating (default 4)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per schedule per round (default 2)")
+    parser.add_argument("--cases", nargs="*", default=None, help="STAGESxMICRO_BATCHES, e.g. 2x4 (default: all)")
     parser.add_argument("--save", default=None, help="also write the table to this file")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--stages", type=int, default=2, help=argparse.SUPPRESS)
@@ -199,7 +200,8 @@ def main() -> int:
         return 0
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for stages, micro_batches in QUICK_CASES if args.quick else FULL_CASES:
+        cases = [tuple(int(x) for x in c.split("x")) for c in args.cases] if args.cases else None
+        for stages, micro_batches in cases or (QUICK_CASES if args.quick else FULL_CASES):
             result_file = Path(tmp) / f"pp{stages}_m{micro_batches}.json"
             env = {
                 **os.environ,
