@@ -28,8 +28,8 @@ ACCUM = 4
 @pytest.mark.parametrize(
     "family,ranks,extra",
     [
-        ("llama", 2, ["zero.stage=1", "pipeline.activation_checkpoint_interval=1"]),
-        ("gpt2", 4, ["zero.stage=0"]),
+        ("llama", 2, ["zero.stage=0", "pipeline.activation_checkpoint_interval=1"]),
+        ("gpt2", 4, ["zero.stage=1"]),
         (
             "llama",
             4,
@@ -38,8 +38,8 @@ ACCUM = 4
         ("llama", 2, ["zero.stage=1", "train.precision=bf16", "lora=qv"]),
     ],
     ids=[
-        "llama-pp2-zero1-checkpointing",
-        "gpt2-pp2xdp2-zero0-tied",
+        "llama-pp2-zero0-checkpointing",
+        "gpt2-pp2xdp2-zero1-tied",
         "llama-pp4-zero1-embedding-alone",
         "llama-pp2-zero1-bf16-lora",
     ],
