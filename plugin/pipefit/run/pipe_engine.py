@@ -66,6 +66,14 @@ class PipefitEngineMixin:
                 "(dynamic shapes, attention masks, boolean or partitioned tensors, wall_clock_breakdown); "
                 "use pipeline.schedule=1f1b"
             )
+        opt = e.optimizer
+        flags = ("immediate_grad_update", "use_grad_accum_attribute", "overlap_comm")
+        hooked = [f for f in flags if getattr(opt, f, False)]
+        if hooked:  # W accumulates into .grad directly: gradients taken in autograd hooks would miss it
+            raise RuntimeError(
+                f"pipeline.schedule=zb1p cannot be combined with {type(opt).__name__}.{hooked[0]}=True "
+                "(gradients taken in autograd hooks); use pipeline.schedule=1f1b"
+            )
         return schedule_class()(micro_batches=e.micro_batches, stages=e.num_stages, stage_id=e.stage_id)
 
     def _exec_backward_input(self, buffer_id: int, micro_batch_id: int) -> None:
