@@ -607,3 +607,31 @@ def test_in_process_configs_never_point_at_the_repository_outputs() -> None:
     out = Path(launching_compose([]).output_dir)
     assert out.is_absolute() and REPO not in out.parents and not out.exists()
     assert launching_compose(["output_dir=/tmp/x"]).output_dir == "/tmp/x"
+
+
+# --- pipeline.schedule ---------------------------------------------------------------------------
+
+
+def test_pipeline_schedule_defaults_to_1f1b_and_accepts_zb1p() -> None:
+    assert compose_run().pipeline.schedule == "1f1b"
+    assert compose_run("pipeline.schedule=zb1p", "train.precision=bf16").pipeline.schedule == "zb1p"
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["pipeline.schedule=gpipe"], r"pipeline\.schedule='gpipe' is not accepted; accepted: 1f1b, zb1p"),
+        (
+            ["pipeline.schedule=zb1p", "pipeline.stages=1"],
+            r"pipeline\.schedule=zb1p cannot be combined with pipeline\.stages=1",
+        ),
+        (
+            ["pipeline.schedule=zb1p", "train.precision=fp16"],
+            r"pipeline\.schedule=zb1p cannot be combined with train\.precision=fp16",
+        ),
+    ],
+)
+def test_pipeline_schedule_refusals_are_one_line(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as err:
+        compose_run(*overrides)
+    assert "\n" not in str(err.value)

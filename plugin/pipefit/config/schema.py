@@ -14,6 +14,9 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+# pipeline.schedule: DeepSpeed's 1F1B, or zero-bubble ZB-H1 (backward split into input and weight
+# passes, weight passes deferred into 1F1B's cool-down bubbles; see pipefit.run.zero_bubble).
+PIPE_SCHEDULES = ("1f1b", "zb1p")
 # pipeline.partition methods priced by a cost model (pipefit.partition.costs, .profile) and solved by min-max.
 COST_METHODS = ("flops", "profile")
 # optim.scheduler: pipefit's own three (linear warmup, then decay to optim.min_lr_ratio), then every
@@ -117,6 +120,8 @@ class PipelineConfig:
     boundaries: list[int] | None = None
     # 0 (off), k (DeepSpeed recomputes each group of k layers in backward), or auto (the layout search).
     activation_checkpoint_interval: Any = 0
+    # 1f1b (DeepSpeed's TrainSchedule) | zb1p (zero-bubble ZB-H1, same training; see PIPE_SCHEDULES)
+    schedule: str = "1f1b"
 
 
 @dataclass

@@ -16,6 +16,7 @@ from pipefit.config.schema import (
     DATA_TEMPLATES,
     METRIC_SCHEDULERS,
     OPTIMIZER_IMPLS,
+    PIPE_SCHEDULES,
     PRECISIONS,
     SCHEDULERS,
     ConfigError,
@@ -163,6 +164,7 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
             f"hardware.matmul_efficiency={run.hardware.matmul_efficiency} is not accepted; expected a number in (0, 1]"
         )
     _integer_or_auto("pipeline.activation_checkpoint_interval", p.activation_checkpoint_interval, allow_zero=True)
+    check_pipe_schedule(run)
     _positive("train.max_steps", t.max_steps)
     _integer_or_auto("train.micro_batch_size", t.micro_batch_size)
     if t.global_batch_size is not None:
@@ -218,6 +220,25 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
     check_attention(run)
     check_auto(run)
     return run
+
+
+def check_pipe_schedule(run: RunConfig) -> None:
+    """``pipeline.schedule``: a known name, and zb1p only where its split backward is proven."""
+    p = run.pipeline
+    _choice("pipeline.schedule", p.schedule, PIPE_SCHEDULES)
+    if p.schedule != "zb1p":
+        return
+    if p.stages != AUTO and p.stages < 2:
+        raise ConfigError(
+            f"pipeline.schedule=zb1p cannot be combined with pipeline.stages={p.stages}: "
+            "zero-bubble needs pipeline.stages >= 2; use pipeline.schedule=1f1b"
+        )
+    if run.train.precision == "fp16":
+        # Not yet proven against 1f1b: fp16's dynamic loss scaler and its overflow checks.
+        raise ConfigError(
+            "pipeline.schedule=zb1p cannot be combined with train.precision=fp16; accepted: fp32, bf16 "
+            "(or pipeline.schedule=1f1b)"
+        )
 
 
 def check_trace_steps(t: TrainConfig) -> None:

@@ -142,6 +142,7 @@ def start_engine(
         lr_scheduler=scheduler_factory(run.optim, run.train.max_steps),
     )
     adopt(engine)  # pipefit's PipelineEngine subclass, on this instance (see pipefit.run.pipe_engine)
+    engine.use_schedule(run.pipeline.schedule)
     restore_fp32_masters(engine, loaded)
     # Frozen parameters have no fp32 master: keep their loaded values for an exact export.
     frozen_fp32 = {id(p): loaded[n] for n, p in engine.module.named_parameters() if n in loaded and not p.requires_grad}

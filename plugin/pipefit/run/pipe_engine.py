@@ -16,25 +16,89 @@ Private DeepSpeed API used (pinned in pyproject.toml, checked by tests/run/test_
 ``_exec_schedule``, ``_INSTRUCTION_MAP``, ``_reserve_pipe_buffers``, ``fwd_outputs``,
 ``_aggregate_total_loss``, ``_exec_send_activations``/``_exec_send_grads`` and what they read
 (``pipe_buffers``, ``first_output_send``, ``_send_tensor_meta``, ``next_stage``/``prev_stage``,
-``grid.stage_to_global``, the flags of :meth:`PipefitEngineMixin._sends_async`).
+``grid.stage_to_global``, the flags of :meth:`PipefitEngineMixin._sends_async`). For
+``pipeline.schedule=zb1p`` (checked by tests/run/test_zero_bubble.py): ``_train_schedule``,
+``_exec_backward_pass``, ``grad_layer`` (the one received-gradient buffer), ``using_bf16_optimizer``
+and the bf16 optimizer's ``clear_lp_grads``/``update_hp_grads``.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any
 
 import torch
 
+from pipefit.run.split_backward import WeightGradQueue, install_split_linears
 from pipefit.run.trace import Tracer
+from pipefit.run.zero_bubble import BackwardInput, BackwardWeight, schedule_class
+
+log = logging.getLogger("pipefit")
 
 
 class PipefitEngineMixin:
     """The overrides; combined with DeepSpeed's ``PipelineEngine`` by :func:`engine_class`."""
 
     tracer: Tracer | None = None
+    pipe_schedule: str = "1f1b"
+    weight_grads: WeightGradQueue | None = None
     _INSTRUCTION_MAP: dict[type, Any]
     _pending_sends: list[Any]
+
+    # --- zero-bubble (pipeline.schedule=zb1p; see pipefit.run.zero_bubble, .split_backward) ---------
+    def use_schedule(self, name: str) -> None:
+        """Train with ``name`` (1f1b: DeepSpeed's TrainSchedule; zb1p: ZB-H1 with the split backward)."""
+        self.pipe_schedule = name
+        if name == "zb1p":
+            self.weight_grads = WeightGradQueue()
+            split = install_split_linears(self.module, self.weight_grads)  # type: ignore[attr-defined]
+            stage = getattr(self, "stage_id", -1)
+            log.debug("pipeline.schedule=zb1p: stage %d defers the weight gradients of %d layers", stage, len(split))
+
+    def _train_schedule(self) -> Any:
+        e: Any = self
+        if self.pipe_schedule != "zb1p":
+            return super()._train_schedule()  # type: ignore[misc]
+        if not self._sends_async():  # ZB-H1 sends right after computing: blocking sends could deadlock
+            raise RuntimeError(
+                "pipeline.schedule=zb1p needs pipefit's non-blocking sends, which this engine cannot use "
+                "(dynamic shapes, attention masks, boolean or partitioned tensors, wall_clock_breakdown); "
+                "use pipeline.schedule=1f1b"
+            )
+        opt = e.optimizer
+        flags = ("immediate_grad_update", "use_grad_accum_attribute", "overlap_comm")
+        hooked = [f for f in flags if getattr(opt, f, False)]
+        if hooked:  # W accumulates into .grad directly: gradients taken in autograd hooks would miss it
+            raise RuntimeError(
+                f"pipeline.schedule=zb1p cannot be combined with {type(opt).__name__}.{hooked[0]}=True "
+                "(gradients taken in autograd hooks); use pipeline.schedule=1f1b"
+            )
+        return schedule_class()(micro_batches=e.micro_batches, stages=e.num_stages, stage_id=e.stage_id)
+
+    def _exec_backward_input(self, buffer_id: int, micro_batch_id: int) -> None:
+        # DeepSpeed's whole backward (loss scaling, the bf16 optimizer's gradient moves), with the
+        # Linear weight GEMMs queued for this micro-batch's W.
+        assert self.weight_grads is not None
+        received = self.grad_layer  # type: ignore[attr-defined]
+        with self.weight_grads.collect(micro_batch_id):
+            self._exec_backward_pass(buffer_id)  # type: ignore[attr-defined]
+        if received is not None:  # the next RecvGrad writes into this buffer before our W runs
+            buffers = [received] if isinstance(received, torch.Tensor) else list(received)
+            self.weight_grads.detach_from(micro_batch_id, buffers)
+
+    def _exec_backward_weight(self, micro_batch_id: int) -> None:
+        e: Any = self
+        assert self.weight_grads is not None
+        # As DeepSpeed's backward for the bf16 optimizer: low-precision gradients are cleared before a
+        # backward and added into the fp32 accumulators after it (each parameter gets its gradient in
+        # either B or W, so every accumulator adds the same values in the same micro-batch order).
+        bf16 = e.using_bf16_optimizer
+        if bf16:
+            e.optimizer.clear_lp_grads()
+        self.weight_grads.run(micro_batch_id)
+        if bf16:
+            e.optimizer.update_hp_grads(clear_lp_grads=False)
 
     def _exec_schedule(self, pipe_schedule: Any) -> None:
         # As DeepSpeed's: reserve the buffers, then every instruction of every step in order; then
@@ -142,6 +206,8 @@ def engine_class() -> type:
     instructions = {
         kind: getattr(PipefitEngineMixin, fn.__name__, fn) for kind, fn in PipelineEngine._INSTRUCTION_MAP.items()
     }
+    instructions[BackwardInput] = PipefitEngineMixin._exec_backward_input
+    instructions[BackwardWeight] = PipefitEngineMixin._exec_backward_weight
     namespace = {"__module__": __name__, "_INSTRUCTION_MAP": instructions}
     return type("PipefitPipelineEngine", (PipefitEngineMixin, PipelineEngine), namespace)
 

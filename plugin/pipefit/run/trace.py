@@ -31,6 +31,8 @@ from pipefit.run.logs import write_atomic
 CATEGORY = {
     "ForwardPass": "compute",
     "BackwardPass": "compute",
+    "BackwardInput": "compute",  # zero-bubble B and W (pipefit.run.zero_bubble)
+    "BackwardWeight": "compute",
     "LoadMicroBatch": "data",
     "SendActivation": "communication",
     "RecvActivation": "communication",
@@ -43,10 +45,14 @@ CATEGORY = {
     "Logging": "logging",
     "Evaluate": "evaluation",
 }
+_LETTER = {"BackwardInput": "B", "BackwardWeight": "W"}
+_LETTERED = ("ForwardPass", "BackwardPass", "BackwardInput", "BackwardWeight")
 KINDS = ("compute", "communication", "optimizer", "data", "logging", "evaluation", "idle")
 COLORS = {
     "ForwardPass": "tab:blue",
     "BackwardPass": "tab:orange",
+    "BackwardInput": "tab:orange",
+    "BackwardWeight": "tab:olive",
     "OptimizerStep": "tab:gray",
     "LoadMicroBatch": "tab:green",
     "communication": "tab:red",
@@ -245,8 +251,8 @@ def write_png(records: list[dict[str, Any]], table: dict[int, dict[str, float]],
                 continue
             color = COLORS.get(name, COLORS["communication"] if CATEGORY.get(name) == "communication" else "tab:brown")
             ax.broken_barh([(a - t0, b - a)], (y - 0.4, 0.8), facecolors=color, edgecolor="white", linewidth=0.3)
-            if name in ("ForwardPass", "BackwardPass") and micro >= 0:
-                ax.text((a + b) / 2 - t0, y, f"{name[0]}", ha="center", va="center", fontsize=6)
+            if name in _LETTERED and (micro >= 0 or name == "BackwardWeight"):
+                ax.text((a + b) / 2 - t0, y, _LETTER.get(name, name[0]), ha="center", va="center", fontsize=6)
     labels = [f"stage {r['stage']} data {r['data']}" for r in rows][::-1]
     ax.set_yticks(range(n), labels)
     ax.set_xlabel(

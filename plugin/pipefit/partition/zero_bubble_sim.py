@@ -1,0 +1,97 @@
+"""Zero-bubble ZB-H1: the per-stage order of F, B and W (pure), and an event simulation of one step.
+
+:func:`zb_h1_order` is the order ``pipeline.schedule=zb1p`` runs (pipefit.run.zero_bubble turns it
+into DeepSpeed instructions): 1F1B's F/B order, with the first ``stage`` weight passes W of each
+stage deferred to its end, where a 1F1B stage would be idle.
+:func:`simulate` times any such order (F needs the previous stage's F; B the next stage's B, or
+this F on the last stage; W this stage's B), so 1F1B (``split=False``: B is the whole backward, no
+W) and ZB-H1 compare under the same per-stage costs. Not yet wired into ``pipefit plan``
+(partition/plan.py's ``simulate_1f1b`` there); a caller passes forward, input-backward and
+weight-backward seconds per stage.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from typing import NamedTuple
+
+
+class Op(NamedTuple):
+    """One computation of one stage: ``kind`` F (forward), B (input backward) or W (weight backward)."""
+
+    kind: str
+    micro_batch: int
+
+
+def one_f_one_b_order(stages: int, micro_batches: int, stage: int) -> list[Op]:
+    """DeepSpeed's 1F1B for ``stage``: ``stages - 1 - stage`` warm-up forwards, then F/B pairs."""
+    warmup = min(stages - 1 - stage, micro_batches)
+    ops = [Op("F", i) for i in range(warmup)]
+    for b in range(micro_batches):
+        if warmup + b < micro_batches:
+            ops.append(Op("F", warmup + b))
+        ops.append(Op("B", b))
+    return ops
+
+
+def zb_h1_order(stages: int, micro_batches: int, stage: int) -> list[Op]:
+    """The ZB-H1 order of F, B and W for ``stage``: 1F1B's F/B order; the first ``stage`` W passes wait.
+
+    Stage ``s`` runs a W after each of its B's except the first ``s`` (the rule of
+    torch.distributed.pipelining's zero-bubble 1F1B ranks), the W's held back run after its last
+    B. So later stages, on the critical path of the gradients, return each B without its W, and
+    their deferred W's fill the time 1F1B leaves idle after their last backward. With F, B, W of
+    one cost each, a step takes ``m (F+B+W) + (p-1)(F+B-W)`` against 1F1B's ``(m+p-1)(F+B+W)``.
+    """
+    ops: list[Op] = []
+    pending: deque[int] = deque()
+    for op in one_f_one_b_order(stages, micro_batches, stage):
+        ops.append(op)
+        if op.kind == "B":
+            pending.append(op.micro_batch)
+            if op.micro_batch >= stage:
+                ops.append(Op("W", pending.popleft()))
+    ops.extend(Op("W", i) for i in pending)
+    return ops
+
+
+def simulate(
+    orders: Sequence[Sequence[Op]],
+    forward_s: Sequence[float],
+    backward_input_s: Sequence[float],
+    backward_weight_s: Sequence[float],
+    transfer_s: float = 0.0,
+) -> tuple[float, list[list[tuple[str, int, float, float]]]]:
+    """Step time and per-stage spans ``(kind, micro_batch, start, end)`` of ``orders`` (one list per stage)."""
+    p = len(orders)
+    cost = {"F": forward_s, "B": backward_input_s, "W": backward_weight_s}
+    done: dict[tuple[str, int, int], float] = {}
+    free = [0.0] * p
+    nxt = [0] * p
+    spans: list[list[tuple[str, int, float, float]]] = [[] for _ in range(p)]
+    remaining = sum(len(o) for o in orders)
+    while remaining:
+        progressed = False
+        for s in range(p):
+            while nxt[s] < len(orders[s]):
+                kind, i = orders[s][nxt[s]]
+                if kind == "F":
+                    dep = None if s == 0 else ("F", s - 1, i)
+                elif kind == "B":
+                    dep = ("F", s, i) if s == p - 1 else ("B", s + 1, i)
+                else:
+                    dep = ("B", s, i)
+                if dep is not None and dep not in done:
+                    break
+                ready = 0.0 if dep is None else done[dep] + (transfer_s if dep[1] != s else 0.0)
+                start = max(free[s], ready)
+                free[s] = start + cost[kind][s]
+                done[(kind, s, i)] = free[s]
+                spans[s].append((kind, i, start, free[s]))
+                nxt[s] += 1
+                remaining -= 1
+                progressed = True
+        if not progressed:
+            raise ValueError("simulate: the orders deadlock (a computation waits on one that never runs)")
+    return max(free), spans
