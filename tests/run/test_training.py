@@ -106,9 +106,11 @@ def test_default_recipe_learns_and_exports_loadable_folder(tmp_path: Path):
     lines = (proc.stdout + proc.stderr).splitlines()
     launcher = ("real_accelerator.py", "Port `29500` is already in use", "  warnings.warn(")
     ours = [x for x in lines if not any(m in x for m in launcher)]
-    assert len(ours) == 1 + 2 + 12 + 1, ours  # the plan is the partition line and one line per stage
+    # The plan is the partition line and one line per stage; after the steps, one line of peak memory.
+    assert len(ours) == 1 + 2 + 12 + 1 + 1, ours
     assert all(
-        re.fullmatch(r"\[[-0-9 :,]+\]\[pipefit\]\[INFO\] (partition=|stage |step |exported ).*", x) for x in ours
+        re.fullmatch(r"\[[-0-9 :,]+\]\[pipefit\]\[INFO\] (partition=|stage |step |peak memory |exported ).*", x)
+        for x in ours
     ), ours
     assert sum("Setting accelerator" in x for x in lines) == 1, lines
     log = (out / "train.log").read_text()
