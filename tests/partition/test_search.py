@@ -99,6 +99,7 @@ def test_ranking_derived_by_hand() -> None:
     plan = layer_plan(make_skeleton(cfg))
     fast = {"memory_bandwidth_gbs": 1e12, "link_bandwidth_gbs": 1e12, "peak_tflops_fp32": 1.0}
     kwargs: dict[str, Any] = {"world": 2, "global_batch": 2, "seq_len": 64, "intervals": [0], "zero_stages": [1]}
+    kwargs["schedules"] = ["1f1b"]
     roomy = search(cfg, plan, _hardware(memory_gib=100, **fast), **kwargs)
     by = {(c["pp"], c["micro_batch_size"]): c for c in roomy["candidates"]}
     assert sorted(by) == [(1, 1), (2, 1), (2, 2)]
@@ -132,9 +133,11 @@ def test_llama3_70b_on_64_gpus_counts_and_best() -> None:
     for pp in (1, 2, 4, 8, 16, 32, 64):
         micros = sum(1 for m in range(1, 512 // (64 // pp) + 1) if (512 // (64 // pp)) % m == 0)
         intervals = 2 + sum(1 for k in (2, 4) if pp == 1 or k < math.ceil(83 / pp))
-        expected += micros * intervals  # bf16: ZeRO-1 only
+        expected += micros * intervals * (1 if pp == 1 else 2)  # bf16: ZeRO-1 only; pp >= 2: 1f1b and zb1p
     cands = result["candidates"]
-    assert len(cands) == expected == 167
+    assert len(cands) == expected == 318
+    assert {c["schedule"] for c in cands if c["pp"] == 1} == {"1f1b"}
+    assert sum(c["schedule"] == "zb1p" for c in cands) == 318 - 167
     assert all(
         c["pp"] * c["dp"] == 64 and c["micro_batch_size"] * c["grad_accum_steps"] * c["dp"] == 512 for c in cands
     )
@@ -209,8 +212,9 @@ def test_cli_search_json_and_table(capsys: pytest.CaptureFixture[str], tmp_path:
     keys |= {"boundaries", "predicted_step_s", "tokens_per_s", "peak_memory_bytes", "fits"}
     assert all(keys <= set(c) for c in out["candidates"])
     # pp 1 (dp 2: micro 1, 2; intervals 0, 1, 2, 4) and pp 2 (dp 1: micro 1, 2, 4; intervals 0, 1, 2: a
-    # group of 4 is a whole stage of the 7 layers), ZeRO 0 and 1
-    assert len(out["candidates"]) == (2 * 4 + 3 * 3) * 2
+    # group of 4 is a whole stage of the 7 layers, each under 1f1b and zb1p), ZeRO 0 and 1
+    assert len(out["candidates"]) == (2 * 4 + 3 * 3 * 2) * 2
+    assert {c["schedule"] for c in out["candidates"] if c["pp"] == 1} == {"1f1b"}
     assert out["best"] == out["candidates"][0]
     assert cli_main(args) == 0
     table = capsys.readouterr().out

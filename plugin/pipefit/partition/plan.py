@@ -10,7 +10,10 @@ runs ``min(p - s - 1, m)`` warm-up forwards, then alternates one forward and one
 drains its backwards; a forward waits for the previous stage's forward of the same micro-batch
 and a backward for the next stage's backward, each plus one boundary transfer. After its last
 backward each stage reduces its gradients (the stages sharing a tied embedding wait for each
-other) and steps its optimizer; the step ends when the last stage is done.
+other) and steps its optimizer; the step ends when the last stage is done. Each split is also
+timed under zero-bubble ZB-H1 (:func:`pipefit.partition.zero_bubble_sim.simulate_zb1p`, the
+backward split into B and the weight-gradient GEMMs W), so the report compares the two schedules;
+``pipeline.schedule`` picks which one the predicted step and the timeline show.
 """
 
 from __future__ import annotations
@@ -22,9 +25,11 @@ from typing import Any
 
 from pipefit.model.hf import load_hf_config, set_attn_implementation
 from pipefit.model.layer_list import layer_plan, make_skeleton
+from pipefit.model.lora import trainable_layers
 from pipefit.partition import balance
 from pipefit.partition.boundaries import boundaries_for, price_layers
-from pipefit.partition.costs import Hardware, LayerCosts, Workload
+from pipefit.partition.costs import Hardware, LayerCosts, Workload, model_flops
+from pipefit.partition.zero_bubble_sim import simulate_zb1p, weight_backward_s
 
 __all__ = [
     "Timeline",
@@ -48,7 +53,7 @@ class Timeline:
     ops: list[tuple[int, str, int, float, float]] = field(default_factory=list)
 
     def busy(self, stage: int) -> float:
-        return sum(end - start for s, kind, _, start, end in self.ops if s == stage and kind in "FB")
+        return sum(end - start for s, kind, _, start, end in self.ops if s == stage and kind in "FBW")
 
 
 def bubble_fraction(num_stages: int, micro_batches: int) -> float:
@@ -166,10 +171,27 @@ def predicted_stage_memory(
     return [r["memory_bytes"] for r in _stage_rows(costs, plan, bounds)]
 
 
-def evaluate(costs: LayerCosts, plan: Sequence[Any], bounds: Sequence[int]) -> dict[str, Any]:
-    """Every figure ``plan`` reports for one split."""
+def evaluate(
+    costs: LayerCosts,
+    plan: Sequence[Any],
+    bounds: Sequence[int],
+    schedule: str = "1f1b",
+    weight_s: Sequence[float] | None = None,
+    schedules: Sequence[str] = ("1f1b", "zb1p"),
+) -> dict[str, Any]:
+    """Every figure ``plan`` reports for one split, its step under ``schedule`` (and each of ``schedules``).
+
+    ``weight_s``: per layer, the W seconds of its backward (default: from ``costs.flops``, else none);
+    zb1p is timed only with 2 stages or more.
+    """
     rows = _stage_rows(costs, plan, bounds)
     p = len(rows)
+    if weight_s is None:
+        weight_s = [0.0] * len(plan)
+        if costs.flops:
+            weight_s = weight_backward_s(costs.forward_s, costs.backward_s, costs.flops, plan)
+    for r in rows:
+        r["weight_s"] = sum(weight_s[r["layers"][0] : r["layers"][1]])
     stage_cost = [r["cost_s"] for r in rows]
     tied_stages = sorted({s for s, r in enumerate(rows) for i in range(*r["layers"]) if plan[i].tied})
     forward, backward = [r["forward_s"] for r in rows], [r["backward_s"] for r in rows]
@@ -179,14 +201,16 @@ def evaluate(costs: LayerCosts, plan: Sequence[Any], bounds: Sequence[int]) -> d
         forward = [f + k * transfer for f, k in zip(forward, sides, strict=True)]
         backward = [b + k * transfer for b, k in zip(backward, sides, strict=True)]
         transfer = 0.0
-    timeline = simulate_1f1b(
-        forward,
-        backward,
-        costs.micro_batches,
-        transfer,
-        [r["per_step_s"] for r in rows],
-        tied_stages,
-    )
+    per_step = [r["per_step_s"] for r in rows]
+    timeline = simulate_1f1b(forward, backward, costs.micro_batches, transfer, per_step, tied_stages)
+    by_schedule = {"1f1b": timeline.step_s}
+    if p >= 2 and (schedule == "zb1p" or "zb1p" in schedules):
+        w = [r["weight_s"] for r in rows]
+        b_in = [b - x for b, x in zip(backward, w, strict=True)]
+        zb = Timeline(*simulate_zb1p(forward, b_in, w, costs.micro_batches, transfer, per_step, tied_stages))
+        by_schedule["zb1p"] = zb.step_s
+        if schedule == "zb1p":
+            timeline = zb
     mean = sum(stage_cost) / p
     return {
         "boundaries": list(bounds),
@@ -195,7 +219,9 @@ def evaluate(costs: LayerCosts, plan: Sequence[Any], bounds: Sequence[int]) -> d
         "bottleneck_over_mean": max(stage_cost) / mean if mean else 1.0,
         "peak_memory_bytes": max(r["memory_bytes"] for r in rows),
         "fits_memory": max(r["memory_bytes"] for r in rows) <= costs.memory_cap,
+        "schedule": schedule if schedule in by_schedule else "1f1b",
         "predicted_step_s": timeline.step_s,
+        "predicted_step_by_schedule": by_schedule,
         "timeline": [list(op) for op in timeline.ops],
     }
 
@@ -226,10 +252,17 @@ def make_plan(
     ranks = p.stages * dp if contended and model_name == "profile" and device == "cpu" else 1
     costs = price_layers(skeleton, model_name, workload, hw, device=device, cache_dir=cache_dir, ranks=ranks)
     chosen = boundaries_for(skeleton, p.partition, p.stages, p.boundaries, layer_costs=costs)
-    methods: dict[str, dict[str, Any]] = {p.partition: evaluate(costs, plan, chosen)}
-    for name in (*COMPARED, model_name):
+    found = trainable_layers(run, skeleton)
+    flops = costs.flops or model_flops(hf_config, plan, workload.seq_len, workload.micro_batch_size)
+    weights = weight_backward_s(costs.forward_s, costs.backward_s, flops, plan, found[0] if found else None)
+    compared = ("1f1b",) if workload.precision == "fp16" else ("1f1b", "zb1p")
+    methods: dict[str, dict[str, Any]] = {}
+    for name in (p.partition, *COMPARED, model_name):
         if name not in methods:
-            methods[name] = evaluate(costs, plan, boundaries_for(skeleton, name, p.stages, None, layer_costs=costs))
+            bounds = (
+                chosen if name == p.partition else boundaries_for(skeleton, name, p.stages, None, layer_costs=costs)
+            )
+            methods[name] = evaluate(costs, plan, bounds, p.schedule, weights, compared)
     return {
         "model": run.model.name,
         "num_layers": len(plan),
@@ -244,6 +277,7 @@ def make_plan(
         "attention": hf_config._attn_implementation,
         "layout": run.data.layout,
         "chosen": p.partition,
+        "schedule": p.schedule,
         "bubble_fraction": bubble_fraction(p.stages, workload.micro_batches),
         "memory_cap_bytes": costs.memory_cap,
         "transfer_s": costs.transfer_s,
@@ -317,6 +351,7 @@ def format_plan(report: dict[str, Any]) -> str:
         f"predicted step {_seconds(chosen['predicted_step_s'])}   "
         f"peak stage memory {_gib(chosen['peak_memory_bytes'])}"
         f" of {_gib(cap)} GiB{'' if chosen['fits_memory'] else '  (DOES NOT FIT)'}",
+        _schedule_line(chosen),
         "",
         f"{'method':<12} {'boundaries':<28} {'bottleneck/mean':>15} {'predicted step':>15} {'vs chosen':>9} "
         f"{'peak GiB':>9}",
@@ -330,12 +365,22 @@ def format_plan(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _schedule_line(m: dict[str, Any]) -> str:
+    steps = m["predicted_step_by_schedule"]
+    ref = steps[m["schedule"]]
+    parts = [
+        f"{name}{' (pipeline.schedule)' if name == m['schedule'] else ''} {_seconds(s)} {s / ref:.3f}x"
+        for name, s in steps.items()
+    ]
+    return "predicted step by schedule: " + ", ".join(parts)
+
+
 def to_json(report: dict[str, Any]) -> str:
     return json.dumps(report, indent=1)
 
 
 def write_png(report: dict[str, Any], path: str) -> None:
-    """Per-stage cost bars of every method, and the chosen split's 1F1B timeline."""
+    """Per-stage cost bars of every method, and the chosen split's timeline (F, B and, for zb1p, W)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -356,7 +401,7 @@ def write_png(report: dict[str, Any], path: str) -> None:
     top = max(r["cost_s"] for m in methods.values() for r in m["stages"])
     bars.set_ylim(0, top * 1.3)
     bars.legend(fontsize=8, loc="upper center", ncol=len(methods))
-    colors = {"F": "tab:blue", "B": "tab:orange", "step": "tab:gray"}
+    colors = {"F": "tab:blue", "B": "tab:orange", "W": "tab:green", "step": "tab:gray"}
     for stage, kind, micro, start, end in chosen["timeline"]:
         line.broken_barh([(start, end - start)], (p - 1 - stage - 0.4, 0.8), facecolors=colors[kind], edgecolor="white")
         if kind != "step" and (end - start) > chosen["predicted_step_s"] / 60:
@@ -364,7 +409,7 @@ def write_png(report: dict[str, Any], path: str) -> None:
     line.set_yticks(range(p), [f"stage {p - 1 - s}" for s in range(p)])
     line.set_xlabel("seconds (white gaps: pipeline bubbles)")
     line.set_title(
-        f"1F1B, partition={report['chosen']} {chosen['boundaries']}: predicted step "
+        f"{chosen['schedule']}, partition={report['chosen']} {chosen['boundaries']}: predicted step "
         f"{chosen['predicted_step_s']:.4g} s, bubble (p-1)/(m+p-1) = {report['bubble_fraction']:.3f}"
     )
     fig.tight_layout()

@@ -4,8 +4,10 @@ For ``world`` ranks and ``train.global_batch_size`` sequences, a layout is ``pp`
 world (``dp = world / pp`` replicas), a micro-batch size and accumulation with
 ``micro x accum x dp = global batch``, an activation checkpoint interval and a ZeRO stage. Each is
 split with the exact min-max partitioner under the hardware's memory cap
-(:func:`pipefit.partition.balance.partition_min_max`), simulated under 1F1B
-(:func:`pipefit.partition.plan.evaluate`) and ranked by predicted tokens/s among those that fit.
+(:func:`pipefit.partition.balance.partition_min_max`), simulated under 1F1B and, with 2 stages or
+more and not fp16 (what ``pipeline.schedule=zb1p`` accepts), under ZB-H1
+(:func:`pipefit.partition.plan.evaluate`): one candidate per schedule, ranked by predicted
+tokens/s among those that fit.
 
 Prices come from the ``flops`` model only, so the answer is a pure function of the config and the
 world size: every rank of a launch computes the same layout and none needs to broadcast it.
@@ -38,6 +40,7 @@ from pipefit.model.layer_list import layer_plan, make_skeleton
 from pipefit.partition.balance import PartitionError, StageMemory, partition_min_max
 from pipefit.partition.costs import POSITION_ID_BYTES, Hardware, LayerCosts, ModelShape, Workload, flops_costs
 from pipefit.partition.plan import evaluate
+from pipefit.partition.zero_bubble_sim import weight_backward_s
 
 __all__ = [
     "CHECKPOINT_INTERVALS",
@@ -51,6 +54,7 @@ __all__ = [
 ]
 
 CHECKPOINT_INTERVALS = (0, 1, 2, 4)
+SCHEDULES = ("1f1b", "zb1p")
 GIB = 2**30
 
 
@@ -183,10 +187,11 @@ def search(
     intervals: Sequence[int] = CHECKPOINT_INTERVALS,
     zero_stages: Sequence[int] = (0, 1),
     trainable: Sequence[bool] | None = None,
+    schedules: Sequence[str] = SCHEDULES,
 ) -> dict[str, Any]:
     """Every layout of the search space, best first; ``best`` is the fastest that fits (or None).
 
-    ``stages``/``micro_batch_sizes`` restrict the space (default: every divisor that works);
+    ``stages``/``micro_batch_sizes``/``schedules`` restrict the space (default: every divisor that works);
     ``zero_stages`` drops ZeRO-0 for bf16, which DeepSpeed's pipeline refuses there.
     """
     n = len(plan)
@@ -208,11 +213,15 @@ def search(
                 if k > 1 and pp > 1 and k >= math.ceil(n / pp):
                     continue  # a group as long as the stage: interval 1's time, more memory
                 costs = checkpointed(base, hf_config, plan, work, k)
-                row = _candidate(costs, plan, pp, trainable, fastest, infeasible, (pp, zero, k))
-                row.update(pp=pp, dp=dp, micro_batch_size=micro, grad_accum_steps=accum)
-                row.update(activation_checkpoint_interval=k, zero_stage=zero)
-                row["tokens_per_s"] = global_batch * seq_len / row["predicted_step_s"]
-                candidates.append(row)
+                allowed = [x for x in schedules if x == "1f1b" or (pp >= 2 and precision != "fp16")]
+                found = _candidate(costs, plan, pp, trainable, fastest, infeasible, (pp, zero, k), allowed)
+                for schedule in allowed:
+                    row = {key: v for key, v in found.items() if key != "predicted_step_by_schedule"}
+                    row.update(pp=pp, dp=dp, micro_batch_size=micro, grad_accum_steps=accum)
+                    row.update(activation_checkpoint_interval=k, zero_stage=zero, schedule=schedule)
+                    row["predicted_step_s"] = found["predicted_step_by_schedule"][schedule]
+                    row["tokens_per_s"] = global_batch * seq_len / row["predicted_step_s"]
+                    candidates.append(row)
     candidates.sort(key=_rank)
     fitting = [c for c in candidates if c["fits"]]
     return {
@@ -231,7 +240,8 @@ def _rank(c: dict[str, Any]) -> tuple[Any, ...]:
     # Fitting first, fastest first; ties (equal predicted steps to 9 digits: summation order differs
     # between layouts of equal work) to less memory, then fewer stages, smaller micro-batches.
     speed = -float(f"{c['tokens_per_s']:.9g}") if c["fits"] else c["peak_memory_bytes"]
-    return (not c["fits"], speed, c["peak_memory_bytes"], c["pp"], c["micro_batch_size"], c["zero_stage"])
+    tie = (c["pp"], c["micro_batch_size"], c["zero_stage"], c["schedule"] != "1f1b")
+    return (not c["fits"], speed, c["peak_memory_bytes"], *tie)
 
 
 def _candidate(
@@ -242,6 +252,7 @@ def _candidate(
     fastest: dict[tuple[Any, ...], list[int]],
     infeasible: set[tuple[int, int, int]],
     key: tuple[int, int, int],
+    schedules: Sequence[str] = ("1f1b",),
 ) -> dict[str, Any]:
     """One layout's split and figures.
 
@@ -258,16 +269,19 @@ def _candidate(
     if prices not in fastest:
         fastest[prices] = partition_min_max(per_layer, pp, None, None, cuts, trainable)
     bounds = fastest[prices]
-    report = evaluate(costs, plan, bounds)
+    weights = (
+        weight_backward_s(costs.forward_s, costs.backward_s, costs.flops, plan, trainable) if costs.flops else None
+    )
+    report = evaluate(costs, plan, bounds, weight_s=weights, schedules=schedules)
     if not report["fits_memory"] and key not in infeasible:
         try:
             bounds = partition_min_max(per_layer, pp, costs.memory, costs.memory_cap, cuts, trainable)
-            report = evaluate(costs, plan, bounds)
+            report = evaluate(costs, plan, bounds, weight_s=weights, schedules=schedules)
         except PartitionError:
             infeasible.add(key)  # reported with the cost-optimal split and how far over the cap it is
     return {
         "boundaries": list(bounds),
-        "predicted_step_s": report["predicted_step_s"],
+        "predicted_step_by_schedule": report["predicted_step_by_schedule"],
         "peak_memory_bytes": report["peak_memory_bytes"],
         "fits": bool(report["fits_memory"]),
     }
@@ -286,7 +300,7 @@ def format_search(result: dict[str, Any], limit: int = 20) -> str:
         f"pipefit plan --search: {result['world']} ranks, global batch {result['global_batch_size']} x "
         f"{result['seq_len']} tokens, {result['precision']}, hardware={result['hardware']} ({_gib(cap)} GiB); "
         f"{len(cands)} layouts, {len(fitting)} fit",
-        f"{'#':>3} {'pp':>3} {'dp':>3} {'micro':>5} {'accum':>5} {'ckpt':>4} {'zero':>4} {'step':>10} "
+        f"{'#':>3} {'pp':>3} {'dp':>3} {'micro':>5} {'accum':>5} {'ckpt':>4} {'zero':>4} {'sched':>5} {'step':>10} "
         f"{'tokens/s':>12} {'tok/s/rank':>10} {'peak GiB':>8}  boundaries / why rejected",
     ]
     world = result["world"]
@@ -296,6 +310,7 @@ def format_search(result: dict[str, Any], limit: int = 20) -> str:
         lines.append(
             f"{i + 1 if c['fits'] else '-':>3} {c['pp']:>3} {c['dp']:>3} {c['micro_batch_size']:>5} "
             f"{c['grad_accum_steps']:>5} {c['activation_checkpoint_interval']:>4} {c['zero_stage']:>4} "
+            f"{c['schedule']:>5} "
             f"{step:>9.3f}s {c['tokens_per_s']:>12,.0f} {c['tokens_per_s'] / world:>10,.0f} "
             f"{_gib(c['peak_memory_bytes']):>8}  {why}"
         )
@@ -376,6 +391,7 @@ def resolve_auto(
         intervals=CHECKPOINT_INTERVALS if interval == AUTO else [interval],
         zero_stages=[run.zero.stage],
         trainable=trainable,
+        schedules=[p.schedule],  # auto keeps the run's own schedule
     )
     best = result["best"]
     named = ", ".join(f"{name}=auto" for name in auto)
@@ -407,6 +423,7 @@ LAYOUT_KEYS = (
     "grad_accum_steps",
     "activation_checkpoint_interval",
     "zero_stage",
+    "schedule",
     "boundaries",
     "predicted_step_s",
     "tokens_per_s",

@@ -5,16 +5,15 @@ into DeepSpeed instructions): 1F1B's F/B order, with the first ``stage`` weight 
 stage deferred to its end, where a 1F1B stage would be idle.
 :func:`simulate` times any such order (F needs the previous stage's F; B the next stage's B, or
 this F on the last stage; W this stage's B), so 1F1B (``split=False``: B is the whole backward, no
-W) and ZB-H1 compare under the same per-stage costs. Not yet wired into ``pipefit plan``
-(partition/plan.py's ``simulate_1f1b`` there); a caller passes forward, input-backward and
-weight-backward seconds per stage.
+W) and ZB-H1 compare under the same per-stage costs. ``pipefit plan`` prices zb1p with
+:func:`simulate_zb1p` and :func:`weight_backward_s` (W per layer from its FLOPs).
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 
 class Op(NamedTuple):
@@ -95,3 +94,59 @@ def simulate(
         if not progressed:
             raise ValueError("simulate: the orders deadlock (a computation waits on one that never runs)")
     return max(free), spans
+
+
+# Layer kinds whose backward is all input gradient (B): a norm's and an embedding's weight gradients
+# are elementwise or a scatter-add, not a GEMM; a tied head's weight gradient lands on the embedding.
+NO_WEIGHT_GEMM = ("embed", "norm")
+
+
+def weight_backward_s(
+    forward_s: Sequence[float],
+    backward_s: Sequence[float],
+    flops: Sequence[Any],
+    plan: Sequence[Any],
+    trainable: Sequence[bool] | None = None,
+) -> list[float]:
+    """Per layer, the seconds of its backward that are W (the weight-gradient GEMMs).
+
+    A layer's backward matmuls are twice its forward matmuls, half of them the weight gradient:
+    W is the matmul share of its forward time (``forward_s x matmul / forward`` FLOPs), at most its
+    backward. Norms, embeddings, a tied head and frozen layers (``trainable`` False) have no W.
+    """
+    out = []
+    for i, (f, b, fl, layer) in enumerate(zip(forward_s, backward_s, flops, plan, strict=True)):
+        frozen = trainable is not None and not trainable[i]
+        if frozen or layer.kind in NO_WEIGHT_GEMM or layer.tied or fl.backward_override is not None or fl.forward <= 0:
+            out.append(0.0)
+        else:
+            out.append(min(float(b), float(f) * fl.matmul / fl.forward))
+    return out
+
+
+def simulate_zb1p(
+    forward_s: Sequence[float],
+    backward_input_s: Sequence[float],
+    backward_weight_s: Sequence[float],
+    micro_batches: int,
+    transfer_s: float = 0.0,
+    step_s: Sequence[float] | None = None,
+    tied_stages: Sequence[int] = (),
+) -> tuple[float, list[tuple[int, str, int, float, float]]]:
+    """One ZB-H1 step as ``pipefit plan`` prices 1F1B: the step time and ops ``(stage, kind, micro, start, end)``.
+
+    After its last W each stage reduces its gradients (tied stages wait for each other) and steps.
+    """
+    p, m = len(forward_s), int(micro_batches)
+    orders = [zb_h1_order(p, m, s) for s in range(p)]
+    _, spans = simulate(orders, forward_s, backward_input_s, backward_weight_s, transfer_s)
+    ops = [(s, kind, i, start, end) for s in range(p) for kind, i, start, end in spans[s]]
+    finish = [max(end for *_, end in spans[s]) for s in range(p)]
+    tied = [s for s in tied_stages if 0 <= s < p]
+    if len(set(tied)) > 1:
+        sync = max(finish[s] for s in tied)
+        for s in tied:
+            finish[s] = sync
+    per_step = list(step_s) if step_s is not None else [0.0] * p
+    ops += [(s, "step", -1, finish[s], finish[s] + per_step[s]) for s in range(p)]
+    return max(finish[s] + per_step[s] for s in range(p)), ops
