@@ -25,14 +25,16 @@ def test_auto_layout_trains_the_search_pick_and_repeats_exactly(tmp_path: Path) 
     base = [o for o in local_run(folder, tmp_path / "unused", STEPS) if not o.startswith(shape)]
     base += ["hardware=cpu", "train.global_batch_size=4"]
     # A memory cap under what any one-stage layout needs, so the pick is a 2-stage pipeline.
-    roomy = search_run(validate(compose(base)), 2, zero_stages=[1])
+    roomy = search_run(validate(compose(base)), 2, zero_stages=[1], schedules=["1f1b"])
     one_stage = min(c["peak_memory_bytes"] for c in roomy["candidates"] if c["pp"] == 1)
     assert any(c["pp"] == 2 and c["peak_memory_bytes"] < 0.99 * one_stage for c in roomy["candidates"])
     cap = f"hardware.memory_gib={0.99 * one_stage / 2**30:.9f}"
 
     out = tmp_path / "auto"
     overrides = [*base, cap, *AUTO, f"output_dir={out}"]
-    ranked = search_run(validate(compose(overrides)), 2, zero_stages=[1])
+    ranked = search_run(
+        validate(compose(overrides)), 2, zero_stages=[1], schedules=["1f1b"]
+    )  # auto keeps the run's schedule
     best = ranked["candidates"][0]
     assert best is ranked["best"] and best["pp"] == 2
     proc = run_recipe(overrides)
