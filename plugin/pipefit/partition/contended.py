@@ -15,14 +15,12 @@ cores, caches and memory bandwidth, and measures the two per-step terms the 1F1B
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import Any
 
 from pipefit.model.layer_list import layer_plan, make_skeleton
@@ -30,10 +28,11 @@ from pipefit.partition.costs import Hardware, LayerCosts, ModelShape, Workload
 from pipefit.partition.profile import (
     LayerProfile,
     _cache_key,
-    default_cache_dir,
     layer_signature,
+    load_profile_cache,
     measure_layer,
     profile_costs,
+    save_profile_cache,
 )
 
 __all__ = ["ContendedProfile", "contended_costs", "measure_contended"]
@@ -174,21 +173,11 @@ def measure_contended(
         distinct.setdefault(layer_signature(layer, skeleton.config), layer)
     signature = f"contended{ranks}x{runs}|" + "|".join(distinct)
     key = _cache_key(skeleton.config, signature, workload, workload.precision, "cpu")
-    cache_file = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    cache_file = cache_file / "profile.json"
-    cache: dict[str, Any] = {}
-    if cache_file.is_file():
-        try:
-            cache = json.loads(cache_file.read_text())
-        except (OSError, ValueError):
-            cache = {}
+    cache_file, cache = load_profile_cache(cache_dir)
     if key not in cache:
         found, transfer, optimizer = _spawn(skeleton, list(distinct.values()), workload, ranks, runs)
         cache[key] = {"layers": found, "transfer_s": transfer, "optimizer_s_per_param": optimizer}
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_name(f".{cache_file.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
-        os.replace(tmp, cache_file)
+        save_profile_cache(cache_file, cache)
     entry = cache[key]
     by_signature = {sig: LayerProfile(**found) for sig, found in zip(distinct, entry["layers"], strict=True)}
     return ContendedProfile(

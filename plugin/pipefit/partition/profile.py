@@ -200,6 +200,25 @@ def measure_layer(
     )
 
 
+def load_profile_cache(cache_dir: str | os.PathLike | None) -> tuple[Path, dict[str, Any]]:
+    """``cache_dir/profile.json`` (default :func:`default_cache_dir`) and its entries (``{}`` if missing/unreadable)."""
+    cache_file = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "profile.json"
+    if cache_file.is_file():
+        try:
+            return cache_file, json.loads(cache_file.read_text())
+        except (OSError, ValueError):
+            pass
+    return cache_file, {}
+
+
+def save_profile_cache(cache_file: Path, cache: dict[str, Any]) -> None:
+    """Write the profile cache whole, through a temporary file and a rename (never half-written)."""
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache_file.with_name(f".{cache_file.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
+    os.replace(tmp, cache_file)
+
+
 def profile_layers(
     skeleton: Any,
     plan: Sequence[Any],
@@ -220,14 +239,7 @@ def profile_layers(
     """
     result: list[dict[str, Any]] | None = None
     if measure:
-        cache_file = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        cache_file = cache_file / "profile.json"
-        cache: dict[str, Any] = {}
-        if cache_file.is_file():
-            try:
-                cache = json.loads(cache_file.read_text())
-            except (OSError, ValueError):
-                cache = {}
+        cache_file, cache = load_profile_cache(cache_dir)
         by_signature: dict[str, dict[str, Any]] = {}
         changed = False
         for layer in plan:
@@ -240,10 +252,7 @@ def profile_layers(
                 changed = True
             by_signature[sig] = cache[key]
         if changed:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_name(f".{cache_file.name}.tmp-{os.getpid()}")
-            tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
-            os.replace(tmp, cache_file)
+            save_profile_cache(cache_file, cache)
         result = [by_signature[layer_signature(layer, skeleton.config)] for layer in plan]
     if broadcast is not None:
         result = broadcast(result)
