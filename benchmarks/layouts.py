@@ -6,12 +6,18 @@
 
 A Llama-style model (hidden 256, 4 blocks, vocab 8192, seq 128) and a global batch of 8 sequences:
 every layout ``pipefit plan --search --world 2`` considers with ZeRO-1 (pp 1 x dp 2 and pp 2 x dp 1,
-every micro-batch size, activation checkpoint interval 0 and 1) is trained by two ranks (gloo, one
-thread each) through pipefit's pieces (``Prepared``, ``build_pipeline_module``, ``build_ds_config``,
-``deepspeed.initialize``, ``engine.train_batch``), with the split the search gave it. Rounds
-alternate the order of the layouts, so drift on a shared machine falls on every layout alike. The
-table lists each layout's median step, tokens/s, its ratio to the fastest measured layout and the
-search's predicted step and rank; the last line compares the search's pick with the fastest measured.
+every micro-batch size, activation checkpoint interval 0 and 1, schedules 1f1b and zb1p) is trained by
+two ranks (gloo, one thread each) with the engine a run trains with (``Prepared``,
+``build_pipeline_module``, ``start_engine``, ``engine.train_batch``: pipefit's ``PipelineEngine``), with
+the split the search gave it. Rounds alternate the order of the layouts, so drift on a shared machine
+falls on every layout alike.
+
+Three searches rank the same layouts: ``flops`` (the analytic model), ``profile`` (``--costs profile
+--contended``: each micro-batch shape timed with both ranks busy) and ``calibrated`` (the same, with
+``--calibrate``: the ratios of measured to priced seconds of one layout, profile's pick, the one a user
+would launch and trace first). The table lists each layout's median step, tokens/s, its ratio to the
+fastest measured layout and each search's predicted step and rank; the last lines compare each search's
+pick with the fastest measured layout.
 """
 
 from __future__ import annotations
@@ -19,16 +25,12 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from _bench import launch_workers, pipefit_engine, time_steps
+
 FULL = {
     "hidden_size": 256,
     "intermediate_size": 688,
@@ -41,7 +43,7 @@ FULL = {
 }
 QUICK = {**FULL, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "vocab_size": 4096}
 QUICK.update(seq_len=32, global_batch_size=4)
-KEYS = ("pp", "dp", "micro_batch_size", "grad_accum_steps", "activation_checkpoint_interval")
+KEYS = ("pp", "dp", "micro_batch_size", "grad_accum_steps", "activation_checkpoint_interval", "schedule")
 
 
 def overrides(shape: dict, output_dir: str) -> list[str]:
@@ -58,14 +60,39 @@ def overrides(shape: dict, output_dir: str) -> list[str]:
     ]
 
 
-def ranked_layouts(shape: dict, output_dir: str) -> list[dict]:
-    """The search's candidates for 2 ranks (ZeRO-1, intervals 0 and 1), best first."""
+def ranked_layouts(shape: dict, output_dir: str, **priced) -> list[dict]:
+    """The search's candidates for 2 ranks (ZeRO-1, intervals 0 and 1), best first; ``priced``: how the
+    search prices (``costs_model``, ``contended``, ``calibration``; default the ``flops`` model)."""
     from pipefit.cli import compose
     from pipefit.config import validate
     from pipefit.partition.search import search_run
 
     run = validate(compose(overrides(shape, output_dir)))
-    return search_run(run, 2, intervals=[0, 1], zero_stages=[1])["candidates"]
+    return search_run(run, 2, intervals=[0, 1], zero_stages=[1], **priced)["candidates"]
+
+
+def calibration_from(shape: dict, output_dir: str, layout: dict, rounds: list[dict]) -> object:
+    """``pipefit plan --calibrate``'s ratios from one measured layout (its instructions' medians over rounds)."""
+    from pipefit.cli import compose
+    from pipefit.config import validate
+    from pipefit.partition import calibrate
+    from pipefit.partition.plan import price_run
+
+    run = validate(compose([*overrides(shape, output_dir), *layout_overrides(layout)]))
+    _, costs, _ = price_run(run, layout["dp"], costs_model="profile", contended=True)
+    measured = {
+        int(stage): {name: statistics.median(r[stage].get(name, 0.0) for r in rounds) for name in rounds[0][stage]}
+        for stage in rounds[0]
+    }
+    return calibrate.fit(costs, layout["boundaries"], measured, source=describe(layout))
+
+
+def key(c: dict) -> tuple:
+    return (*(c[k] for k in KEYS), tuple(c["boundaries"]))
+
+
+def describe(c: dict) -> str:
+    return " ".join(f"{k}={c[k]}" for k in KEYS) + f" {c['boundaries']}"
 
 
 def layout_overrides(c: dict) -> list[str]:
@@ -74,6 +101,7 @@ def layout_overrides(c: dict) -> list[str]:
         f"train.micro_batch_size={c['micro_batch_size']}",
         f"train.grad_accum_steps={c['grad_accum_steps']}",
         f"pipeline.activation_checkpoint_interval={c['activation_checkpoint_interval']}",
+        f"pipeline.schedule={c['schedule']}",
         "pipeline.partition=manual",
         f"pipeline.boundaries=[{','.join(map(str, c['boundaries']))}]",
     ]
@@ -82,42 +110,20 @@ def layout_overrides(c: dict) -> list[str]:
 # --- worker: one of the two ranks ---------------------------------------------------------------
 
 
-def _time_layout(shape: dict, c: dict, output_dir: str, steps: int) -> float:
-    import deepspeed
-    import torch.distributed as dist
+def _time_layout(shape: dict, c: dict, output_dir: str, steps: int) -> tuple[float, dict[str, float]]:
     from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 
     from pipefit.cli import compose
     from pipefit.config import validate
-    from pipefit.run.ds_config import build_ds_config
-    from pipefit.run.engine import build_pipeline_module
     from pipefit.run.preflight import Prepared
 
     run = validate(compose([*overrides(shape, output_dir), *layout_overrides(c)]))
     prepared = Prepared(run, world_size=2)
-    topo = PipeDataParallelTopology(num_pp=c["pp"], num_dp=c["dp"])
-    module = build_pipeline_module(
-        prepared.skeleton, prepared.boundaries, topo, "cpu", run.pipeline.activation_checkpoint_interval
-    )
-    # One parameter group on every stage (see benchmarks/partition.py: ZeRO-1's per-group norm).
-    engine, _, _, _ = deepspeed.initialize(
-        model=module,
-        config=build_ds_config(run, prepared.dp, "cpu", None),
-        model_parameters=[{"params": list(module.parameters()), "weight_decay": run.optim.weight_decay}],
-    )
-    if engine.is_first_stage() or engine.is_last_stage():
-        engine.set_dataiterator(prepared.batches.iterate(topo.get_coord(dist.get_rank()).data))
-    engine.train_batch()  # warm-up: allocations, first communication
-    times = []
-    for _ in range(steps):
-        dist.barrier()
-        t0 = time.perf_counter()
-        engine.train_batch()
-        dist.barrier()
-        times.append(time.perf_counter() - t0)
-    del engine, module
+    engine = pipefit_engine(prepared, prepared.boundaries, PipeDataParallelTopology(num_pp=c["pp"], num_dp=c["dp"]))
+    found = time_steps(engine, steps)
+    del engine
     gc.collect()
-    return statistics.median(times)
+    return found
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -131,16 +137,19 @@ def worker(args: argparse.Namespace) -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     rank = dist.get_rank()
     measured: dict[int, list[float]] = {i: [] for i in range(len(layouts))}
+    instructions: dict[int, list[dict[str, float]]] = {i: [] for i in range(len(layouts))}
     order = list(range(len(layouts)))
     for r in range(args.rounds):
         for i in order if r % 2 == 0 else order[::-1]:
-            t = _time_layout(shape, layouts[i], args.output_dir, args.steps)
+            t, spans = _time_layout(shape, layouts[i], args.output_dir, args.steps)
             measured[i].append(t)
+            instructions[i].append(spans)
             if rank == 0:
                 desc = " ".join(f"{k}={layouts[i][k]}" for k in KEYS)
                 print(f"round {r + 1}/{args.rounds} {desc}: {t:.3f} s/step", flush=True)
     if rank == 0:
         Path(args.result).write_text(json.dumps({str(i): v for i, v in measured.items()}))
+        Path(args.result).with_suffix(".spans.json").write_text(json.dumps(instructions))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -148,40 +157,53 @@ def worker(args: argparse.Namespace) -> None:
 # --- parent: search, launch, table --------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def table(shape: dict, layouts: list[dict], measured: dict[str, list[float]]) -> str:
+def table(shape: dict, layouts: list[dict], measured: dict[str, list[float]], searches: dict[str, list]) -> str:
+    """Every measured layout (in the calibrated search's order) with each search's prediction and rank,
+    then each search's pick against the fastest measured layout."""
     tokens = shape["global_batch_size"] * shape["seq_len"]
+    index = {key(c): i for i, c in enumerate(layouts)}
     med = [statistics.median(measured[str(i)]) for i in range(len(layouts))]
     fastest = min(range(len(layouts)), key=lambda i: med[i])
-    rounds = len(measured["0"])
+    by_measured = sorted(range(len(layouts)), key=lambda i: med[i])
+    ranks = {
+        name: {key(c): (r + 1, c["predicted_step_s"]) for r, c in enumerate(found)} for name, found in searches.items()
+    }
     lines = [
         f"2 CPU ranks x 1 thread; Llama-style hidden {shape['hidden_size']}, {shape['num_hidden_layers']} blocks, "
         f"vocab {shape['vocab_size']}, seq {shape['seq_len']}, global batch {shape['global_batch_size']}, ZeRO-1; "
-        f"{rounds} rounds (alternating order), median of per-round medians; predictions: flops, hardware=cpu",
+        f"{len(measured['0'])} rounds (alternating order), median of per-round medians; hardware=cpu",
+        "searches: flops = pipefit plan --search; profile = --costs profile --contended; calibrated = the same",
+        "  with --calibrate from the measured instructions of profile's pick (the layout one would launch first)",
         "",
-        f"{'search rank':>11} {'pp':>3} {'dp':>3} {'micro':>5} {'accum':>5} {'ckpt':>4} {'boundaries':<14} "
-        f"{'measured':>9} {'tokens/s':>9} {'/fastest':>9} {'predicted':>10} {'measured rank':>13}",
+        f"{'pp':>3} {'dp':>3} {'micro':>5} {'accum':>5} {'ckpt':>4} {'sched':>5} {'boundaries':<12} {'measured':>9} "
+        f"{'tokens/s':>9} {'/fastest':>9} {'rank':>4}"
+        + "".join(f" {name + ' pred':>16} {'rank':>4}" for name in searches),
     ]
-    by_measured = sorted(range(len(layouts)), key=lambda i: med[i])
-    for i, c in enumerate(layouts):
-        lines.append(
-            f"{i + 1:>11} {c['pp']:>3} {c['dp']:>3} {c['micro_batch_size']:>5} {c['grad_accum_steps']:>5} "
-            f"{c['activation_checkpoint_interval']:>4} {str(c['boundaries']):<14} {med[i]:>8.3f}s "
-            f"{tokens / med[i]:>9.0f} {med[i] / med[fastest]:>9.3f} {c['predicted_step_s']:>9.3f}s "
-            f"{by_measured.index(i) + 1:>13}"
+    for c in searches["calibrated"]:
+        i = index.get(key(c))
+        if i is None:
+            continue
+        row = (
+            f"{c['pp']:>3} {c['dp']:>3} {c['micro_batch_size']:>5} {c['grad_accum_steps']:>5} "
+            f"{c['activation_checkpoint_interval']:>4} {c['schedule']:>5} {str(c['boundaries']):<12} {med[i]:>8.3f}s "
+            f"{tokens / med[i]:>9.0f} {med[i] / med[fastest]:>9.3f} {by_measured.index(i) + 1:>4}"
         )
-    pick = 0  # the search's best: its first candidate (every layout here fits)
-    lines += [
-        "",
-        f"search's pick (rank 1): {tokens / med[pick]:.0f} tokens/s measured; fastest measured (search rank "
-        f"{fastest + 1}): {tokens / med[fastest]:.0f} tokens/s; pick / fastest = {med[fastest] / med[pick]:.3f} "
-        f"({'within' if med[fastest] / med[pick] >= 0.95 else 'NOT within'} 5 %)",
-    ]
+        for name in searches:
+            rank, pred = ranks[name].get(key(c), (0, float("nan")))
+            row += f" {pred:>15.3f}s {rank:>4}"
+        lines.append(row)
+    lines.append("")
+    for name, found in searches.items():
+        pick = index.get(key(found[0]))
+        if pick is None:
+            lines.append(f"{name} search's pick {describe(found[0])} was not measured")
+            continue
+        ratio = med[fastest] / med[pick]
+        lines.append(
+            f"{name} search's pick ({describe(found[0])}): {tokens / med[pick]:.0f} tokens/s measured; fastest "
+            f"measured: {tokens / med[fastest]:.0f} tokens/s; pick / fastest = {ratio:.3f} "
+            f"({'within' if ratio >= 0.95 else 'NOT within'} 5 %)"
+        )
     return "\n".join(lines)
 
 
@@ -204,42 +226,32 @@ def main() -> int:
     shape = QUICK if args.quick else FULL
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "out")
-        layouts = [c for c in ranked_layouts(shape, out) if c["fits"]]
+        searches = {
+            "flops": ranked_layouts(shape, out),
+            "profile": ranked_layouts(shape, out, costs_model="profile", contended=True),
+        }
+        layouts = [c for c in searches["profile"] if c["fits"]]
         (Path(tmp) / "layouts.json").write_text(json.dumps(layouts))
         result_file = Path(tmp) / "result.json"
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "plugin")}
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(_free_port()),
-            str(Path(__file__).resolve()),
-            "--worker",
-            "--layouts",
-            str(Path(tmp) / "layouts.json"),
-            "--result",
-            str(result_file),
-            "--output-dir",
-            out,
-            "--rounds",
-            str(args.rounds),
-            "--steps",
-            str(args.steps),
-            *(["--quick"] if args.quick else []),
-        ]
-        proc = subprocess.run(cmd, env=env, cwd=REPO)
-        if proc.returncode != 0:
-            print(f"benchmark workers failed (exit {proc.returncode})", file=sys.stderr)
-            return proc.returncode
+        worker_args = ["--layouts", str(Path(tmp) / "layouts.json"), "--result", str(result_file)]
+        worker_args += ["--output-dir", out, "--rounds", str(args.rounds), "--steps", str(args.steps)]
+        code = launch_workers(__file__, worker_args + (["--quick"] if args.quick else []))
+        if code != 0:
+            return code
         measured = json.loads(result_file.read_text())
-    text = table(shape, layouts, measured)
+        spans = json.loads(result_file.with_suffix(".spans.json").read_text())
+        cal = calibration_from(shape, out, layouts[0], spans["0"])
+        searches["calibrated"] = ranked_layouts(shape, out, costs_model="profile", contended=True, calibration=cal)
+    text = table(shape, layouts, measured, searches)
+    text += "\ncalibration (measured / priced on the profile pick): " + ", ".join(
+        f"{k} x{getattr(cal, k):.3f}" for k in ("forward", "backward", "optimizer", "reduce")
+    )
     print(text)
     if args.save:
         Path(args.save).parent.mkdir(parents=True, exist_ok=True)
         Path(args.save).write_text(text + "\n")
+        detail = {"layouts": layouts, "measured": measured, "instruction_s": spans, "searches": searches}
+        Path(args.save).with_suffix(".json").write_text(json.dumps(detail, indent=1) + "\n")
     return 0
 
 

@@ -5,7 +5,7 @@
     python benchmarks/partition.py --save benchmarks/results/partition.txt
 
 Two CPU ranks (gloo, one thread each) train a Llama-style model through pipefit's own pieces
-(``build_pipeline_module``, ``build_ds_config``, ``deepspeed.initialize``, ``engine.train_batch``): the
+(``build_pipeline_module``, ``start_engine``, ``engine.train_batch``: the engine a run trains with): the
 issue's shape (hidden 256, 8 blocks, vocab 12288, seq 256, micro-batch 2, 8 micro-batches, ZeRO-1) and a
 second one with a small vocabulary and long rows (vocab 4096, seq 512). Every contiguous pp=2 split is
 timed, in rounds that alternate the order of the splits, so drift on a shared machine falls on every split
@@ -23,16 +23,13 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from _bench import launch_workers, pipefit_engine, time_steps
+
 FULL = {
     "hidden_size": 256,
     "intermediate_size": 688,
@@ -71,36 +68,12 @@ def overrides(shape: dict, output_dir: str) -> list[str]:
 # --- worker: one of the two ranks ---------------------------------------------------------------
 
 
-def _time_split(prepared, bounds: list[int], topo, steps: int) -> float:
-    import deepspeed
-    import torch.distributed as dist
-
-    from pipefit.run.ds_config import build_ds_config
-    from pipefit.run.engine import build_pipeline_module
-
-    run = prepared.run
-    module = build_pipeline_module(prepared.skeleton, bounds, topo, "cpu")
-    # One parameter group on every stage: DeepSpeed's ZeRO-1 all-reduces the gradient norm across
-    # stages once per group, so a stage with only 2-D weights (embedding or head alone) and hence a
-    # single weight-decay group would pair its all-reduces wrongly with a two-group stage and hang.
-    engine, _, _, _ = deepspeed.initialize(
-        model=module,
-        config=build_ds_config(run, 1, "cpu", None),
-        model_parameters=[{"params": list(module.parameters()), "weight_decay": run.optim.weight_decay}],
-    )
-    if engine.is_first_stage() or engine.is_last_stage():
-        engine.set_dataiterator(prepared.batches.iterate(0))
-    engine.train_batch()  # warm-up: allocations, first communication
-    times = []
-    for _ in range(steps):
-        dist.barrier()
-        t0 = time.perf_counter()
-        engine.train_batch()
-        dist.barrier()
-        times.append(time.perf_counter() - t0)
-    del engine, module
+def _time_split(prepared, bounds: list[int], topo, steps: int) -> tuple[float, dict[str, float]]:
+    engine = pipefit_engine(prepared, bounds, topo)
+    found = time_steps(engine, steps)
+    del engine
     gc.collect()
-    return statistics.median(times)
+    return found
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -147,10 +120,12 @@ def worker(args: argparse.Namespace) -> None:
     }
     splits = [[0, b, n] for b in range(1, n)]
     measured: dict[str, list[float]] = {str(s): [] for s in splits}
+    spans: dict[str, list[dict[str, float]]] = {str(s): [] for s in splits}
     for r in range(args.rounds):
         for bounds in splits if r % 2 == 0 else splits[::-1]:
-            t = _time_split(prepared, bounds, topo, args.steps)
+            t, found = _time_split(prepared, bounds, topo, args.steps)
             measured[str(bounds)].append(t)
+            spans[str(bounds)].append(found)
             if rank == 0:
                 print(f"round {r + 1}/{args.rounds} split {bounds}: {t:.3f} s/step", flush=True)
     if rank == 0:
@@ -162,6 +137,7 @@ def worker(args: argparse.Namespace) -> None:
             rows[str(bounds)] = {
                 "boundaries": bounds,
                 "times": measured[str(bounds)],
+                "instruction_s": spans[str(bounds)],
                 "predicted_profile_s": ev["predicted_step_s"],
                 "predicted_flops_s": evaluate(priced["flops"], plan, bounds)["predicted_step_s"],
                 "bound_1f1b_s": (workload.micro_batches + 1) * max(fb),
@@ -222,12 +198,14 @@ def measure_profile(shape: dict, output_dir: str, cache_dir: str) -> None:
     profile.profile_layers(skeleton, layer_plan(skeleton), costs.Workload.from_run(run, 1), cache_dir=cache_dir)
 
 
-def contended_predictions(shape: dict, output_dir: str, splits: list[list[int]]) -> dict[str, float]:
-    """``pipefit plan --costs profile --contended``'s predicted step for every split: layers timed with both
-    ranks busy, measured transfers and optimizer work (``pipefit.partition.contended``), measured in this run."""
+def contended_predictions(shape: dict, output_dir: str, result: dict) -> None:
+    """``pipefit plan --costs profile --contended``'s predicted step for every split (layers timed with both
+    ranks busy, measured transfers and optimizer work: ``pipefit.partition.contended``), measured in this
+    run, and the same prices calibrated (``--calibrate``) by the measured instructions of one split: the
+    one ``profile`` chose, the layout a user would launch and trace. Adds both to ``result["splits"]``."""
     from pipefit.cli import compose
     from pipefit.config import validate
-    from pipefit.partition import costs
+    from pipefit.partition import calibrate, costs
     from pipefit.partition.boundaries import price_layers
     from pipefit.partition.plan import evaluate
     from pipefit.run.preflight import Prepared
@@ -236,13 +214,18 @@ def contended_predictions(shape: dict, output_dir: str, splits: list[list[int]])
     prepared = Prepared(run, world_size=2)
     hw = costs.Hardware.from_config(run.hardware)
     priced = price_layers(prepared.skeleton, "profile", costs.Workload.from_run(run, 1), hw, ranks=2)
-    return {str(b): evaluate(priced, prepared.plan, b)["predicted_step_s"] for b in splits}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    source = result["methods"]["profile"]
+    rounds = result["splits"][str(source)]["instruction_s"]
+    measured = {
+        int(stage): {name: statistics.median(r[stage].get(name, 0.0) for r in rounds) for name in rounds[0][stage]}
+        for stage in rounds[0]
+    }
+    calibrated = calibrate.apply(priced, calibrate.fit(priced, source, measured, source=str(source)))
+    result["calibrated_by"] = source
+    result["calibration"] = calibrated.details["calibration"]
+    for row in result["splits"].values():
+        row["predicted_contended_s"] = evaluate(priced, prepared.plan, row["boundaries"])["predicted_step_s"]
+        row["predicted_calibrated_s"] = evaluate(calibrated, prepared.plan, row["boundaries"])["predicted_step_s"]
 
 
 def table(result: dict, single_s: float | None) -> str:
@@ -259,27 +242,32 @@ def table(result: dict, single_s: float | None) -> str:
         f"{m} micro-batches, ZeRO-1; {len(next(iter(rows.values()))['times'])} rounds (alternating order), "
         "median of per-round medians",
         "",
-        "pred(plan): pipefit plan --costs profile --contended (both ranks busy, measured transfers, optimizer step);",
+        "pred(calibrated): pipefit plan --costs profile --contended --calibrate, the ratios measured on the split",
+        f"  marked * ({result['calibrated_by']}: profile's choice) applied to every split: "
+        + ", ".join(f"{k} x{v:.3f}" for k, v in result["calibration"].items() if k != "source"),
+        "pred(contended): --costs profile --contended alone (both ranks busy, measured transfers, optimizer step)",
         "pred(quiet): layers timed one at a time, alone (the profile before); pred(flops): analytic",
         "",
-        f"{'split':<14} {'measured':>9} {'/params':>8} {'/fastest':>9} {'pred(plan)':>11} {'pred/meas':>10} "
-        f"{'pred(quiet)':>12} {'pred/meas':>10} {'pred(flops)':>12} {'meas/1F1B bound':>16}  chosen by",
+        f"{'split':<14} {'measured':>9} {'/params':>8} {'/fastest':>9} {'pred(calib.)':>12} {'pred/meas':>10} "
+        f"{'pred(cont.)':>11} {'pred/meas':>10} {'pred(quiet)':>12} {'pred/meas':>10} {'pred(flops)':>12} "
+        f"{'meas/1F1B bound':>16}  chosen by",
     ]
     for key, v in rows.items():
         by = [name for name, b in result["methods"].items() if str(b) == key]
-        plan = v.get("predicted_contended_s", float("nan"))
+        cal, cont = v["predicted_calibrated_s"], v["predicted_contended_s"]
+        mark = "*" if key == str(result["calibrated_by"]) else " "
         lines.append(
-            f"{key:<14} {med[key]:>8.3f}s {med[key] / med[params]:>8.3f} {med[key] / med[fastest]:>9.3f} "
-            f"{plan:>10.3f}s {plan / med[key]:>10.3f} "
+            f"{key + mark:<14} {med[key]:>8.3f}s {med[key] / med[params]:>8.3f} {med[key] / med[fastest]:>9.3f} "
+            f"{cal:>11.3f}s {cal / med[key]:>10.3f} {cont:>10.3f}s {cont / med[key]:>10.3f} "
             f"{v['predicted_profile_s']:>11.3f}s {v['predicted_profile_s'] / med[key]:>10.3f} "
             f"{v['predicted_flops_s']:>11.3f}s {med[key] / v['bound_1f1b_s']:>16.3f}  {', '.join(by)}"
         )
-    ratios = [v["predicted_contended_s"] / med[k] for k, v in rows.items() if "predicted_contended_s" in v]
-    if ratios:
+    for name, field in (("pred(calibrated)", "predicted_calibrated_s"), ("pred(contended)", "predicted_contended_s")):
+        ratios = [v[field] / med[k] for k, v in rows.items()]
         worst = max(abs(r - 1) for r in ratios)
         within = sum(abs(r - 1) <= 0.10 for r in ratios)
         lines.append(
-            f"pred(plan)/measured: {min(ratios):.3f}-{max(ratios):.3f}, worst {worst:.1%} off, "
+            f"{name}/measured: {min(ratios):.3f}-{max(ratios):.3f}, worst {worst:.1%} off, "
             f"{within} of {len(ratios)} splits within 10 %"
         )
     lines += ["", f"{'method':<12} {'split':<14} {'measured':>9} {'vs parameters':>14} {'vs fastest':>11}"]
@@ -304,43 +292,12 @@ def measure_shape(args: argparse.Namespace, shape: dict) -> str | None:
     with tempfile.TemporaryDirectory() as tmp:
         result_file = Path(tmp) / "result.json"
         measure_profile(shape, str(Path(tmp) / "profile"), str(Path(tmp) / "cache"))
-        # This checkout's pipefit (plugin/), not whichever one is installed.
-        env = {
-            **os.environ,
-            "OMP_NUM_THREADS": "1",
-            "PYTHONPATH": f"{REPO / 'plugin'}{os.pathsep}{REPO / 'benchmarks'}",
-        }
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(_free_port()),
-            str(Path(__file__).resolve()),
-            "--worker",
-            "--result",
-            str(result_file),
-            "--output-dir",
-            str(Path(tmp) / "out"),
-            "--cache-dir",
-            str(Path(tmp) / "cache"),
-            "--rounds",
-            str(args.rounds),
-            "--steps",
-            str(args.steps),
-            "--shape",
-            json.dumps(shape),
-        ]
-        proc = subprocess.run(cmd, env=env, cwd=REPO)
-        if proc.returncode != 0:
-            print(f"benchmark workers failed (exit {proc.returncode})", file=sys.stderr)
+        worker_args = ["--result", str(result_file), "--output-dir", str(Path(tmp) / "out")]
+        worker_args += ["--cache-dir", str(Path(tmp) / "cache"), "--rounds", str(args.rounds)]
+        if launch_workers(__file__, [*worker_args, "--steps", str(args.steps), "--shape", json.dumps(shape)]) != 0:
             return None
         result = json.loads(result_file.read_text())
-        splits = [v["boundaries"] for v in result["splits"].values()]
-        for key, pred in contended_predictions(shape, str(Path(tmp) / "plan"), splits).items():
-            result["splits"][key]["predicted_contended_s"] = pred
+        contended_predictions(shape, str(Path(tmp) / "plan"), result)
         single = None if args.no_single else single_process(shape, str(Path(tmp) / "single"), max(2, args.steps))
     return table(result, single)
 

@@ -14,10 +14,9 @@ from pipefit.config import ConfigError, HardwareConfig, validate
 from pipefit.config.compose import compose
 from pipefit.model.layer_list import layer_plan, make_skeleton
 from pipefit.partition.balance import StageMemory
+from pipefit.partition.checkpointing import CheckpointedMemory, checkpointed
 from pipefit.partition.costs import Hardware, Workload, flops_costs
 from pipefit.partition.search import (
-    CheckpointedMemory,
-    checkpointed,
     resolve_auto,
     search,
     search_run,

@@ -342,6 +342,7 @@ def test_traced_run_records_every_instruction_and_trains_as_the_reference(tmp_pa
     lines = metrics(out)
     trace_lines = [m for m in lines if "trace" in m]
     assert len(trace_lines) == 1 and trace_lines[0]["step"] == 3  # written once step 3 (the last traced) is done
+    _plan_calibrated_by(out, overrides, trace_lines[0]["trace"])
     (out / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines if "loss" in m))
     losses_match(out, ref_losses, 4)  # tracing changes nothing that is computed
 
@@ -367,3 +368,23 @@ def test_traced_run_records_every_instruction_and_trains_as_the_reference(tmp_pa
     assert abs(shares - row["step_s"]) < 1e-3 and row["compute"] > 0 and row["communication"] > 0
     assert (out / "trace.png").stat().st_size > 10_000
     assert "trace stage 0: step" in (out / "train.log").read_text()
+
+
+def _plan_calibrated_by(out: Path, overrides: list[str], trace: dict) -> None:
+    """``pipefit plan --calibrate`` on this real traced run: its own split, priced and calibrated, spends the
+    measured forward and backward seconds (summed over stages)."""
+    import contextlib
+    import io
+
+    from pipefit.cli import main as cli_main
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert cli_main(["plan", *overrides, "--calibrate", str(out), "--json"]) == 0
+    report = json.loads(printed.getvalue())
+    cal, m = report["calibration"], report["micro_batches"]
+    assert cal["forward"] > 0 and cal["backward"] > 0 and cal["optimizer"] > 0 and cal["reduce"] == 1.0  # dp=1
+    stages = report["methods"][report["chosen"]]["stages"]
+    for kind, names in (("forward_s", ["ForwardPass"]), ("backward_s", ["BackwardPass"])):
+        measured = sum(trace[f"stage{s}"]["instructions"].get(n, 0.0) for s in range(len(stages)) for n in names)
+        assert sum(m * st[kind] for st in stages) == pytest.approx(measured, rel=1e-6)

@@ -5,6 +5,7 @@
     pipefit plan model=llama_tiny pipeline.stages=2 pipeline.partition=flops hardware=cpu --png plan.png
     pipefit plan pipeline.stages=2 pipeline.partition=manual pipeline.boundaries=[0,3,6] --costs profile
     pipefit plan model=llama3_8b pipeline.stages=4 pipeline.partition=profile train.precision=bf16 --device cuda
+    pipefit plan pipeline.stages=2 --costs profile --contended --calibrate outputs/traced_run
     pipefit plan --search --world 8 model=llama3_8b hardware=a100 train.precision=bf16 data.seq_len=8192 \
         train.global_batch_size=512
 
@@ -18,12 +19,15 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from pipefit.config import validate
 from pipefit.config.compose import compose
 from pipefit.model.weights import CheckpointError
 from pipefit.parity.verify import format_report, verify
-from pipefit.partition.plan import format_plan, make_plan, to_json, write_png
+from pipefit.partition.calibrate import Calibration, measured_layout, read_trace
+from pipefit.partition.calibrate import fit as fit_calibration
+from pipefit.partition.plan import format_plan, make_plan, price_run, to_json, write_png
 from pipefit.partition.search import format_search, resolve_auto, search_run
 from pipefit.run.exits import user_error_types
 from pipefit.run.export import export
@@ -76,6 +80,16 @@ def launch_world(world: int | None = None) -> int:
     return value
 
 
+def _calibration(args: argparse.Namespace, run: Any, device: str, costs_model: str | None) -> Calibration | None:
+    """``--calibrate RUN_DIR``: the ratios of that traced run's measured seconds to its own layout's prices
+    (priced by ``costs_model``, as the plan or search prices)."""
+    if args.calibrate is None:
+        return None
+    measured, bounds, dp = measured_layout(args.calibrate, run)
+    _, costs, _ = price_run(measured, dp, device, args.cache_dir, costs_model, args.contended)
+    return fit_calibration(costs, bounds, read_trace(args.calibrate), source=str(args.calibrate))
+
+
 def _plan(args: argparse.Namespace) -> int:
     if args.dp < 1:
         raise ValueError(f"--dp={args.dp} is not accepted; expected an integer >= 1")
@@ -83,13 +97,28 @@ def _plan(args: argparse.Namespace) -> int:
     run = validate(compose(args.overrides, args.config_dir))
     world = launch_world(args.world)
     if args.search:
-        result = search_run(run, world)
+        costs = args.costs or "flops"
+        result = search_run(
+            run,
+            world,
+            costs_model=costs,
+            contended=args.contended,
+            device=device,
+            cache_dir=args.cache_dir,
+            calibration=_calibration(args, run, device, costs),
+        )
         print(json.dumps(result, indent=1) if args.json else format_search(result))
         return 0
     run, chosen = resolve_auto(run, world)
     dp = chosen["dp"] if chosen else args.dp
     report = make_plan(
-        run, dp=dp, device=device, cache_dir=args.cache_dir, costs_model=args.costs, contended=args.contended
+        run,
+        dp=dp,
+        device=device,
+        cache_dir=args.cache_dir,
+        costs_model=args.costs,
+        contended=args.contended,
+        calibration=_calibration(args, run, device, args.costs),
     )
     print(to_json(report) if args.json else format_plan(report))
     if args.png:
@@ -146,6 +175,13 @@ def main(argv: list[str] | None = None) -> int:
         "--contended",
         action="store_true",
         help="profile on CPU with one process per rank, all busy at once, with measured transfers and optimizer step",
+    )
+    pl.add_argument(
+        "--calibrate",
+        default=None,
+        metavar="RUN_DIR",
+        help="scale every price by what a traced run of the same model measured (its output_dir; "
+        "train.trace=true), e.g. one short run of the launch layout",
     )
     pl.add_argument("--config-dir", default=None, help="Hydra config folder (default: the repository's conf/)")
     ex = sub.add_parser("export", help="write a Hugging Face folder from a checkpoint (or a run's newest one)")

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from pipefit.model.layer_list import layer_plan, make_skeleton
-from pipefit.partition.costs import Hardware, LayerCosts, ModelShape, Workload
+from pipefit.partition.costs import Hardware, LayerCosts, ModelShape, Workload, reduce_seconds
 from pipefit.partition.profile import (
     LayerProfile,
     _cache_key,
@@ -199,15 +199,8 @@ def contended_costs(
     """
     base = profile_costs(hf_config, plan, workload, hw, measured.layers)
     shard = workload.dp if workload.zero_stage >= 1 else 1
-    link = hw.link_bandwidth_gbs * 1e9
-    per_step = []
-    for layer in plan:
-        t = layer.num_params * measured.optimizer_s_per_param / shard
-        if workload.dp > 1:
-            t += 2 * (workload.dp - 1) / workload.dp * layer.num_params * 4 / link
-        if layer.tied:
-            t += layer.num_params * 4 / link
-        per_step.append(t)
+    reduce = reduce_seconds(plan, workload, hw)
+    per_step = [x.num_params * measured.optimizer_s_per_param / shard + r for x, r in zip(plan, reduce, strict=True)]
     return replace(
         base,
         per_step_s=per_step,

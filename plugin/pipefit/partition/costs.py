@@ -347,7 +347,8 @@ def attention_mask(hf_config: Any, layer: Any, workload: Workload) -> tuple[str,
 class LayerCosts:
     """Per-layer prices in seconds, and what the partitioner and simulator need besides.
 
-    ``per_step`` is the per-step work of a layer (optimizer, gradient reduction); ``transfer_s``
+    ``per_step`` is the per-step work of a layer (optimizer, gradient reduction), ``reduce_s`` the
+    gradient communication within it (:func:`reduce_seconds`; empty: none); ``transfer_s``
     the seconds one boundary takes per micro-batch in one direction; ``transfer_busy``: both stages spend
     those seconds (a blocking send and its receive, as gloo's), not only the data's flight time.
     """
@@ -367,6 +368,7 @@ class LayerCosts:
     # flight (:func:`attention_mask`), counted once per stage and kind by ``pipefit plan``.
     attention_masks: list[tuple[str, float] | None] = field(default_factory=list)
     transfer_busy: bool = False
+    reduce_s: list[float] = field(default_factory=list)
 
     def per_layer(self) -> list[float]:
         """Seconds per optimizer step each layer costs the stage that holds it."""
@@ -380,20 +382,27 @@ class LayerCosts:
         return [0.0] + [cut] * (n - 1) + [0.0]
 
 
-def _per_step_seconds(plan: Sequence[Any], workload: Workload, hw: Hardware) -> list[float]:
-    mem_bw = hw.memory_bandwidth_gbs * 1e9
+def reduce_seconds(plan: Sequence[Any], workload: Workload, hw: Hardware) -> list[float]:
+    """Per layer, the seconds per step of its gradient communication: the all-reduce over ``dp`` ranks and a
+    tied weight's exchange between the stages that hold it, at the hardware's link bandwidth."""
     link = hw.link_bandwidth_gbs * 1e9
     grad_bytes = 4  # gradients reduced in fp32 (DeepSpeed's default for pipelines)
-    shard = workload.dp if workload.zero_stage >= 1 else 1
     out = []
     for layer in plan:
-        t = layer.num_params * OPTIMIZER_BYTES_PER_PARAM / shard / mem_bw
+        t = 0.0
         if workload.dp > 1:
             t += 2 * (workload.dp - 1) / workload.dp * layer.num_params * grad_bytes / link
         if layer.tied:
             t += layer.num_params * grad_bytes / link
         out.append(t)
     return out
+
+
+def _per_step_seconds(plan: Sequence[Any], workload: Workload, hw: Hardware) -> list[float]:
+    mem_bw = hw.memory_bandwidth_gbs * 1e9
+    shard = workload.dp if workload.zero_stage >= 1 else 1
+    reduce = reduce_seconds(plan, workload, hw)
+    return [x.num_params * OPTIMIZER_BYTES_PER_PARAM / shard / mem_bw + r for x, r in zip(plan, reduce, strict=True)]
 
 
 def _transfer_seconds(hf_config: Any, workload: Workload, hw: Hardware) -> float:
@@ -411,6 +420,7 @@ def flops_costs(hf_config: Any, plan: Sequence[Any], workload: Workload, hw: Har
         forward_s=[f.forward / rate for f in flops],
         backward_s=[f.backward / rate for f in flops],
         per_step_s=_per_step_seconds(plan, workload, hw),
+        reduce_s=reduce_seconds(plan, workload, hw),
         transfer_s=_transfer_seconds(hf_config, workload, hw),
         micro_batches=workload.micro_batches,
         memory=memory.memory_model(plan, workload, [activation_bytes(hf_config, x, workload) for x in plan], hw),

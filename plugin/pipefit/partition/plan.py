@@ -28,6 +28,9 @@ from pipefit.model.layer_list import layer_plan, make_skeleton
 from pipefit.model.lora import trainable_layers
 from pipefit.partition import balance
 from pipefit.partition.boundaries import boundaries_for, price_layers
+from pipefit.partition.calibrate import Calibration
+from pipefit.partition.calibrate import apply as apply_calibration
+from pipefit.partition.checkpointing import checkpointed
 from pipefit.partition.costs import Hardware, LayerCosts, Workload, model_flops
 from pipefit.partition.zero_bubble_sim import simulate_zb1p, weight_backward_s
 
@@ -36,6 +39,7 @@ __all__ = [
     "bubble_fraction",
     "format_plan",
     "make_plan",
+    "price_run",
     "predicted_stage_memory",
     "simulate_1f1b",
     "write_png",
@@ -226,6 +230,31 @@ def evaluate(
     }
 
 
+def price_run(
+    run: Any,
+    dp: int = 1,
+    device: str = "cpu",
+    cache_dir: str | None = None,
+    costs_model: str | None = None,
+    contended: bool = False,
+) -> tuple[Any, LayerCosts, str]:
+    """``(skeleton, prices, cost model name)`` of a validated run's layers, as :func:`make_plan` prices them
+    (with ``pipeline.activation_checkpoint_interval``'s recompute and memory, :mod:`.checkpointing`)."""
+    hf_config = load_hf_config(run.model.path, dict(run.model.hf_config))
+    set_attn_implementation(hf_config, run.model.attn_implementation)
+    skeleton = make_skeleton(hf_config, seed=run.train.seed)
+    p = run.pipeline
+    workload = Workload.from_run(run, dp)
+    model_name = costs_model or ("profile" if p.partition == "profile" else "flops")
+    ranks = p.stages * dp if contended and model_name == "profile" and device == "cpu" else 1
+    hw = Hardware.from_config(run.hardware)
+    costs = price_layers(skeleton, model_name, workload, hw, device=device, cache_dir=cache_dir, ranks=ranks)
+    interval = p.activation_checkpoint_interval
+    if isinstance(interval, int) and interval > 0:  # recompute in the backward; less memory kept
+        costs = checkpointed(costs, hf_config, layer_plan(skeleton), workload, interval)
+    return skeleton, costs, model_name
+
+
 def make_plan(
     run: Any,
     dp: int = 1,
@@ -233,24 +262,21 @@ def make_plan(
     cache_dir: str | None = None,
     costs_model: str | None = None,
     contended: bool = False,
+    calibration: Calibration | None = None,
 ) -> dict[str, Any]:
     """The plan for a validated :class:`pipefit.config.RunConfig` on ``run.hardware``.
 
     ``costs_model`` (``flops`` or ``profile``) prices every split, the chosen one included (e.g. a manual
     one); by default ``profile`` when ``pipeline.partition=profile``, else ``flops``. ``contended``:
     ``profile`` on CPU measures with one process per rank busy at once (:mod:`pipefit.partition.contended`).
+    ``calibration``: every price times the ratios a traced run measured (:mod:`pipefit.partition.calibrate`).
     """
 
-    hf_config = load_hf_config(run.model.path, dict(run.model.hf_config))
-    set_attn_implementation(hf_config, run.model.attn_implementation)
-    skeleton = make_skeleton(hf_config, seed=run.train.seed)
-    plan = layer_plan(skeleton)
-    p = run.pipeline
-    hw = Hardware.from_config(run.hardware)
+    skeleton, costs, model_name = price_run(run, dp, device, cache_dir, costs_model, contended)
+    if calibration is not None:
+        costs = apply_calibration(costs, calibration)
+    hf_config, plan, p = skeleton.config, layer_plan(skeleton), run.pipeline
     workload = Workload.from_run(run, dp)
-    model_name = costs_model or ("profile" if p.partition == "profile" else "flops")
-    ranks = p.stages * dp if contended and model_name == "profile" and device == "cpu" else 1
-    costs = price_layers(skeleton, model_name, workload, hw, device=device, cache_dir=cache_dir, ranks=ranks)
     chosen = boundaries_for(skeleton, p.partition, p.stages, p.boundaries, layer_costs=costs)
     found = trainable_layers(run, skeleton)
     flops = costs.flops or model_flops(hf_config, plan, workload.seq_len, workload.micro_batch_size)
@@ -273,7 +299,8 @@ def make_plan(
         "seq_len": workload.seq_len,
         "precision": workload.precision,
         "hardware": run.hardware.name,
-        "cost_model": model_name,
+        "cost_model": model_name if calibration is None else f"{model_name}, calibrated by {calibration.source}",
+        "calibration": None if calibration is None else costs.details["calibration"],
         "attention": hf_config._attn_implementation,
         "layout": run.data.layout,
         "chosen": p.partition,

@@ -32,6 +32,7 @@ from pipefit.partition.costs import (
     _transfer_seconds,
     attention_mask,
     model_flops,
+    reduce_seconds,
 )
 from pipefit.partition.memory import memory_model
 
@@ -270,6 +271,7 @@ def profile_costs(
         forward_s=[p.forward_s for p in profiles],
         backward_s=[p.backward_s for p in profiles],
         per_step_s=_per_step_seconds(plan, workload, hw),
+        reduce_s=reduce_seconds(plan, workload, hw),
         transfer_s=_transfer_seconds(hf_config, workload, hw),
         micro_batches=workload.micro_batches,
         memory=memory_model(plan, workload, [p.activation_bytes for p in profiles], hw),

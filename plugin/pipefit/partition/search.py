@@ -14,38 +14,32 @@ world size: every rank of a launch computes the same layout and none needs to br
 :func:`pipefit.partition.costs.flops_costs` runs once per (micro-batch size, dp, ZeRO stage); the
 checkpoint intervals and the accumulation reuse those prices.
 
-Activation checkpointing (DeepSpeed's ``activation_checkpoint_interval=k``: each stage runs its
-layers in groups of ``k``, every group with parameters checkpointed) is priced here, since the
-cost model prices a plain forward: every layer's backward also recomputes its forward, and a
-stage keeps, per micro-batch in flight, only each group's input (hidden states and position ids)
-plus, during one group's backward, that group's whole saved activations for one micro-batch. The
-head keeps its full activations (logits and the loss' log-softmax are held for the loss). An
-interval above 1 recomputes as much as 1 and only trades saved inputs for a larger recomputed
-group: it pays only where it needs less memory than interval 1, and ties in predicted time go
-to the layout with less memory. Intervals as long as a whole stage are not tried.
+Activation checkpointing is priced by :mod:`pipefit.partition.checkpointing`.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pipefit.config import AUTO, ConfigError, auto_fields
 from pipefit.model.hf import load_hf_config, set_attn_implementation
 from pipefit.model.layer_list import layer_plan, make_skeleton
-from pipefit.partition.balance import PartitionError, StageMemory, partition_min_max
-from pipefit.partition.costs import POSITION_ID_BYTES, Hardware, LayerCosts, ModelShape, Workload, flops_costs
+from pipefit.partition.balance import PartitionError, partition_min_max
+from pipefit.partition.boundaries import price_layers
+from pipefit.partition.calibrate import Calibration
+from pipefit.partition.calibrate import apply as apply_calibration
+from pipefit.partition.checkpointing import checkpointed
+from pipefit.partition.costs import Hardware, LayerCosts, Workload, flops_costs
 from pipefit.partition.plan import evaluate
 from pipefit.partition.zero_bubble_sim import weight_backward_s
 
 __all__ = [
     "CHECKPOINT_INTERVALS",
-    "CheckpointedMemory",
-    "checkpointed",
     "format_search",
     "resolve_auto",
     "search",
@@ -56,78 +50,6 @@ __all__ = [
 CHECKPOINT_INTERVALS = (0, 1, 2, 4)
 SCHEDULES = ("1f1b", "zb1p")
 GIB = 2**30
-
-
-@dataclass(frozen=True)
-class CheckpointedMemory(StageMemory):
-    """:class:`StageMemory` under ``activation_checkpoint_interval=interval`` (see the module docstring).
-
-    ``inputs``: per layer, the bytes of its input per micro-batch (saved when a group starts there);
-    ``kept``: per layer, bytes saved per micro-batch in flight whatever the checkpointing (the head's).
-    ``activation`` stays the full saved bytes; beyond ``kept``, a group's are held during its recompute,
-    one group (one micro-batch) at a time.
-    """
-
-    interval: int = 1
-    inputs: Sequence[float] = ()
-    kept: Sequence[float] = ()
-
-    def __post_init__(self) -> None:
-        # Every (start, stop) once, so the partitioner's many span queries are lookups.
-        n, k = len(self.static), self.interval
-        # What a group's recompute adds is what its layers save beyond the bytes kept anyway.
-        recomputed = [a - k for a, k in zip(self.activation, self.kept, strict=True)]
-        static, kept, act = _prefix(self.static), _prefix(self.kept), _prefix(recomputed)
-        table: dict[tuple[int, int], tuple[float, float, float]] = {}
-        for start in range(n):
-            saved, recompute = 0.0, 0.0
-            for g in range(start, n, k):
-                saved += self.inputs[g]
-                for stop in range(g + 1, min(g + k, n) + 1):
-                    group = act[stop] - act[g]
-                    table[(start, stop)] = (
-                        static[stop] - static[start],
-                        saved + kept[stop] - kept[start],
-                        max(recompute, group),
-                    )
-                recompute = max(recompute, act[min(g + k, n)] - act[g])
-        object.__setattr__(self, "_table", table)
-
-    def stage_bytes(self, stage: int, num_stages: int, start: int, stop: int) -> float:
-        static, saved, recompute = self._table[(start, stop)]  # type: ignore[attr-defined]
-        return self.fixed + static + self.in_flight(stage, num_stages) * saved + recompute
-
-
-def _prefix(values: Sequence[float]) -> list[float]:
-    out = [0.0]
-    for v in values:
-        out.append(out[-1] + float(v))
-    return out
-
-
-def checkpointed(
-    costs: LayerCosts, hf_config: Any, plan: Sequence[Any], workload: Workload, interval: int
-) -> LayerCosts:
-    """``costs`` with activation checkpointing every ``interval`` layers (0: ``costs`` unchanged)."""
-    if interval == 0:
-        return costs
-    shape = ModelShape.from_config(hf_config)
-    tokens = workload.micro_batch_size * workload.seq_len
-    hidden_in = tokens * (shape.hidden * workload.act_bytes + POSITION_ID_BYTES)
-    inputs = [tokens * POSITION_ID_BYTES if x.kind == "embed" else hidden_in for x in plan]
-    kept = [a if x.kind == "head" else 0.0 for x, a in zip(plan, costs.memory.activation, strict=True)]
-    m = costs.memory
-    memory = CheckpointedMemory(
-        static=m.static,
-        activation=m.activation,
-        micro_batches=m.micro_batches,
-        fixed=m.fixed,
-        interval=interval,
-        inputs=inputs,
-        kept=kept,
-    )
-    backward = [f + b for f, b in zip(costs.forward_s, costs.backward_s, strict=True)]
-    return dataclasses.replace(costs, method=f"{costs.method}+checkpoint", backward_s=backward, memory=memory)
 
 
 def with_micro_batches(costs: LayerCosts, micro_batches: int) -> LayerCosts:
@@ -188,12 +110,18 @@ def search(
     zero_stages: Sequence[int] = (0, 1),
     trainable: Sequence[bool] | None = None,
     schedules: Sequence[str] = SCHEDULES,
+    price: Callable[[Workload], LayerCosts] | None = None,
+    calibration: Calibration | None = None,
 ) -> dict[str, Any]:
     """Every layout of the search space, best first; ``best`` is the fastest that fits (or None).
 
     ``stages``/``micro_batch_sizes``/``schedules`` restrict the space (default: every divisor that works);
-    ``zero_stages`` drops ZeRO-0 for bf16, which DeepSpeed's pipeline refuses there.
+    ``zero_stages`` drops ZeRO-0 for bf16, which DeepSpeed's pipeline refuses there. ``price``: the layer
+    prices of one micro-batch shape (default: the ``flops`` model); ``calibration``: every price times the
+    ratios a traced run measured (:mod:`pipefit.partition.calibrate`).
     """
+    if price is None:
+        price = functools.partial(flops_costs, hf_config, plan, hw=hw)
     n = len(plan)
     pps = [pp for pp in (stages or divisors(world)) if pp <= n]
     zeros = [z for z in zero_stages if not (precision == "bf16" and z == 0)]
@@ -206,7 +134,9 @@ def search(
         for zero in zeros:
             key = (micro, dp, zero)
             if key not in priced:
-                priced[key] = flops_costs(hf_config, plan, Workload(seq_len, micro, 1, dp, precision, zero, layout), hw)
+                priced[key] = price(Workload(seq_len, micro, 1, dp, precision, zero, layout))
+                if calibration is not None:
+                    priced[key] = apply_calibration(priced[key], calibration)
             base = with_micro_batches(priced[key], accum)
             work = Workload(seq_len, micro, accum, dp, precision, zero, layout)
             for k in intervals:
@@ -325,12 +255,21 @@ def format_search(result: dict[str, Any], limit: int = 20) -> str:
 
 
 def search_run(
-    run: Any, world: int, plan: Sequence[Any] | None = None, hf_config: Any = None, **limits: Any
+    run: Any,
+    world: int,
+    plan: Sequence[Any] | None = None,
+    hf_config: Any = None,
+    costs_model: str = "flops",
+    contended: bool = False,
+    device: str = "cpu",
+    cache_dir: str | None = None,
+    **limits: Any,
 ) -> dict[str, Any]:
     """:func:`search` for a validated run on ``world`` ranks (``pipefit plan --search``).
 
-    ``limits`` (``stages``, ``micro_batch_sizes``, ``intervals``, ``zero_stages``, ``trainable``)
-    narrow the space; by default every layout is tried.
+    ``limits`` (``stages``, ``micro_batch_sizes``, ``intervals``, ``zero_stages``, ``trainable``,
+    ``calibration``) narrow the space; by default every layout is tried. ``costs_model="profile"`` measures
+    each micro-batch shape (on CPU with ``contended``: with all ``world`` ranks busy) instead of ``flops``.
     """
     if run.train.global_batch_size is None:
         raise ConfigError(
@@ -339,14 +278,22 @@ def search_run(
         )
     if world < 1:
         raise ConfigError(f"--world={world} is not accepted; expected an integer >= 1")
-    if plan is None or hf_config is None:
+    skeleton = None
+    if plan is None or hf_config is None or costs_model != "flops":
         hf_config = load_hf_config(run.model.path, dict(run.model.hf_config))
         set_attn_implementation(hf_config, run.model.attn_implementation)
-        plan = layer_plan(make_skeleton(hf_config, seed=run.train.seed))
+        skeleton = make_skeleton(hf_config, seed=run.train.seed)
+        plan = layer_plan(skeleton)
+    hw = Hardware.from_config(run.hardware)
+    if skeleton is not None and costs_model != "flops":
+        ranks = world if contended and device == "cpu" else 1
+        limits["price"] = functools.partial(
+            price_layers, skeleton, costs_model, hw=hw, device=device, cache_dir=cache_dir, ranks=ranks
+        )
     return search(
         hf_config,
         plan,
-        Hardware.from_config(run.hardware),
+        hw,
         world=world,
         global_batch=run.train.global_batch_size,
         seq_len=run.data.seq_len,
