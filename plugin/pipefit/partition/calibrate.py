@@ -11,7 +11,9 @@ short measured run.
 
 - ``forward``: ``ForwardPass`` seconds over the priced forwards (m per stage);
 - ``backward``: ``BackwardPass`` (or zb1p's ``BackwardInput`` + ``BackwardWeight``) over the priced backwards;
-- ``optimizer``: ``OptimizerStep`` (the gradient norm and clipping inside it) over the priced optimizer work;
+- ``optimizer``: ``OptimizerStep`` less the gradient norm inside it (``GradNorm``/``GradNormClip``: a
+  collective across stages, where the stage that finished first waits for the others) over the priced
+  optimizer work;
 - ``reduce``: ``ReduceGrads`` + ``ReduceTiedGrads`` over the priced gradient communication; 1 when the
   measured run had none (one replica, no tied weight across stages), so that term keeps its model price.
 
@@ -42,6 +44,8 @@ KIND_OF = {
     "ReduceTiedGrads": "reduce",
 }
 KINDS = ("forward", "backward", "optimizer", "reduce")
+# Spans nested in OptimizerStep that hold a cross-stage collective (pipefit.run.engine's norm overrides).
+WAITS_IN_OPTIMIZER = ("GradNorm", "GradNormClip")
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,7 @@ def fit(
         for name, seconds in row.items():
             if name in KIND_OF:
                 spent[KIND_OF[name]] += seconds
+        spent["optimizer"] -= sum(row.get(name, 0.0) for name in WAITS_IN_OPTIMIZER)
     prices = {k: sum(stage[k] for stage in priced) for k in KINDS}
     if not (spent["forward"] > 0 and spent["backward"] > 0):
         raise ValueError(f"--calibrate: the trace of {source or 'the run'} holds no ForwardPass or BackwardPass")
