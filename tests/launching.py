@@ -110,3 +110,18 @@ def run_pids(output_dir: Path) -> list[int]:
         if b"finetune.py" in cmdline and f"output_dir={output_dir}".encode() in cmdline:
             pids.append(int(entry.name))
     return pids
+
+
+def require_precision(precision: str, accelerator: object = None) -> None:
+    """Skip the calling test, with pipefit's own one-line reason, where this machine's DeepSpeed
+    accelerator cannot train in ``precision`` (pipefit refuses it there, rightly: DeepSpeed's CPU
+    accelerator has fp16 only where oneDNN has fp16 kernels for the CPU)."""
+    import pytest
+
+    from pipefit.config import ConfigError
+    from pipefit.run.ds_config import check_precision
+
+    try:
+        check_precision(precision, accelerator)
+    except ConfigError as exc:
+        pytest.skip(str(exc))

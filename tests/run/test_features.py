@@ -22,7 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import saved_model
-from launching import REPO, compose, local_run, metrics, run_recipe, tail
+from launching import REPO, compose, local_run, metrics, require_precision, run_recipe, tail
 from pipefit.config import ConfigError, RunConfig, validate
 from pipefit.data.batches import BatchLayout, GlobalBatches
 from pipefit.model import lora as trainable
@@ -98,17 +98,6 @@ def test_unsupported_precision_is_a_one_line_error_before_any_rank(monkeypatch: 
     monkeypatch.setattr(deepspeed.accelerator, "get_accelerator", lambda: _Accelerator(fp16=True, bf16=False))
     with pytest.raises(ConfigError, match=r"^train\.precision=bf16 is not supported .* accepted here: fp32, fp16$"):
         Prepared(validate(compose(["train.precision=bf16"])), world_size=2)
-
-
-def require_precision(precision: str, accelerator: object = None) -> None:
-    """Skip the calling test, with pipefit's own one-line reason, where this machine's DeepSpeed
-    accelerator cannot train in ``precision`` (pipefit refuses it there, rightly)."""
-    from pipefit.run.ds_config import check_precision
-
-    try:
-        check_precision(precision, accelerator)
-    except ConfigError as exc:
-        pytest.skip(str(exc))
 
 
 def test_a_precision_this_machine_lacks_skips_its_run_with_the_reason() -> None:

@@ -19,7 +19,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from conftest import build_loaded, random_tokens, run_layers, saved_model
-from launching import compose, local_run, metrics, run_recipe, tail
+from launching import compose, local_run, metrics, require_precision, run_recipe, tail
 from pipefit.config import ConfigError, validate
 from pipefit.model.hf import load_hf_config
 from pipefit.model.layer_list import layer_plan, make_skeleton
@@ -255,6 +255,7 @@ def test_bf16_folder_and_its_exact_fp32_upcast_train_identically(tmp_path: Path)
 @pytest.mark.slow
 def test_fp16_zero1_resumed_run_equals_the_uninterrupted_one(tmp_path: Path) -> None:
     """fp16 + ZeRO-1, pp=2: step 3 resumed from the step-2 checkpoint (its dynamic loss scaler included)."""
+    require_precision("fp16")
     folder, _ = saved_model(tmp_path, "llama")
     common = ["train.precision=fp16", "zero.stage=1", "train.save_every=2"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"

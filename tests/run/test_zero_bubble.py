@@ -8,6 +8,7 @@ from collections.abc import Callable
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from pipefit.partition.zero_bubble_sim import Op, zb_h1_order
 from pipefit.run.split_backward import WeightGradQueue, install_split_linears, weight_grad
@@ -252,6 +253,20 @@ def test_activation_checkpointing_queues_the_recomputed_inputs():
 def test_weight_grad_is_autograds_layout():
     x, g = torch.randn(6, 4), torch.randn(6, 5)
     assert weight_grad(x, g).shape == (5, 4) and weight_grad(x, g, transposed=True).shape == (4, 5)
+
+
+@pytest.mark.parametrize("rows,fan_in,fan_out", [(3, 8, 16), (3, 16, 8), (7, 300, 5), (37, 64, 48)])
+def test_weight_grad_is_autograds_product_bit_for_bit(rows, fan_in, fan_out):
+    # x^T @ g transposed holds the same numbers as g^T @ x, summed in another order on some BLAS kernels:
+    # W must take autograd's own product (small shapes show the difference here).
+    torch.manual_seed(0)
+    x, weight = torch.randn(rows, fan_in), torch.randn(fan_out, fan_in, requires_grad=True)
+    conv_weight = weight.detach().t().contiguous().requires_grad_()  # GPT-2 Conv1D: [in, out]
+    g = torch.randn(rows, fan_out)
+    F.linear(x, weight).backward(g)
+    torch.addmm(torch.zeros(fan_out), x, conv_weight).backward(g)
+    assert torch.equal(weight_grad(x, g), weight.grad)
+    assert torch.equal(weight_grad(x, g, transposed=True), conv_weight.grad)
 
 
 def test_queued_gradient_in_a_reused_receive_buffer_is_copied_before_the_next_receive():

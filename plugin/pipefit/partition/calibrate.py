@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipefit.config import validate
 from pipefit.partition.costs import LayerCosts
 
 __all__ = ["Calibration", "apply", "fit", "measured_layout", "read_trace"]
@@ -149,8 +150,6 @@ def measured_layout(run_dir: str | Path, planned: Any = None) -> tuple[Any, list
         ValueError: the folder holds no finished run's records, or the run trained another model.
     """
     from omegaconf import OmegaConf
-
-    from pipefit.config import validate
 
     folder = Path(run_dir)
     config, partition = folder / "config.yaml", folder / "partition.json"

@@ -92,10 +92,12 @@ class _Collecting:
 
 
 def weight_grad(inp: torch.Tensor, grad_out: torch.Tensor, transposed: bool = False) -> torch.Tensor:
-    """The weight gradient as autograd computes it, ``input^T @ grad_output`` over flattened rows: for
-    ``linear`` (weight ``[out, in]``) its transpose, for a GPT-2 ``Conv1D`` (weight ``[in, out]``) itself."""
-    grad = inp.reshape(-1, inp.shape[-1]).t().mm(grad_out.reshape(-1, grad_out.shape[-1]))
-    return grad if transposed else grad.t()
+    """The weight gradient by the very product autograd's ``mm`` backward takes (bitwise equal on every
+    BLAS): for ``linear`` the weight enters as ``weight.t()``, column-major, so autograd forms
+    ``grad_output^T @ input`` (``[out, in]``); for a GPT-2 ``Conv1D`` the row-major weight ``[in, out]``
+    gets ``input^T @ grad_output``."""
+    x, g = inp.reshape(-1, inp.shape[-1]), grad_out.reshape(-1, grad_out.shape[-1])
+    return x.t().mm(g) if transposed else g.t().mm(x)
 
 
 class SplitLinearFunction(torch.autograd.Function):
