@@ -166,8 +166,9 @@ def table(shape: dict, layouts: list[dict], measured: dict[str, list[float]], se
     fastest = min(range(len(layouts)), key=lambda i: med[i])
     by_measured = sorted(range(len(layouts)), key=lambda i: med[i])
     ranks = {
-        name: {key(c): (r + 1, c["predicted_step_s"]) for r, c in enumerate(found)} for name, found in searches.items()
-    }
+        name: {key(c)[:-1]: (r + 1, c["predicted_step_s"], c["boundaries"]) for r, c in enumerate(found)}
+        for name, found in searches.items()
+    }  # by layout: a search that splits a layout elsewhere predicts its own split (marked +)
     lines = [
         f"2 CPU ranks x 1 thread; Llama-style hidden {shape['hidden_size']}, {shape['num_hidden_layers']} blocks, "
         f"vocab {shape['vocab_size']}, seq {shape['seq_len']}, global batch {shape['global_batch_size']}, ZeRO-1; "
@@ -189,10 +190,10 @@ def table(shape: dict, layouts: list[dict], measured: dict[str, list[float]], se
             f"{tokens / med[i]:>9.0f} {med[i] / med[fastest]:>9.3f} {by_measured.index(i) + 1:>4}"
         )
         for name in searches:
-            rank, pred = ranks[name].get(key(c), (0, float("nan")))
-            row += f" {pred:>15.3f}s {rank:>4}"
+            rank, pred, bounds = ranks[name].get(key(c)[:-1], (0, float("nan"), c["boundaries"]))
+            row += f" {pred:>15.3f}{'+' if bounds != c['boundaries'] else 's'} {rank:>4}"
         lines.append(row)
-    lines.append("")
+    lines += ["", "+: that search splits this layout elsewhere; its prediction is for its own split", ""]
     for name, found in searches.items():
         pick = index.get(key(found[0]))
         if pick is None:

@@ -57,6 +57,11 @@ def test_contended_costs_price_the_optimizer_by_parameters() -> None:
     for layer, t in zip(plan, costs.per_step_s, strict=True):
         assert t == pytest.approx(layer.num_params * (3e-8 / 2 + 4 / link))
     assert replace(costs, transfer_busy=False).boundary_costs() == costs.boundary_costs()
+    # A measured all-reduce bandwidth (0.25 GB/s, far below the preset's) prices the reduction instead.
+    slow = contended.contended_costs(cfg, plan, work, hw, replace(measured, link_bandwidth_gbs=0.25))
+    for layer, t in zip(plan, slow.per_step_s, strict=True):
+        assert t == pytest.approx(layer.num_params * (3e-8 / 2 + 4 / 0.25e9))
+    assert slow.details["link_bandwidth_gbs"] == 0.25
 
 
 @pytest.mark.slow
@@ -72,3 +77,4 @@ def test_measure_contended_times_every_layer_with_two_ranks_busy() -> None:
     assert all(p.forward_s > 0 and p.backward_s > 0 for p in measured.layers)
     assert 0 < measured.transfer_s < 1.0
     assert 1e-11 < measured.optimizer_s_per_param < 1e-5
+    assert 1e-3 < measured.link_bandwidth_gbs < 1e3  # gloo's all-reduce over the two ranks, measured

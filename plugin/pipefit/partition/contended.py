@@ -10,7 +10,10 @@ cores, caches and memory bandwidth, and measures the two per-step terms the 1F1B
   data), so :class:`~pipefit.partition.costs.LayerCosts` marks it ``transfer_busy``;
 - ``optimizer_s_per_param``: DeepSpeed ZeRO-1's per-step work per trainable parameter, rehearsed with the
   same tensor operations (copy of the accumulated gradients into the partition, its flattening, the
-  gradient norm and clipping, torch's AdamW on the fp32 master, the copy back into the weights).
+  gradient norm and clipping, torch's AdamW on the fp32 master, the copy back into the weights);
+- ``link_bandwidth_gbs``: the bus bandwidth of a gloo all-reduce of fp32 gradients over the ranks
+  (``2 (r-1)/r x bytes / seconds``), which prices the gradient reduction over dp and a tied weight's
+  exchange in place of the hardware preset's ``link_bandwidth_gbs``.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ class ContendedProfile:
     transfer_s: float
     optimizer_s_per_param: float
     ranks: int
+    link_bandwidth_gbs: float | None = None  # measured all-reduce bus bandwidth; None: one rank, the preset's
 
 
 def _optimizer_seconds(workload: Workload, params: int, repeats: int = 3) -> float:
@@ -105,6 +109,22 @@ def _transfer_seconds(workload: Workload, hidden: int, rank: int, repeats: int =
     return statistics.median(times[1:])
 
 
+def _allreduce_bandwidth_gbs(ranks: int, params: int, repeats: int = 3) -> float:
+    """Bus bandwidth (GB/s) of an all-reduce of ``params`` fp32 values over every rank: the ring's
+    ``2 (r-1)/r x bytes`` moved per rank, over the median seconds."""
+    import torch
+    import torch.distributed as dist
+
+    flat = torch.ones(params)
+    times = []
+    for _ in range(repeats + 1):
+        dist.barrier()
+        t0 = time.perf_counter()
+        dist.all_reduce(flat)
+        times.append(time.perf_counter() - t0)
+    return 2 * (ranks - 1) / ranks * 4 * params / statistics.median(times[1:]) / 1e9
+
+
 def _worker(
     rank: int, ranks: int, store: str, recipe: tuple, indices: list[int], workload: Workload, runs: int, out: Any
 ) -> None:
@@ -127,14 +147,16 @@ def _worker(
         opt = _optimizer_seconds(workload, OPTIMIZER_PROBE_PARAMS) / OPTIMIZER_PROBE_PARAMS
         hidden = ModelShape.from_config(skeleton.config).hidden
         transfer = _transfer_seconds(workload, hidden, rank) if ranks > 1 else 0.0
+        link = _allreduce_bandwidth_gbs(ranks, OPTIMIZER_PROBE_PARAMS) if ranks > 1 else None
         dist.barrier()
-        out.put((rank, found, transfer, opt))
+        out.put((rank, found, transfer, opt, link))
     finally:
         dist.destroy_process_group()
 
 
-def _spawn(skeleton: Any, layers: list[Any], workload: Workload, ranks: int, runs: int) -> tuple[list, float, float]:
-    """Start the ``ranks`` workers; (rank 0's layer profiles, transfer seconds, optimizer seconds/param)."""
+def _spawn(skeleton: Any, layers: list[Any], workload: Workload, ranks: int, runs: int) -> tuple:
+    """Start the ``ranks`` workers; (rank 0's layer profiles, transfer seconds, optimizer seconds/param,
+    all-reduce bus bandwidth in GB/s or None)."""
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
@@ -153,7 +175,8 @@ def _spawn(skeleton: Any, layers: list[Any], workload: Workload, ranks: int, run
         raise RuntimeError(f"measure_contended: a worker failed (exit codes {[p.exitcode for p in procs]})")
     results.sort(key=lambda r: r[0])
     transfer = statistics.median(r[2] for r in results[:2])
-    return results[0][1], transfer, statistics.median(r[3] for r in results)
+    link = None if ranks < 2 else min(r[4] for r in results)  # the slowest rank's view: all wait for it
+    return results[0][1], transfer, statistics.median(r[3] for r in results), link
 
 
 def measure_contended(
@@ -171,12 +194,12 @@ def measure_contended(
     distinct: dict[str, Any] = {}
     for layer in plan:
         distinct.setdefault(layer_signature(layer, skeleton.config), layer)
-    signature = f"contended{ranks}x{runs}|" + "|".join(distinct)
+    signature = f"contended-v2:{ranks}x{runs}|" + "|".join(distinct)
     key = _cache_key(skeleton.config, signature, workload, workload.precision, "cpu")
     cache_file, cache = load_profile_cache(cache_dir)
     if key not in cache:
-        found, transfer, optimizer = _spawn(skeleton, list(distinct.values()), workload, ranks, runs)
-        cache[key] = {"layers": found, "transfer_s": transfer, "optimizer_s_per_param": optimizer}
+        found, transfer, optimizer, link = _spawn(skeleton, list(distinct.values()), workload, ranks, runs)
+        cache[key] = {"layers": found, "transfer_s": transfer, "optimizer_s_per_param": optimizer, "link_gbs": link}
         save_profile_cache(cache_file, cache)
     entry = cache[key]
     by_signature = {sig: LayerProfile(**found) for sig, found in zip(distinct, entry["layers"], strict=True)}
@@ -185,6 +208,7 @@ def measure_contended(
         transfer_s=float(entry["transfer_s"]),
         optimizer_s_per_param=float(entry["optimizer_s_per_param"]),
         ranks=ranks,
+        link_bandwidth_gbs=entry["link_gbs"],
     )
 
 
@@ -195,10 +219,12 @@ def contended_costs(
 
     Per layer and step: its parameters times the measured optimizer seconds per parameter (divided over
     dp under ZeRO-1), plus, as in the ``flops`` model, the gradient all-reduce over dp and a tied weight's
-    exchange at the link bandwidth.
+    exchange, at the measured all-reduce bandwidth (the preset's link where only one rank was measured).
     """
     base = profile_costs(hf_config, plan, workload, hw, measured.layers)
     shard = workload.dp if workload.zero_stage >= 1 else 1
+    if measured.link_bandwidth_gbs is not None:
+        hw = replace(hw, link_bandwidth_gbs=measured.link_bandwidth_gbs)
     reduce = reduce_seconds(plan, workload, hw)
     per_step = [x.num_params * measured.optimizer_s_per_param / shard + r for x, r in zip(plan, reduce, strict=True)]
     return replace(
@@ -206,5 +232,9 @@ def contended_costs(
         per_step_s=per_step,
         transfer_s=measured.transfer_s,
         transfer_busy=True,
-        details={"contended_ranks": measured.ranks, "optimizer_s_per_param": measured.optimizer_s_per_param},
+        details={
+            "contended_ranks": measured.ranks,
+            "optimizer_s_per_param": measured.optimizer_s_per_param,
+            "link_bandwidth_gbs": measured.link_bandwidth_gbs,
+        },
     )
