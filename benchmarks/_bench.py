@@ -71,17 +71,19 @@ def pipefit_engine(prepared: Any, bounds: list[int], topo: Any, schedule: str | 
     return engine
 
 
-def time_steps(engine: Any, steps: int) -> tuple[float, dict[int, dict[str, float]]]:
-    """Median seconds of ``steps`` training steps after one warm-up (each between two barriers), and per
-    stage the mean seconds per step of every pipeline instruction (pipefit's tracer; the mean over a
-    stage's replicas), as ``train.trace`` reports them and ``pipefit plan --calibrate`` reads them."""
+def time_steps(engine: Any, steps: int, warm_up: bool = True) -> tuple[float, dict[int, dict[str, float]]]:
+    """Median seconds of ``steps`` training steps (each between two barriers; after one warm-up step unless
+    ``warm_up`` is false), and per stage the mean seconds per step of every pipeline instruction (pipefit's
+    tracer; the mean over a stage's replicas), as ``train.trace`` reports them and ``pipefit plan
+    --calibrate`` reads them."""
     import torch.distributed as dist
 
     from pipefit.run.trace import Tracer
 
     tracer = Tracer(first=1, last=steps)
     engine.trace(tracer)
-    engine.train_batch()  # warm-up: allocations, first communication
+    if warm_up:
+        engine.train_batch()  # allocations, first communication
     times = []
     for step in range(1, steps + 1):
         dist.barrier()

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import tempfile
 from pathlib import Path
@@ -110,7 +111,8 @@ def layout_overrides(c: dict) -> list[str]:
 # --- worker: one of the two ranks ---------------------------------------------------------------
 
 
-def _time_layout(shape: dict, c: dict, output_dir: str, steps: int) -> tuple[float, dict[str, float]]:
+def _start_layout(shape: dict, c: dict, output_dir: str):
+    """This rank's engine for layout ``c``, started as a run starts it, after one warm-up step."""
     from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 
     from pipefit.cli import compose
@@ -120,10 +122,8 @@ def _time_layout(shape: dict, c: dict, output_dir: str, steps: int) -> tuple[flo
     run = validate(compose([*overrides(shape, output_dir), *layout_overrides(c)]))
     prepared = Prepared(run, world_size=2)
     engine = pipefit_engine(prepared, prepared.boundaries, PipeDataParallelTopology(num_pp=c["pp"], num_dp=c["dp"]))
-    found = time_steps(engine, steps)
-    del engine
-    gc.collect()
-    return found
+    engine.train_batch()
+    return engine
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -139,14 +139,19 @@ def worker(args: argparse.Namespace) -> None:
     measured: dict[int, list[float]] = {i: [] for i in range(len(layouts))}
     instructions: dict[int, list[dict[str, float]]] = {i: [] for i in range(len(layouts))}
     order = list(range(len(layouts)))
+    # Every layout's engine stays alive and each round times one pass over all of them, alternating the
+    # order: a slow minute of this shared machine then falls on every layout of the round alike.
+    engines = [_start_layout(shape, c, args.output_dir) for c in layouts]
     for r in range(args.rounds):
         for i in order if r % 2 == 0 else order[::-1]:
-            t, spans = _time_layout(shape, layouts[i], args.output_dir, args.steps)
+            t, spans = time_steps(engines[i], args.steps, warm_up=False)
             measured[i].append(t)
             instructions[i].append(spans)
             if rank == 0:
                 desc = " ".join(f"{k}={layouts[i][k]}" for k in KEYS)
                 print(f"round {r + 1}/{args.rounds} {desc}: {t:.3f} s/step", flush=True)
+    engines.clear()
+    gc.collect()
     if rank == 0:
         Path(args.result).write_text(json.dumps({str(i): v for i, v in measured.items()}))
         Path(args.result).with_suffix(".spans.json").write_text(json.dumps(instructions))
@@ -172,7 +177,7 @@ def table(shape: dict, layouts: list[dict], measured: dict[str, list[float]], se
     lines = [
         f"2 CPU ranks x 1 thread; Llama-style hidden {shape['hidden_size']}, {shape['num_hidden_layers']} blocks, "
         f"vocab {shape['vocab_size']}, seq {shape['seq_len']}, global batch {shape['global_batch_size']}, ZeRO-1; "
-        f"{len(measured['0'])} rounds (alternating order), median of per-round medians; hardware=cpu",
+        f"{len(measured['0'])} rounds (alternating order, every engine alive), median over rounds; hardware=cpu",
         "searches: flops = pipefit plan --search; profile = --costs profile --contended; calibrated = the same",
         "  with --calibrate from the measured instructions of profile's pick (the layout one would launch first)",
         "",
@@ -211,16 +216,20 @@ def table(shape: dict, layouts: list[dict], measured: dict[str, list[float]], se
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny shapes: checks the script, measures nothing useful")
-    parser.add_argument("--rounds", type=int, default=None, help="passes over every layout (default 3; quick 1)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per layout per round (default 2; quick 1)")
+    parser.add_argument("--rounds", type=int, default=None, help="passes over every layout (default 6; quick 1)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per layout per round (default 1)")
     parser.add_argument("--save", default=None, help="also write the table to this file")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--layouts", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--output-dir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    args.rounds = args.rounds or (1 if args.quick else 3)
-    args.steps = args.steps or (1 if args.quick else 2)
+    if not args.worker:
+        # Every profile is measured in this run, at this machine's present speed, never read from the
+        # user's cache of an earlier day.
+        os.environ["PIPEFIT_CACHE_DIR"] = tempfile.mkdtemp(prefix="pipefit-bench-cache-")
+    args.rounds = args.rounds or (1 if args.quick else 6)
+    args.steps = args.steps or 1
     if args.worker:
         worker(args)
         return 0

@@ -1,16 +1,17 @@
 """Partition quality and the plan's predicted step, measured: every pp=2 split of two Llama-style shapes.
 
-    python benchmarks/partition.py                       # both shapes; ~1 h on 2 quiet CPU cores
+    python benchmarks/partition.py                       # both shapes; ~15 min on 2 CPU cores
     python benchmarks/partition.py --quick               # tiny shapes, 1-2 min: checks the script runs
     python benchmarks/partition.py --save benchmarks/results/partition.txt
 
 Two CPU ranks (gloo, one thread each) train a Llama-style model through pipefit's own pieces
 (``build_pipeline_module``, ``start_engine``, ``engine.train_batch``: the engine a run trains with): the
 issue's shape (hidden 256, 8 blocks, vocab 12288, seq 256, micro-batch 2, 8 micro-batches, ZeRO-1) and a
-second one with a small vocabulary and long rows (vocab 4096, seq 512). Every contiguous pp=2 split is
-timed, in rounds that alternate the order of the splits, so drift on a shared machine falls on every split
-alike. The splits that ``parameters``, ``uniform``, ``flops`` and ``profile`` choose are looked up in the
-same measurements. It prints, for each split, the median step time, its ratio to ``parameters`` and to the
+second one with a small vocabulary and long rows (vocab 4096, seq 512). Every contiguous pp=2 split's engine
+is started once and kept; each round times one step of every split, alternating the order, and one step
+of the single-process baseline, so a slow minute of a shared machine falls on every variant alike. The
+splits that ``parameters``, ``uniform``, ``flops`` and ``profile`` choose are looked up in the same
+measurements. It prints, for each split, the median step time, its ratio to ``parameters`` and to the
 fastest split, the prediction of ``pipefit plan --costs profile --contended`` (layers timed with both
 ranks busy, measured transfers and optimizer step: ``pipefit.partition.contended``), measured in the same run, the
 older quiet-profile and flops predictions, and measured / 1F1B bound; then the methods' rows; then the
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -68,14 +70,6 @@ def overrides(shape: dict, output_dir: str) -> list[str]:
 # --- worker: one of the two ranks ---------------------------------------------------------------
 
 
-def _time_split(prepared, bounds: list[int], topo, steps: int) -> tuple[float, dict[str, float]]:
-    engine = pipefit_engine(prepared, bounds, topo)
-    found = time_steps(engine, steps)
-    del engine
-    gc.collect()
-    return found
-
-
 def worker(args: argparse.Namespace) -> None:
     import deepspeed
     import torch
@@ -119,15 +113,30 @@ def worker(args: argparse.Namespace) -> None:
         "profile": boundaries_for(skeleton, "profile", 2, None, layer_costs=priced["profile"]),
     }
     splits = [[0, b, n] for b in range(1, n)]
+    # Every split's engine stays alive (one warm-up step each), and each round times one pass over all of
+    # them, alternating the order, and the single-process baseline on rank 0: a slow minute of this shared
+    # machine then falls on every variant of the round alike instead of on a few splits.
+    engines = {}
+    for bounds in splits:
+        engines[str(bounds)] = engine = pipefit_engine(prepared, bounds, topo)
+        engine.train_batch()
+    single = single_process(shape, args.output_dir + "-single") if rank == 0 and not args.no_single else None
     measured: dict[str, list[float]] = {str(s): [] for s in splits}
     spans: dict[str, list[dict[str, float]]] = {str(s): [] for s in splits}
+    single_times: list[float] = []
     for r in range(args.rounds):
         for bounds in splits if r % 2 == 0 else splits[::-1]:
-            t, found = _time_split(prepared, bounds, topo, args.steps)
+            t, found = time_steps(engines[str(bounds)], args.steps, warm_up=False)
             measured[str(bounds)].append(t)
             spans[str(bounds)].append(found)
             if rank == 0:
                 print(f"round {r + 1}/{args.rounds} split {bounds}: {t:.3f} s/step", flush=True)
+        if single is not None:
+            single_times.append(single(args.steps))
+            print(f"round {r + 1}/{args.rounds} single process: {single_times[-1]:.3f} s/step", flush=True)
+        dist.barrier()
+    engines.clear()
+    gc.collect()
     if rank == 0:
         prof = priced["profile"]
         rows = {}
@@ -143,9 +152,9 @@ def worker(args: argparse.Namespace) -> None:
                 "bound_1f1b_s": (workload.micro_batches + 1) * max(fb),
             }
         tokens = workload.micro_batches * workload.micro_batch_size * workload.seq_len
-        Path(args.result).write_text(
-            json.dumps({"shape": shape, "methods": methods, "splits": rows, "tokens_per_step": tokens}, indent=1)
-        )
+        found = {"shape": shape, "methods": methods, "splits": rows, "tokens_per_step": tokens}
+        found["single_s"] = statistics.median(single_times) if single_times else None
+        Path(args.result).write_text(json.dumps(found, indent=1))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -153,9 +162,9 @@ def worker(args: argparse.Namespace) -> None:
 # --- parent: single-process baseline, launch, table -------------------------------------------
 
 
-def single_process(shape: dict, output_dir: str, steps: int) -> float:
-    """Median step time of the same model trained by one process with one thread (pipefit.parity.reference)."""
-    import torch
+def single_process(shape: dict, output_dir: str):
+    """A timer of the same model trained by one process with one thread (pipefit.parity.reference), warmed
+    up: ``timer(steps)`` trains ``steps`` optimizer steps and returns their median seconds."""
     from transformers import AutoModelForCausalLM
 
     from pipefit.cli import compose
@@ -163,17 +172,20 @@ def single_process(shape: dict, output_dir: str, steps: int) -> float:
     from pipefit.parity import reference
     from pipefit.run.preflight import Prepared
 
-    torch.set_num_threads(1)
     run = validate(compose([*overrides(shape, output_dir), "pipeline.stages=1"]))
     prepared = Prepared(run, world_size=1)
     model = AutoModelForCausalLM.from_config(prepared.hf_config)
     reference.train_reference(model, run, prepared.batches, 1)  # warm-up
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        reference.train_reference(model, run, prepared.batches, 1)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+
+    def timer(steps: int) -> float:
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            reference.train_reference(model, run, prepared.batches, 1)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    return timer
 
 
 def measure_profile(shape: dict, output_dir: str, cache_dir: str) -> None:
@@ -240,7 +252,7 @@ def table(result: dict, single_s: float | None) -> str:
         f"{shape['num_hidden_layers']} blocks, "
         f"vocab {shape['vocab_size']}, seq {shape['seq_len']}, micro-batch {shape['micro_batch_size']}, "
         f"{m} micro-batches, ZeRO-1; {len(next(iter(rows.values()))['times'])} rounds (alternating order), "
-        "median of per-round medians",
+        "median over rounds (every engine alive, one pass over all splits per round)",
         "",
         "pred(calibrated): pipefit plan --costs profile --contended --calibrate, the ratios measured on the split",
         f"  marked * ({result['calibrated_by']}: profile's choice) applied to every split: "
@@ -294,19 +306,19 @@ def measure_shape(args: argparse.Namespace, shape: dict) -> str | None:
         measure_profile(shape, str(Path(tmp) / "profile"), str(Path(tmp) / "cache"))
         worker_args = ["--result", str(result_file), "--output-dir", str(Path(tmp) / "out")]
         worker_args += ["--cache-dir", str(Path(tmp) / "cache"), "--rounds", str(args.rounds)]
+        worker_args += ["--no-single"] if args.no_single else []
         if launch_workers(__file__, [*worker_args, "--steps", str(args.steps), "--shape", json.dumps(shape)]) != 0:
             return None
         result = json.loads(result_file.read_text())
         contended_predictions(shape, str(Path(tmp) / "plan"), result)
-        single = None if args.no_single else single_process(shape, str(Path(tmp) / "single"), max(2, args.steps))
-    return table(result, single)
+    return table(result, result["single_s"])
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny shapes: checks the script, measures nothing useful")
-    parser.add_argument("--rounds", type=int, default=None, help="passes over every split (default 3; quick 1)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per split per round (default 2; quick 1)")
+    parser.add_argument("--rounds", type=int, default=None, help="passes over every split (default 6; quick 1)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per split per round (default 1)")
     parser.add_argument("--no-single", action="store_true", help="skip the single-process baseline")
     parser.add_argument("--save", default=None, help="also write the table to this file")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -315,8 +327,12 @@ def main() -> int:
     parser.add_argument("--cache-dir", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--shape", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    args.rounds = args.rounds or (1 if args.quick else 3)
-    args.steps = args.steps or (1 if args.quick else 2)
+    if not args.worker:
+        # Every profile is measured in this run, at this machine's present speed, never read from the
+        # user's cache of an earlier day.
+        os.environ["PIPEFIT_CACHE_DIR"] = tempfile.mkdtemp(prefix="pipefit-bench-cache-")
+    args.rounds = args.rounds or (1 if args.quick else 6)
+    args.steps = args.steps or 1
     if args.worker:
         worker(args)
         return 0

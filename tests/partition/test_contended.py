@@ -78,3 +78,13 @@ def test_measure_contended_times_every_layer_with_two_ranks_busy() -> None:
     assert 0 < measured.transfer_s < 1.0
     assert 1e-11 < measured.optimizer_s_per_param < 1e-5
     assert 1e-3 < measured.link_bandwidth_gbs < 1e3  # gloo's all-reduce over the two ranks, measured
+
+
+def test_a_worker_that_dies_is_an_error_not_a_hang() -> None:
+    """A rank that fails before it reports (here: a layer index the model does not have) ends the
+    measurement with an error naming the exit codes; the parent used to wait for its result forever."""
+    skeleton = make_skeleton(tiny_hf_config("llama"), seed=0)
+    missing = SimpleNamespace(index=10_000)
+    workload = Workload(micro_batch_size=1, seq_len=8, micro_batches=1)
+    with pytest.raises(RuntimeError, match="a worker failed"):
+        contended._spawn(skeleton, [missing], workload, ranks=2, runs=1)

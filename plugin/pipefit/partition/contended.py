@@ -19,6 +19,7 @@ cores, caches and memory bandwidth, and measures the two per-step terms the 1F1B
 from __future__ import annotations
 
 import os
+import queue
 import statistics
 import tempfile
 import time
@@ -168,10 +169,18 @@ def _spawn(skeleton: Any, layers: list[Any], workload: Workload, ranks: int, run
         procs = [ctx.Process(target=_worker, args=(r, *args)) for r in range(ranks)]
         for p in procs:
             p.start()
-        results = [out.get() for _ in procs]
+        results = []
+        while len(results) < len(procs):  # a worker that dies never puts: the others would wait for it
+            try:
+                results.append(out.get(timeout=1.0))
+            except queue.Empty:
+                if any(p.exitcode not in (None, 0) for p in procs):
+                    for p in procs:
+                        p.terminate()
+                    break
         for p in procs:
             p.join()
-    if any(p.exitcode != 0 for p in procs):
+    if len(results) < len(procs) or any(p.exitcode != 0 for p in procs):
         raise RuntimeError(f"measure_contended: a worker failed (exit codes {[p.exitcode for p in procs]})")
     results.sort(key=lambda r: r[0])
     transfer = statistics.median(r[2] for r in results[:2])
