@@ -76,11 +76,13 @@ def calibration_from(shape: dict, output_dir: str, layout: dict, rounds: list[di
     """``pipefit plan --calibrate``'s ratios from one measured layout (its instructions' medians over rounds)."""
     from pipefit.cli import compose
     from pipefit.config import validate
+    from pipefit.model.layer_list import layer_plan
     from pipefit.partition import calibrate
-    from pipefit.partition.plan import price_run
+    from pipefit.partition.plan import price_run, settled
 
     run = validate(compose([*overrides(shape, output_dir), *layout_overrides(layout)]))
-    _, costs, _ = price_run(run, layout["dp"], costs_model="profile", contended=True)
+    skeleton, costs, _ = price_run(run, layout["dp"], costs_model="profile", contended=True)
+    costs = settled(costs, layer_plan(skeleton), layout["boundaries"])  # as that layout ran (contention)
     measured = {
         int(stage): {name: statistics.median(r[stage].get(name, 0.0) for r in rounds) for name in rounds[0][stage]}
         for stage in rounds[0]

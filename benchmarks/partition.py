@@ -28,6 +28,7 @@ import os
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from _bench import launch_workers, pipefit_engine, time_steps
@@ -219,7 +220,7 @@ def contended_predictions(shape: dict, output_dir: str, result: dict) -> None:
     from pipefit.config import validate
     from pipefit.partition import calibrate, costs
     from pipefit.partition.boundaries import price_layers
-    from pipefit.partition.plan import evaluate
+    from pipefit.partition.plan import evaluate, settled
     from pipefit.run.preflight import Prepared
 
     run = validate(compose(overrides(shape, output_dir)))
@@ -232,12 +233,20 @@ def contended_predictions(shape: dict, output_dir: str, result: dict) -> None:
         int(stage): {name: statistics.median(r[stage].get(name, 0.0) for r in rounds) for name in rounds[0][stage]}
         for stage in rounds[0]
     }
-    calibrated = calibrate.apply(priced, calibrate.fit(priced, source, measured, source=str(source)))
+    ran = settled(priced, prepared.plan, source)  # the prices as the measured split ran (contention)
+    calibrated = calibrate.apply(priced, calibrate.fit(ran, source, measured, source=str(source)))
     result["calibrated_by"] = source
     result["calibration"] = calibrated.details["calibration"]
+    busy = {"alone_forward_s": [], "alone_backward_s": []}  # every rank priced busy for the whole step
+    variants = {
+        "predicted_contended_s": priced,
+        "predicted_calibrated_s": calibrated,
+        "predicted_busy_s": replace(priced, **busy),
+        "predicted_calibrated_busy_s": replace(calibrated, **busy),
+    }
     for row in result["splits"].values():
-        row["predicted_contended_s"] = evaluate(priced, prepared.plan, row["boundaries"])["predicted_step_s"]
-        row["predicted_calibrated_s"] = evaluate(calibrated, prepared.plan, row["boundaries"])["predicted_step_s"]
+        for field, prices in variants.items():
+            row[field] = evaluate(prices, prepared.plan, row["boundaries"])["predicted_step_s"]
 
 
 def table(result: dict, single_s: float | None) -> str:
@@ -257,7 +266,8 @@ def table(result: dict, single_s: float | None) -> str:
         "pred(calibrated): pipefit plan --costs profile --contended --calibrate, the ratios measured on the split",
         f"  marked * ({result['calibrated_by']}: profile's choice) applied to every split: "
         + ", ".join(f"{k} x{v:.3f}" for k, v in result["calibration"].items() if k != "source"),
-        "pred(contended): --costs profile --contended alone (both ranks busy, measured transfers, optimizer step)",
+        "pred(contended): --costs profile --contended alone (layers timed with both ranks busy and with the peer",
+        "  idle, each stage priced between the two by its peer's busy share; measured transfers, optimizer step)",
         "pred(quiet): layers timed one at a time, alone (the profile before); pred(flops): analytic",
         "",
         f"{'split':<14} {'measured':>9} {'/params':>8} {'/fastest':>9} {'pred(calib.)':>12} {'pred/meas':>10} "
@@ -274,7 +284,12 @@ def table(result: dict, single_s: float | None) -> str:
             f"{v['predicted_profile_s']:>11.3f}s {v['predicted_profile_s'] / med[key]:>10.3f} "
             f"{v['predicted_flops_s']:>11.3f}s {med[key] / v['bound_1f1b_s']:>16.3f}  {', '.join(by)}"
         )
-    for name, field in (("pred(calibrated)", "predicted_calibrated_s"), ("pred(contended)", "predicted_contended_s")):
+    for name, field in (
+        ("pred(calibrated)", "predicted_calibrated_s"),
+        ("pred(contended)", "predicted_contended_s"),
+        ("  the same, every rank priced busy all step: pred(calibrated)", "predicted_calibrated_busy_s"),
+        ("  the same, every rank priced busy all step: pred(contended)", "predicted_busy_s"),
+    ):
         ratios = [v[field] / med[k] for k, v in rows.items()]
         worst = max(abs(r - 1) for r in ratios)
         within = sum(abs(r - 1) <= 0.10 for r in ratios)

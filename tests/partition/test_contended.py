@@ -9,10 +9,10 @@ import pytest
 
 from conftest import tiny_hf_config
 from pipefit.model.layer_list import layer_plan, make_skeleton
-from pipefit.partition import contended
+from pipefit.partition import calibrate, contended, contention
 from pipefit.partition.balance import StageMemory
 from pipefit.partition.costs import Hardware, LayerCosts, Workload
-from pipefit.partition.plan import evaluate
+from pipefit.partition.plan import evaluate, settled
 
 
 def _two_layers(transfer_busy: bool) -> tuple[LayerCosts, list]:
@@ -78,6 +78,8 @@ def test_measure_contended_times_every_layer_with_two_ranks_busy() -> None:
     assert 0 < measured.transfer_s < 1.0
     assert 1e-11 < measured.optimizer_s_per_param < 1e-5
     assert 1e-3 < measured.link_bandwidth_gbs < 1e3  # gloo's all-reduce over the two ranks, measured
+    assert measured.alone is not None and len(measured.alone) == len(plan)  # rank 0 again, the other idle
+    assert all(p.forward_s > 0 and p.backward_s > 0 for p in measured.alone)
 
 
 def test_a_worker_that_dies_is_an_error_not_a_hang() -> None:
@@ -88,3 +90,54 @@ def test_a_worker_that_dies_is_an_error_not_a_hang() -> None:
     workload = Workload(micro_batch_size=1, seq_len=8, micro_batches=1)
     with pytest.raises(RuntimeError, match="a worker failed"):
         contended._spawn(skeleton, [missing], workload, ranks=2, runs=1)
+
+
+def test_a_stage_whose_peer_idles_is_priced_alone_one_whose_peer_computes_contended() -> None:
+    """pp=2, m=2, no transfers. Contended: stage 0 forward 1 / backward 2 s, stage 1 forward 3 / backward 6;
+    alone: half of that. Stage 0's peer computes nearly the whole step, so stage 0 stays near its contended
+    price; stage 1's peer computes a fifth of it, so stage 1 moves most of the way to its alone price. The
+    step follows, at the fixed point of prices and busy shares. Without alone prices the step is 21 s."""
+    costs, plan = _two_layers(False)
+    costs = replace(costs, forward_s=[1.0, 3.0], backward_s=[2.0, 6.0], transfer_s=0.0, per_step_s=[0.0, 0.0])
+    plain = evaluate(costs, plan, [0, 1, 2])["predicted_step_s"]
+    # F0 0-1 | stage 1: F0 1-4, B0 4-10, F1 10-13, B1 13-19 | stage 0: F1 1-2, B0 10-12, B1 19-21
+    assert plain == pytest.approx(21.0)
+    mixed = replace(costs, alone_forward_s=[0.5, 1.5], alone_backward_s=[1.0, 3.0])
+    report = evaluate(mixed, plan, [0, 1, 2])
+    ops = report["timeline"]
+    busy = [sum(e - s for st, k, _, s, e in ops if st == x and k in "FB") for x in range(2)]
+    step = report["predicted_step_s"]
+    u = contention.peer_busy(busy, step)
+    # the fixed point: stage s priced at alone + (contended - alone) * u[peer's share]
+    f0, f1 = 0.5 + 0.5 * u[0], 1.5 + 1.5 * u[1]
+    assert busy[0] == pytest.approx(2 * 3 * f0, rel=1e-3) and busy[1] == pytest.approx(2 * 3 * f1, rel=1e-3)
+    assert u[0] > 0.8 and u[1] < 0.4
+    assert step == pytest.approx(f0 + 6 * f1 + 2 * f0, rel=1e-3)  # stage 0's F0, stage 1's two F+B, stage 0's B1
+    assert 10.5 < step < 21.0 * 0.75
+
+
+def test_peer_busy_is_the_mean_share_of_the_other_stages() -> None:
+    assert contention.peer_busy([4.0, 2.0], 8.0) == [0.25, 0.5]
+    assert contention.peer_busy([4.0, 2.0, 8.0], 8.0) == [0.625, 0.75, 0.375]
+    assert contention.peer_busy([9.0], 8.0) == [1.0]
+    assert contention.peer_busy([20.0, 20.0], 8.0) == [1.0, 1.0]
+
+
+def test_settled_prices_are_what_the_split_ran_at_and_calibrate_against_them() -> None:
+    """``settled``: each layer at its stage's mix for that split, no alone prices left, and the same step. A
+    trace that measured exactly those prices calibrates to ratios of 1 (against the contended prices it
+    would read the mix as a speed-up)."""
+    costs, plan = _two_layers(False)
+    costs = replace(costs, forward_s=[1.0, 3.0], backward_s=[2.0, 6.0], transfer_s=0.0, per_step_s=[0.0, 0.0])
+    mixed = replace(costs, alone_forward_s=[0.5, 1.5], alone_backward_s=[1.0, 3.0])
+    ran = settled(mixed, plan, [0, 1, 2])
+    assert ran.alone_forward_s == [] and ran.alone_backward_s == []
+    assert 0.5 < ran.forward_s[0] <= 1.0 and 1.5 < ran.forward_s[1] < 3.0
+    assert ran.backward_s == pytest.approx([2 * f for f in ran.forward_s])
+    step = evaluate(mixed, plan, [0, 1, 2])["predicted_step_s"]
+    assert evaluate(ran, plan, [0, 1, 2])["predicted_step_s"] == pytest.approx(step, rel=1e-3)
+    m = ran.micro_batches
+    measured = {s: {"ForwardPass": m * ran.forward_s[s], "BackwardPass": m * ran.backward_s[s]} for s in range(2)}
+    cal = calibrate.fit(ran, [0, 1, 2], measured)
+    assert (cal.forward, cal.backward) == (pytest.approx(1.0), pytest.approx(1.0))
+    assert calibrate.fit(mixed, [0, 1, 2], measured).forward < 0.8

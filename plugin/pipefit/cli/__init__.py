@@ -23,11 +23,12 @@ from typing import Any
 
 from pipefit.config import validate
 from pipefit.config.compose import compose
+from pipefit.model.layer_list import layer_plan
 from pipefit.model.weights import CheckpointError
 from pipefit.parity.verify import format_report, verify
 from pipefit.partition.calibrate import Calibration, measured_layout, read_trace
 from pipefit.partition.calibrate import fit as fit_calibration
-from pipefit.partition.plan import format_plan, make_plan, price_run, to_json, write_png
+from pipefit.partition.plan import format_plan, make_plan, price_run, settled, to_json, write_png
 from pipefit.partition.search import format_search, resolve_auto, search_run
 from pipefit.run.exits import user_error_types
 from pipefit.run.export import export
@@ -86,8 +87,9 @@ def _calibration(args: argparse.Namespace, run: Any, device: str, costs_model: s
     if args.calibrate is None:
         return None
     measured, bounds, dp = measured_layout(args.calibrate, run)
-    _, costs, _ = price_run(measured, dp, device, args.cache_dir, costs_model, args.contended)
-    return fit_calibration(costs, bounds, read_trace(args.calibrate), source=str(args.calibrate))
+    skeleton, costs, _ = price_run(measured, dp, device, args.cache_dir, costs_model, args.contended)
+    ran = settled(costs, layer_plan(skeleton), bounds)  # with contention: as that split ran
+    return fit_calibration(ran, bounds, read_trace(args.calibrate), source=str(args.calibrate))
 
 
 def _plan(args: argparse.Namespace) -> int:

@@ -115,6 +115,8 @@ def apply(costs: LayerCosts, cal: Calibration) -> LayerCosts:
         method=f"{costs.method}+calibrated",
         forward_s=[f * cal.forward for f in costs.forward_s],
         backward_s=[b * cal.backward for b in costs.backward_s],
+        alone_forward_s=[f * cal.forward for f in costs.alone_forward_s],
+        alone_backward_s=[b * cal.backward for b in costs.alone_backward_s],
         per_step_s=per_step,
         reduce_s=[r * cal.reduce for r in reduce],
         details={**costs.details, "calibration": dataclasses.asdict(cal)},

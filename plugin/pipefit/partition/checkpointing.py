@@ -93,4 +93,7 @@ def checkpointed(
         kept=kept,
     )
     backward = [f + b for f, b in zip(costs.forward_s, costs.backward_s, strict=True)]
-    return dataclasses.replace(costs, method=f"{costs.method}+checkpoint", backward_s=backward, memory=memory)
+    alone = [f + b for f, b in zip(costs.alone_forward_s, costs.alone_backward_s, strict=True)]
+    return dataclasses.replace(
+        costs, method=f"{costs.method}+checkpoint", backward_s=backward, alone_backward_s=alone, memory=memory
+    )

@@ -53,6 +53,7 @@ class ContendedProfile:
     optimizer_s_per_param: float
     ranks: int
     link_bandwidth_gbs: float | None = None  # measured all-reduce bus bandwidth; None: one rank, the preset's
+    alone: list[LayerProfile] | None = None  # each layer timed right after, the other ranks idle; None: one rank
 
 
 def _optimizer_seconds(workload: Workload, params: int, repeats: int = 3) -> float:
@@ -140,24 +141,28 @@ def _worker(
     layers = [plan[i] for i in indices]
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=ranks)
     try:
-        found = []
+        found, alone = [], []
         for layer in layers:
             dist.barrier()  # every rank starts the same layer together
             found.append(asdict(measure_layer(skeleton, layer, workload, "cpu", min_runs=runs, max_runs=runs)))
+            if ranks > 1:  # and right after, rank 0 alone while the others wait
+                dist.barrier()
+                if rank == 0:
+                    alone.append(asdict(measure_layer(skeleton, layer, workload, "cpu", min_runs=runs, max_runs=runs)))
         dist.barrier()
         opt = _optimizer_seconds(workload, OPTIMIZER_PROBE_PARAMS) / OPTIMIZER_PROBE_PARAMS
         hidden = ModelShape.from_config(skeleton.config).hidden
         transfer = _transfer_seconds(workload, hidden, rank) if ranks > 1 else 0.0
         link = _allreduce_bandwidth_gbs(ranks, OPTIMIZER_PROBE_PARAMS) if ranks > 1 else None
         dist.barrier()
-        out.put((rank, found, transfer, opt, link))
+        out.put((rank, found, transfer, opt, link, alone))
     finally:
         dist.destroy_process_group()
 
 
 def _spawn(skeleton: Any, layers: list[Any], workload: Workload, ranks: int, runs: int) -> tuple:
     """Start the ``ranks`` workers; (rank 0's layer profiles, transfer seconds, optimizer seconds/param,
-    all-reduce bus bandwidth in GB/s or None)."""
+    all-reduce bus bandwidth in GB/s or None, rank 0's layer profiles with the others idle or None)."""
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
@@ -185,7 +190,7 @@ def _spawn(skeleton: Any, layers: list[Any], workload: Workload, ranks: int, run
     results.sort(key=lambda r: r[0])
     transfer = statistics.median(r[2] for r in results[:2])
     link = None if ranks < 2 else min(r[4] for r in results)  # the slowest rank's view: all wait for it
-    return results[0][1], transfer, statistics.median(r[3] for r in results), link
+    return results[0][1], transfer, statistics.median(r[3] for r in results), link, results[0][5] or None
 
 
 def measure_contended(
@@ -203,21 +208,27 @@ def measure_contended(
     distinct: dict[str, Any] = {}
     for layer in plan:
         distinct.setdefault(layer_signature(layer, skeleton.config), layer)
-    signature = f"contended-v2:{ranks}x{runs}|" + "|".join(distinct)
+    signature = f"contended-v3:{ranks}x{runs}|" + "|".join(distinct)
     key = _cache_key(skeleton.config, signature, workload, workload.precision, "cpu")
     cache_file, cache = load_profile_cache(cache_dir)
     if key not in cache:
-        found, transfer, optimizer, link = _spawn(skeleton, list(distinct.values()), workload, ranks, runs)
+        found, transfer, optimizer, link, alone = _spawn(skeleton, list(distinct.values()), workload, ranks, runs)
         cache[key] = {"layers": found, "transfer_s": transfer, "optimizer_s_per_param": optimizer, "link_gbs": link}
+        cache[key]["alone"] = alone
         save_profile_cache(cache_file, cache)
     entry = cache[key]
-    by_signature = {sig: LayerProfile(**found) for sig, found in zip(distinct, entry["layers"], strict=True)}
+
+    def per_layer(found: list[dict]) -> list[LayerProfile]:
+        by_signature = {sig: LayerProfile(**x) for sig, x in zip(distinct, found, strict=True)}
+        return [by_signature[layer_signature(layer, skeleton.config)] for layer in plan]
+
     return ContendedProfile(
-        layers=[by_signature[layer_signature(layer, skeleton.config)] for layer in plan],
+        layers=per_layer(entry["layers"]),
         transfer_s=float(entry["transfer_s"]),
         optimizer_s_per_param=float(entry["optimizer_s_per_param"]),
         ranks=ranks,
         link_bandwidth_gbs=entry["link_gbs"],
+        alone=per_layer(entry["alone"]) if entry.get("alone") else None,
     )
 
 
@@ -229,6 +240,8 @@ def contended_costs(
     Per layer and step: its parameters times the measured optimizer seconds per parameter (divided over
     dp under ZeRO-1), plus, as in the ``flops`` model, the gradient all-reduce over dp and a tied weight's
     exchange, at the measured all-reduce bandwidth (the preset's link where only one rank was measured).
+    The layers' prices with the other ranks idle go into ``alone_forward_s``/``alone_backward_s``, which the
+    simulator mixes in by how busy each stage's peers are (:mod:`pipefit.partition.contention`).
     """
     base = profile_costs(hf_config, plan, workload, hw, measured.layers)
     shard = workload.dp if workload.zero_stage >= 1 else 1
@@ -241,6 +254,8 @@ def contended_costs(
         per_step_s=per_step,
         transfer_s=measured.transfer_s,
         transfer_busy=True,
+        alone_forward_s=[x.forward_s for x in measured.alone] if measured.alone else [],
+        alone_backward_s=[x.backward_s for x in measured.alone] if measured.alone else [],
         details={
             "contended_ranks": measured.ranks,
             "optimizer_s_per_param": measured.optimizer_s_per_param,

@@ -369,6 +369,10 @@ class LayerCosts:
     attention_masks: list[tuple[str, float] | None] = field(default_factory=list)
     transfer_busy: bool = False
     reduce_s: list[float] = field(default_factory=list)
+    # CPU contended profile: per layer, the forward and backward seconds with the other ranks idle (the
+    # prices above are with every rank computing); empty: none. See pipefit.partition.contention.
+    alone_forward_s: list[float] = field(default_factory=list)
+    alone_backward_s: list[float] = field(default_factory=list)
 
     def per_layer(self) -> list[float]:
         """Seconds per optimizer step each layer costs the stage that holds it."""

@@ -5,33 +5,31 @@ one layer at a time to time it). Every figure comes from one :class:`pipefit.par
 ``flops`` prices the layers unless the run asks for ``profile``, and the same prices rate the
 chosen split and the comparison rows (``uniform``, ``parameters``, and the cost-optimal split).
 
-The step time is a simulation of DeepSpeed's 1F1B schedule (:func:`simulate_1f1b`): stage ``s``
-runs ``min(p - s - 1, m)`` warm-up forwards, then alternates one forward and one backward, then
-drains its backwards; a forward waits for the previous stage's forward of the same micro-batch
-and a backward for the next stage's backward, each plus one boundary transfer. After its last
-backward each stage reduces its gradients (the stages sharing a tied embedding wait for each
-other) and steps its optimizer; the step ends when the last stage is done. Each split is also
-timed under zero-bubble ZB-H1 (:func:`pipefit.partition.zero_bubble_sim.simulate_zb1p`, the
-backward split into B and the weight-gradient GEMMs W), so the report compares the two schedules;
-``pipeline.schedule`` picks which one the predicted step and the timeline show.
+The step time is a simulation of DeepSpeed's 1F1B schedule
+(:func:`pipefit.partition.simulate_1f1b.simulate_1f1b`). Each split is also timed under zero-bubble ZB-H1
+(:func:`pipefit.partition.zero_bubble_sim.simulate_zb1p`, the backward split into B and the weight-gradient
+GEMMs W), so the report compares the two schedules; ``pipeline.schedule`` picks which one the predicted step
+and the timeline show. With the CPU contended profile each stage's compute is priced between its price
+alone and with every rank busy, by how busy its peers are (:mod:`pipefit.partition.contention`).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import replace
 from typing import Any
 
 from pipefit.model.hf import load_hf_config, set_attn_implementation
 from pipefit.model.layer_list import layer_plan, make_skeleton
 from pipefit.model.lora import trainable_layers
-from pipefit.partition import balance
+from pipefit.partition import balance, contention
 from pipefit.partition.boundaries import boundaries_for, price_layers
 from pipefit.partition.calibrate import Calibration
 from pipefit.partition.calibrate import apply as apply_calibration
 from pipefit.partition.checkpointing import checkpointed
 from pipefit.partition.costs import Hardware, LayerCosts, Workload, model_flops
+from pipefit.partition.simulate_1f1b import Timeline, bubble_fraction, simulate_1f1b
 from pipefit.partition.zero_bubble_sim import simulate_zb1p, weight_backward_s
 
 __all__ = [
@@ -41,98 +39,12 @@ __all__ = [
     "make_plan",
     "price_run",
     "predicted_stage_memory",
+    "settled",
     "simulate_1f1b",
     "write_png",
 ]
 
 COMPARED = ("uniform", "parameters")
-
-
-@dataclass
-class Timeline:
-    """What :func:`simulate_1f1b` found: the step time and every operation's start and end."""
-
-    step_s: float
-    # (stage, "F" | "B" | "step", micro-batch or -1, start, end)
-    ops: list[tuple[int, str, int, float, float]] = field(default_factory=list)
-
-    def busy(self, stage: int) -> float:
-        return sum(end - start for s, kind, _, start, end in self.ops if s == stage and kind in "FBW")
-
-
-def bubble_fraction(num_stages: int, micro_batches: int) -> float:
-    """Idle share of an ideal 1F1B step with equal stages: (p - 1) / (m + p - 1)."""
-    return (num_stages - 1) / (micro_batches + num_stages - 1)
-
-
-def _order_1f1b(stage: int, num_stages: int, micro_batches: int) -> list[tuple[str, int]]:
-    warm = min(num_stages - stage - 1, micro_batches)
-    order = [("F", i) for i in range(warm)]
-    for i in range(micro_batches - warm):
-        order += [("F", warm + i), ("B", i)]
-    order += [("B", i) for i in range(micro_batches - warm, micro_batches)]
-    return order
-
-
-def simulate_1f1b(
-    forward_s: Sequence[float],
-    backward_s: Sequence[float],
-    micro_batches: int,
-    transfer_s: float = 0.0,
-    step_s: Sequence[float] | None = None,
-    tied_stages: Sequence[int] = (),
-) -> Timeline:
-    """Event simulation of one training step under 1F1B (see the module docstring).
-
-    Args:
-        forward_s, backward_s: per stage, seconds for one micro-batch.
-        micro_batches: micro-batches per step.
-        transfer_s: seconds for activations (or gradients) to cross one boundary.
-        step_s: per stage, the per-step work after the last backward (reduction, optimizer).
-        tied_stages: stages that all-reduce a tied weight: each starts its per-step work only
-            when all of them have finished their backwards.
-    """
-    p, m = len(forward_s), int(micro_batches)
-    if len(backward_s) != p or p < 1 or m < 1:
-        raise ValueError(f"simulate_1f1b: {p} forward and {len(backward_s)} backward times, {m} micro-batches")
-    orders = [_order_1f1b(s, p, m) for s in range(p)]
-    done: dict[tuple[str, int, int], float] = {}
-    free = [0.0] * p
-    nxt = [0] * p
-    ops: list[tuple[int, str, int, float, float]] = []
-    remaining = sum(len(o) for o in orders)
-    while remaining:
-        progressed = False
-        for s in range(p):
-            while nxt[s] < len(orders[s]):
-                kind, i = orders[s][nxt[s]]
-                if kind == "F":
-                    dep = None if s == 0 else ("F", s - 1, i)
-                else:
-                    dep = ("F", s, i) if s == p - 1 else ("B", s + 1, i)
-                if dep is not None and dep not in done:
-                    break
-                ready = 0.0 if dep is None else done[dep] + (transfer_s if dep[1] != s else 0.0)
-                start = max(free[s], ready)
-                end = start + (forward_s[s] if kind == "F" else backward_s[s])
-                done[(kind, s, i)] = end
-                free[s] = end
-                ops.append((s, kind, i, start, end))
-                nxt[s] += 1
-                remaining -= 1
-                progressed = True
-        if not progressed:  # pragma: no cover - 1F1B cannot deadlock; a guard against future edits
-            raise RuntimeError("simulate_1f1b: schedule deadlocked")
-    finish = list(free)
-    tied = [s for s in tied_stages if 0 <= s < p]
-    if len(set(tied)) > 1:
-        sync = max(finish[s] for s in tied)
-        for s in tied:
-            finish[s] = sync
-    per_step = list(step_s) if step_s is not None else [0.0] * p
-    for s in range(p):
-        ops.append((s, "step", -1, finish[s], finish[s] + per_step[s]))
-    return Timeline(step_s=max(finish[s] + per_step[s] for s in range(p)), ops=ops)
 
 
 def _stage_rows(costs: LayerCosts, plan: Sequence[Any], bounds: Sequence[int]) -> list[dict[str, Any]]:
@@ -198,23 +110,45 @@ def evaluate(
         r["weight_s"] = sum(weight_s[r["layers"][0] : r["layers"][1]])
     stage_cost = [r["cost_s"] for r in rows]
     tied_stages = sorted({s for s, r in enumerate(rows) for i in range(*r["layers"]) if plan[i].tied})
-    forward, backward = [r["forward_s"] for r in rows], [r["backward_s"] for r in rows]
-    transfer = costs.transfer_s if p > 1 else 0.0
-    if costs.transfer_busy:  # each forward receives (but on stage 0) and sends on (but on the last stage)
-        sides = [(s > 0) + (s < p - 1) for s in range(p)]
-        forward = [f + k * transfer for f, k in zip(forward, sides, strict=True)]
-        backward = [b + k * transfer for b, k in zip(backward, sides, strict=True)]
-        transfer = 0.0
-    per_step = [r["per_step_s"] for r in rows]
-    timeline = simulate_1f1b(forward, backward, costs.micro_batches, transfer, per_step, tied_stages)
-    by_schedule = {"1f1b": timeline.step_s}
-    if p >= 2 and (schedule == "zb1p" or "zb1p" in schedules):
-        w = [r["weight_s"] for r in rows]
-        b_in = [b - x for b, x in zip(backward, w, strict=True)]
-        zb = Timeline(*simulate_zb1p(forward, b_in, w, costs.micro_batches, transfer, per_step, tied_stages))
-        by_schedule["zb1p"] = zb.step_s
-        if schedule == "zb1p":
-            timeline = zb
+    per_step, w_both = [r["per_step_s"] for r in rows], [r["weight_s"] for r in rows]
+    timed = (schedule == "zb1p" or "zb1p" in schedules) and p >= 2
+
+    def simulate(forward: list[float], backward: list[float], w: list[float]) -> dict[str, Timeline]:
+        transfer = costs.transfer_s if p > 1 else 0.0
+        if costs.transfer_busy:  # each forward receives (but on stage 0) and sends on (but on the last stage)
+            sides = [(s > 0) + (s < p - 1) for s in range(p)]
+            forward = [f + k * transfer for f, k in zip(forward, sides, strict=True)]
+            backward = [b + k * transfer for b, k in zip(backward, sides, strict=True)]
+            transfer = 0.0
+        found = {"1f1b": simulate_1f1b(forward, backward, costs.micro_batches, transfer, per_step, tied_stages)}
+        if timed:
+            b_in = [b - x for b, x in zip(backward, w, strict=True)]
+            found["zb1p"] = Timeline(
+                *simulate_zb1p(forward, b_in, w, costs.micro_batches, transfer, per_step, tied_stages)
+            )
+        return found
+
+    forward, backward, w = [r["forward_s"] for r in rows], [r["backward_s"] for r in rows], w_both
+    if costs.alone_forward_s and p > 1:  # CPU: priced between alone and contended by the peers' busy share
+        both_b = backward
+
+        def w_at(b: list[float]) -> list[float]:  # W keeps its share of the backward
+            return [x * y / z if z else x for x, y, z in zip(w_both, b, both_b, strict=True)]
+
+        alone = [
+            [sum(x[a:b]) for a, b in (r["layers"] for r in rows)]
+            for x in (costs.alone_forward_s, costs.alone_backward_s)
+        ]
+        shown = schedule if schedule == "zb1p" and timed else "1f1b"
+        forward, backward = contention.settle(
+            lambda f, b: simulate(f, b, w_at(b))[shown], (forward, backward), (alone[0], alone[1])
+        )
+        w = w_at(backward)
+    for r, f, b in zip(rows, forward, backward, strict=True):
+        r["settled_forward_s"], r["settled_backward_s"] = f, b  # what the stage computes at (contention)
+    timelines = simulate(forward, backward, w)
+    by_schedule = {name: t.step_s for name, t in timelines.items()}
+    timeline = timelines.get(schedule, timelines["1f1b"])
     mean = sum(stage_cost) / p
     return {
         "boundaries": list(bounds),
@@ -228,6 +162,24 @@ def evaluate(
         "predicted_step_by_schedule": by_schedule,
         "timeline": [list(op) for op in timeline.ops],
     }
+
+
+def settled(costs: LayerCosts, plan: Sequence[Any], bounds: Sequence[int]) -> LayerCosts:
+    """``costs`` as they run at split ``bounds``: with alone prices (:mod:`.contention`), each layer's forward
+    and backward at its stage's mix of alone and contended, and no alone prices left; else ``costs``."""
+    if not costs.alone_forward_s:
+        return costs
+    stage = {i: r for r in evaluate(costs, plan, bounds)["stages"] for i in range(*r["layers"])}
+    scale = [
+        (
+            stage[i]["settled_forward_s"] / stage[i]["forward_s"] if stage[i]["forward_s"] else 1.0,
+            stage[i]["settled_backward_s"] / stage[i]["backward_s"] if stage[i]["backward_s"] else 1.0,
+        )
+        for i in range(len(plan))
+    ]
+    forward = [f * k for f, (k, _) in zip(costs.forward_s, scale, strict=True)]
+    backward = [b * k for b, (_, k) in zip(costs.backward_s, scale, strict=True)]
+    return replace(costs, forward_s=forward, backward_s=backward, alone_forward_s=[], alone_backward_s=[])
 
 
 def price_run(
