@@ -40,7 +40,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-from partition import FULL, QUICK, _free_port, overrides, single_process  # noqa: E402  (the same model and shapes)
+from _bench import free_port as _free_port  # noqa: E402
+
+from partition import FULL, QUICK, overrides, single_process  # noqa: E402  (the same model and shapes)
 
 STEPS = 6  # timed: steps 2..6 (step 1 allocates and exchanges shapes)
 
@@ -271,7 +273,10 @@ def main() -> int:
                 elif who == "peer":
                     got["peer"], peer_losses, peer_parts = run_peer(shape, Path(tmp), args.quick)
                 else:
-                    got["single"] = single_process(shape, str(Path(tmp) / "single"), 3)
+                    import torch
+
+                    torch.set_num_threads(1)  # one thread, as each pipeline rank
+                    got["single"] = single_process(shape, str(Path(tmp) / "single"))(3)
             ratio = got["pipefit"] / got["peer"]
             ratios.append(ratio)
             line = (

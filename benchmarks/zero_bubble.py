@@ -29,7 +29,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-from partition import FULL, QUICK, _free_port  # noqa: E402  (the model of benchmarks/partition.py)
+from _bench import free_port as _free_port  # noqa: E402
+
+from partition import FULL, QUICK  # noqa: E402  (the model of benchmarks/partition.py)
 from partition import overrides as partition_overrides  # noqa: E402
 
 SCHEDULES = ("zb1p", "1f1b")
