@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from pipefit.partition.zero_bubble_sim import simulate
+
 __all__ = ["Timeline", "bubble_fraction", "simulate_1f1b"]
 
 
@@ -63,34 +65,9 @@ def simulate_1f1b(
     if len(backward_s) != p or p < 1 or m < 1:
         raise ValueError(f"simulate_1f1b: {p} forward and {len(backward_s)} backward times, {m} micro-batches")
     orders = [_order_1f1b(s, p, m) for s in range(p)]
-    done: dict[tuple[str, int, int], float] = {}
-    free = [0.0] * p
-    nxt = [0] * p
-    ops: list[tuple[int, str, int, float, float]] = []
-    remaining = sum(len(o) for o in orders)
-    while remaining:
-        progressed = False
-        for s in range(p):
-            while nxt[s] < len(orders[s]):
-                kind, i = orders[s][nxt[s]]
-                if kind == "F":
-                    dep = None if s == 0 else ("F", s - 1, i)
-                else:
-                    dep = ("F", s, i) if s == p - 1 else ("B", s + 1, i)
-                if dep is not None and dep not in done:
-                    break
-                ready = 0.0 if dep is None else done[dep] + (transfer_s if dep[1] != s else 0.0)
-                start = max(free[s], ready)
-                end = start + (forward_s[s] if kind == "F" else backward_s[s])
-                done[(kind, s, i)] = end
-                free[s] = end
-                ops.append((s, kind, i, start, end))
-                nxt[s] += 1
-                remaining -= 1
-                progressed = True
-        if not progressed:  # pragma: no cover - 1F1B cannot deadlock; a guard against future edits
-            raise RuntimeError("simulate_1f1b: schedule deadlocked")
-    finish = list(free)
+    _, spans = simulate(orders, forward_s, backward_s, [0.0] * p, transfer_s)  # the shared event loop
+    ops = [(s, kind, i, start, end) for s, found in enumerate(spans) for kind, i, start, end in found]
+    finish = [found[-1][3] for found in spans]  # each stage's last backward
     tied = [s for s in tied_stages if 0 <= s < p]
     if len(set(tied)) > 1:
         sync = max(finish[s] for s in tied)
