@@ -82,12 +82,12 @@ def calibration_from(shape: dict, output_dir: str, layout: dict, rounds: list[di
 
     run = validate(compose([*overrides(shape, output_dir), *layout_overrides(layout)]))
     skeleton, costs, _ = price_run(run, layout["dp"], costs_model="profile", contended=True)
-    costs = settled(costs, layer_plan(skeleton), layout["boundaries"])  # as that layout ran (contention)
+    costs, alone = settled(costs, layer_plan(skeleton), layout["boundaries"])  # as that layout ran (contention)
     measured = {
         int(stage): {name: statistics.median(r[stage].get(name, 0.0) for r in rounds) for name in rounds[0][stage]}
         for stage in rounds[0]
     }
-    return calibrate.fit(costs, layout["boundaries"], measured, source=describe(layout))
+    return calibrate.fit(costs, layout["boundaries"], measured, source=describe(layout), alone=alone)
 
 
 def key(c: dict) -> tuple:

@@ -50,6 +50,7 @@ QUICK = {**FULL, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers
 QUICK.update(seq_len=32, micro_batch_size=2, micro_batches=4)
 QUICK_LONG = {**QUICK, "seq_len": 64}
 SHAPES = {"full": [FULL, LONG], "quick": [QUICK, QUICK_LONG]}
+CONTENDED_RUNS = 6  # timed runs per layer, as pipefit plan --contended
 
 
 def overrides(shape: dict, output_dir: str) -> list[str]:
@@ -79,7 +80,7 @@ def worker(args: argparse.Namespace) -> None:
 
     from pipefit.cli import compose
     from pipefit.config import validate
-    from pipefit.partition import boundaries, costs
+    from pipefit.partition import boundaries, contended, costs
     from pipefit.partition.boundaries import boundaries_for
     from pipefit.partition.plan import evaluate
     from pipefit.run.preflight import Prepared
@@ -125,6 +126,8 @@ def worker(args: argparse.Namespace) -> None:
     measured: dict[str, list[float]] = {str(s): [] for s in splits}
     spans: dict[str, list[dict[str, float]]] = {str(s): [] for s in splits}
     single_times: list[float] = []
+    distinct = list(contended.distinct_layers(skeleton, plan).values())
+    profiles: list = []
     for r in range(args.rounds):
         for bounds in splits if r % 2 == 0 else splits[::-1]:
             t, found = time_steps(engines[str(bounds)], args.steps, warm_up=False)
@@ -136,6 +139,12 @@ def worker(args: argparse.Namespace) -> None:
             single_times.append(single(args.steps))
             print(f"round {r + 1}/{args.rounds} single process: {single_times[-1]:.3f} s/step", flush=True)
         dist.barrier()
+        # The contended profile, measured in every round between the steps it predicts: one snapshot taken
+        # before or after ten minutes of steps meets a machine 10-30 % faster or slower than they did.
+        here = contended.measure_in_group(skeleton, distinct, workload, CONTENDED_RUNS)
+        every: list = [None] * dist.get_world_size()
+        dist.all_gather_object(every, here)
+        profiles.append(contended.combine(every))
     engines.clear()
     gc.collect()
     if rank == 0:
@@ -155,6 +164,7 @@ def worker(args: argparse.Namespace) -> None:
         tokens = workload.micro_batches * workload.micro_batch_size * workload.seq_len
         found = {"shape": shape, "methods": methods, "splits": rows, "tokens_per_step": tokens}
         found["single_s"] = statistics.median(single_times) if single_times else None
+        found["contended_rounds"] = [x._asdict() for x in profiles]
         Path(args.result).write_text(json.dumps(found, indent=1))
     dist.barrier()
     dist.destroy_process_group()
@@ -213,28 +223,33 @@ def measure_profile(shape: dict, output_dir: str, cache_dir: str) -> None:
 
 def contended_predictions(shape: dict, output_dir: str, result: dict) -> None:
     """``pipefit plan --costs profile --contended``'s predicted step for every split (layers timed with both
-    ranks busy, measured transfers and optimizer work: ``pipefit.partition.contended``), measured in this
-    run, and the same prices calibrated (``--calibrate``) by the measured instructions of one split: the
-    one ``profile`` chose, the layout a user would launch and trace. Adds both to ``result["splits"]``."""
+    ranks busy and with the peer idle, measured transfers and optimizer work: ``pipefit.partition.contended``),
+    from the median of the contended profiles the workers measured in every round, and the same prices
+    calibrated (``--calibrate``) by the measured instructions of one split: the one ``profile`` chose, the
+    layout a user would launch and trace. Adds both to ``result["splits"]``."""
     from pipefit.cli import compose
     from pipefit.config import validate
-    from pipefit.partition import calibrate, costs
-    from pipefit.partition.boundaries import price_layers
+    from pipefit.partition import calibrate, contended, costs
     from pipefit.partition.plan import evaluate, settled
     from pipefit.run.preflight import Prepared
 
     run = validate(compose(overrides(shape, output_dir)))
     prepared = Prepared(run, world_size=2)
     hw = costs.Hardware.from_config(run.hardware)
-    priced = price_layers(prepared.skeleton, "profile", costs.Workload.from_run(run, 1), hw, ranks=2)
+    rounds_measured = [contended.Measured(**x) for x in result["contended_rounds"]]
+    measured_profile = contended.contended_profile(
+        prepared.skeleton, prepared.plan, contended.over_rounds(rounds_measured), ranks=2
+    )
+    workload = costs.Workload.from_run(run, 1)
+    priced = contended.contended_costs(prepared.hf_config, prepared.plan, workload, hw, measured_profile)
     source = result["methods"]["profile"]
     rounds = result["splits"][str(source)]["instruction_s"]
     measured = {
         int(stage): {name: statistics.median(r[stage].get(name, 0.0) for r in rounds) for name in rounds[0][stage]}
         for stage in rounds[0]
     }
-    ran = settled(priced, prepared.plan, source)  # the prices as the measured split ran (contention)
-    calibrated = calibrate.apply(priced, calibrate.fit(ran, source, measured, source=str(source)))
+    ran, alone = settled(priced, prepared.plan, source)  # the prices as the measured split ran (contention)
+    calibrated = calibrate.apply(priced, calibrate.fit(ran, source, measured, source=str(source), alone=alone))
     result["calibrated_by"] = source
     result["calibration"] = calibrated.details["calibration"]
     busy = {"alone_forward_s": [], "alone_backward_s": []}  # every rank priced busy for the whole step
@@ -266,8 +281,9 @@ def table(result: dict, single_s: float | None) -> str:
         "pred(calibrated): pipefit plan --costs profile --contended --calibrate, the ratios measured on the split",
         f"  marked * ({result['calibrated_by']}: profile's choice) applied to every split: "
         + ", ".join(f"{k} x{v:.3f}" for k, v in result["calibration"].items() if k != "source"),
-        "pred(contended): --costs profile --contended alone (layers timed with both ranks busy and with the peer",
-        "  idle, each stage priced between the two by its peer's busy share; measured transfers, optimizer step)",
+        "pred(contended): --costs profile --contended alone, measured in every round between the steps (median):",
+        "  layers timed with both ranks busy and with the peer idle, each stage priced between the two by its",
+        "  peer's busy share; measured transfers, optimizer step",
         "pred(quiet): layers timed one at a time, alone (the profile before); pred(flops): analytic",
         "",
         f"{'split':<14} {'measured':>9} {'/params':>8} {'/fastest':>9} {'pred(calib.)':>12} {'pred/meas':>10} "
@@ -314,8 +330,9 @@ def table(result: dict, single_s: float | None) -> str:
     return "\n".join(lines)
 
 
-def measure_shape(args: argparse.Namespace, shape: dict) -> str | None:
-    """Every pp=2 split of one shape timed by two worker ranks, predicted, and the single-process baseline."""
+def measure_shape(args: argparse.Namespace, shape: dict) -> dict | None:
+    """Every pp=2 split of one shape timed by two worker ranks, predicted, and the single-process baseline:
+    the measurements (each round's step and instruction seconds, each round's contended profile)."""
     with tempfile.TemporaryDirectory() as tmp:
         result_file = Path(tmp) / "result.json"
         measure_profile(shape, str(Path(tmp) / "profile"), str(Path(tmp) / "cache"))
@@ -326,16 +343,17 @@ def measure_shape(args: argparse.Namespace, shape: dict) -> str | None:
             return None
         result = json.loads(result_file.read_text())
         contended_predictions(shape, str(Path(tmp) / "plan"), result)
-    return table(result, result["single_s"])
+    return result
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny shapes: checks the script, measures nothing useful")
-    parser.add_argument("--rounds", type=int, default=None, help="passes over every split (default 6; quick 1)")
+    parser.add_argument("--rounds", type=int, default=None, help="passes over every split (default 8; quick 1)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per split per round (default 1)")
     parser.add_argument("--no-single", action="store_true", help="skip the single-process baseline")
-    parser.add_argument("--save", default=None, help="also write the table to this file")
+    parser.add_argument("--save", default=None, help="also write the table to this file (and the measurements, .json)")
+    parser.add_argument("--shapes", type=int, nargs="+", choices=(1, 2), help="only these shapes (default both)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--output-dir", default=None, help=argparse.SUPPRESS)
@@ -346,21 +364,24 @@ def main() -> int:
         # Every profile is measured in this run, at this machine's present speed, never read from the
         # user's cache of an earlier day.
         os.environ["PIPEFIT_CACHE_DIR"] = tempfile.mkdtemp(prefix="pipefit-bench-cache-")
-    args.rounds = args.rounds or (1 if args.quick else 6)
+    args.rounds = args.rounds or (1 if args.quick else 8)
     args.steps = args.steps or 1
     if args.worker:
         worker(args)
         return 0
-    texts = []
-    for shape in SHAPES["quick" if args.quick else "full"]:
-        text = measure_shape(args, shape)
-        if text is None:
+    texts, results = [], []
+    shapes = SHAPES["quick" if args.quick else "full"]
+    for shape in [shapes[i - 1] for i in args.shapes] if args.shapes else shapes:
+        result = measure_shape(args, shape)
+        if result is None:
             return 1
-        texts.append(text)
-        print(text, flush=True)
-    if args.save:
+        results.append(result)
+        texts.append(table(result, result["single_s"]))
+        print(texts[-1], flush=True)
+    if args.save:  # the table, and beside it every measurement it was made from
         Path(args.save).parent.mkdir(parents=True, exist_ok=True)
         Path(args.save).write_text("\n\n".join(texts) + "\n")
+        Path(args.save).with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
     return 0
 
 

@@ -130,7 +130,7 @@ def test_settled_prices_are_what_the_split_ran_at_and_calibrate_against_them() -
     costs, plan = _two_layers(False)
     costs = replace(costs, forward_s=[1.0, 3.0], backward_s=[2.0, 6.0], transfer_s=0.0, per_step_s=[0.0, 0.0])
     mixed = replace(costs, alone_forward_s=[0.5, 1.5], alone_backward_s=[1.0, 3.0])
-    ran = settled(mixed, plan, [0, 1, 2])
+    ran, alone = settled(mixed, plan, [0, 1, 2])
     assert ran.alone_forward_s == [] and ran.alone_backward_s == []
     assert 0.5 < ran.forward_s[0] <= 1.0 and 1.5 < ran.forward_s[1] < 3.0
     assert ran.backward_s == pytest.approx([2 * f for f in ran.forward_s])
@@ -141,3 +141,69 @@ def test_settled_prices_are_what_the_split_ran_at_and_calibrate_against_them() -
     cal = calibrate.fit(ran, [0, 1, 2], measured)
     assert (cal.forward, cal.backward) == (pytest.approx(1.0), pytest.approx(1.0))
     assert calibrate.fit(mixed, [0, 1, 2], measured).forward < 0.8
+
+
+def _measured(scale: float, link: float | None) -> contended.Measured:
+    layer = [
+        {"forward_s": scale * k, "backward_s": 2 * scale * k, "activation_bytes": 8.0, "runs": 6, "spread": 0.0}
+        for k in (1, 2, 3, 4)
+    ]  # embed, block, norm, head: the distinct layers of a tiny Llama
+    return contended.Measured(layer, 1e-4 * scale, 1e-8 * scale, link, [dict(x, forward_s=0.5 * scale) for x in layer])
+
+
+def test_rounds_of_contended_measurements_combine_by_median_per_figure() -> None:
+    """The partition benchmark measures the contended profile in every round between its steps and prices
+    with the median of each figure; ranks combine as rank 0's layers, the slowest link."""
+    rounds = [_measured(s, link) for s, link in ((1.0, 2.0), (4.0, 1.0), (2.0, 4.0))]
+    med = contended.over_rounds(rounds)
+    assert [x["forward_s"] for x in med.layers] == [2.0, 4.0, 6.0, 8.0]
+    assert [x["backward_s"] for x in med.layers] == [4.0, 8.0, 12.0, 16.0]
+    assert [x["forward_s"] for x in med.alone] == [1.0] * 4
+    assert (med.transfer_s, med.optimizer_s_per_param, med.link_gbs) == (2e-4, 2e-8, 2.0)
+    ranks = contended.combine([_measured(1.0, 3.0), _without_alone(_measured(5.0, 0.5))])
+    assert ranks.layers[1]["forward_s"] == 2.0 and ranks.alone[0]["forward_s"] == 0.5
+    assert ranks.link_gbs == 0.5 and ranks.transfer_s == pytest.approx(3e-4)
+    skeleton = make_skeleton(tiny_hf_config("llama"))
+    plan = layer_plan(skeleton)
+    prof = contended.contended_profile(skeleton, plan, med, ranks=2)
+    kinds = [layer.kind for layer in plan]
+    assert [p.forward_s for p in prof.layers] == [
+        {"embed": 2.0, "block": 4.0, "norm": 6.0, "head": 8.0}[k] for k in kinds
+    ]
+    assert prof.link_bandwidth_gbs == 2.0 and [p.forward_s for p in prof.alone] == [1.0] * len(plan)
+
+
+def _without_alone(m: contended.Measured) -> contended.Measured:
+    return m._replace(alone=[])  # ranks other than 0 time nothing alone
+
+
+def test_calibration_scales_only_the_busy_part_of_a_settled_price() -> None:
+    """A trace whose stages computed their alone part as priced and their busy part 1.5x slower calibrates
+    the contended prices by exactly 1.5 and leaves the alone ones: a stage whose peer idles is not charged
+    for contention it did not meet. Where under a quarter of the price was busy, one ratio covers both."""
+    costs, plan = _two_layers(False)
+    costs = replace(costs, forward_s=[1.0, 3.0], backward_s=[2.0, 6.0], transfer_s=0.0, per_step_s=[0.0, 0.0])
+    mixed = replace(costs, alone_forward_s=[0.5, 1.5], alone_backward_s=[1.0, 3.0])
+    bounds = [0, 1, 2]
+    ran, alone = settled(mixed, plan, bounds)
+    m = ran.micro_batches
+    u = [row["peer_busy"] for row in evaluate(mixed, plan, bounds)["stages"]]
+    assert alone[0] == pytest.approx([0.5 * (1 - u[0]), 1.5 * (1 - u[1])])
+    assert ran.forward_s == pytest.approx([a + c * x for a, c, x in zip(alone[0], [1.0, 3.0], u, strict=True)])
+    measured = {
+        s: {
+            "ForwardPass": m * (alone[0][s] + 1.5 * (ran.forward_s[s] - alone[0][s])),
+            "BackwardPass": m * (alone[1][s] + 1.5 * (ran.backward_s[s] - alone[1][s])),
+        }
+        for s in range(2)
+    }
+    cal = calibrate.fit(ran, bounds, measured, alone=alone)
+    assert (cal.forward, cal.backward) == (pytest.approx(1.5), pytest.approx(1.5))
+    assert (cal.alone_forward, cal.alone_backward) == (1.0, 1.0)
+    out = calibrate.apply(mixed, cal)
+    assert out.forward_s == pytest.approx([1.5, 4.5]) and out.alone_forward_s == [0.5, 1.5]
+    whole = calibrate.fit(ran, bounds, measured)  # no alone part given: one ratio, below 1.5
+    assert 1.0 < whole.forward < 1.5 and whole.alone_forward == whole.forward
+    mostly_alone = [[0.9 * f for f in ran.forward_s], [0.9 * b for b in ran.backward_s]]
+    cal = calibrate.fit(ran, bounds, measured, alone=mostly_alone)
+    assert cal.forward == pytest.approx(whole.forward) and cal.alone_forward == pytest.approx(whole.forward)

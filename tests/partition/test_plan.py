@@ -185,7 +185,7 @@ def test_cli_profile_plan_measures_once_then_reads_the_cache(tmp_path: Path, cap
         assert ranks == 2
         calls.extend(layer.kind for layer in layers)
         found = [asdict(real(skeleton, x, workload, "cpu", min_runs=2, max_runs=3, warmup=1)) for x in layers]
-        return found, 1e-4, 2e-8, 1.0, found  # layers, transfer, optimizer, link GB/s, layers alone
+        return contended.Measured(found, 1e-4, 2e-8, 1.0, found)  # transfer, optimizer, link GB/s, alone
 
     monkeypatch.setattr(contended, "_spawn", quick)
     args = ["plan", "pipeline.partition=profile", "data.seq_len=32", "--json", "--cache-dir", str(tmp_path)]
@@ -218,7 +218,7 @@ def test_cli_profile_plan_measures_on_the_given_device(tmp_path: Path, capsys, m
     def spawned(skeleton, layers, workload, ranks, runs):  # CPU at pp=2: the contended profile's workers
         from dataclasses import asdict
 
-        return [asdict(fake(skeleton, x, workload, "cpu")) for x in layers], 1e-4, 2e-8, None, None
+        return contended.Measured([asdict(fake(skeleton, x, workload, "cpu")) for x in layers], 1e-4, 2e-8, None, [])
 
     monkeypatch.setattr(profile, "measure_layer", fake)
     monkeypatch.setattr(contended, "_spawn", spawned)

@@ -88,8 +88,8 @@ def _calibration(args: argparse.Namespace, run: Any, device: str, costs_model: s
         return None
     measured, bounds, dp = measured_layout(args.calibrate, run)
     skeleton, costs, _ = price_run(measured, dp, device, args.cache_dir, costs_model, args.contended)
-    ran = settled(costs, layer_plan(skeleton), bounds)  # with contention: as that split ran
-    return fit_calibration(ran, bounds, read_trace(args.calibrate), source=str(args.calibrate))
+    ran, alone = settled(costs, layer_plan(skeleton), bounds)  # with contention: as that split ran
+    return fit_calibration(ran, bounds, read_trace(args.calibrate), source=str(args.calibrate), alone=alone)
 
 
 def _plan(args: argparse.Namespace) -> int:

@@ -11,6 +11,13 @@ short measured run.
 
 - ``forward``: ``ForwardPass`` seconds over the priced forwards (m per stage);
 - ``backward``: ``BackwardPass`` (or zb1p's ``BackwardInput`` + ``BackwardWeight``) over the priced backwards;
+  with the CPU contended profile, whose stages are priced between their price alone and with every rank
+  busy (:mod:`pipefit.partition.contention`), only the busy part is calibrated: the ratio is the measured
+  seconds less the part priced alone, over the part priced busy. A layer timed with its peers idle costs
+  what the engine measures on a stage whose peer idles (within 3 % here), while the cost of both ranks
+  computing at once is what a shared machine changes from one minute to the next, and what a trace of a
+  balanced split measures. Where less than a quarter of a kind's price was busy, the trace says too little
+  about it and the one ratio applies to both parts (``alone_forward``, ``alone_backward``);
 - ``optimizer``: ``OptimizerStep`` less the gradient norm inside it (``GradNorm``/``GradNormClip``: a
   collective across stages, where the stage that finished first waits for the others) over the priced
   optimizer work;
@@ -45,6 +52,7 @@ KIND_OF = {
     "ReduceTiedGrads": "reduce",
 }
 KINDS = ("forward", "backward", "optimizer", "reduce")
+MIN_BUSY_SHARE = 0.25  # of a kind's price: below it, one ratio for the busy and the alone part
 # Spans nested in OptimizerStep that hold a cross-stage collective (pipefit.run.engine's norm overrides).
 WAITS_IN_OPTIMIZER = ("GradNorm", "GradNormClip")
 
@@ -58,6 +66,8 @@ class Calibration:
     optimizer: float = 1.0
     reduce: float = 1.0
     source: str = ""
+    alone_forward: float = 1.0  # the ratio of prices with the peers idle (see the module docstring)
+    alone_backward: float = 1.0
 
 
 def _priced(costs: LayerCosts, bounds: Sequence[int]) -> list[dict[str, float]]:
@@ -79,10 +89,16 @@ def _priced(costs: LayerCosts, bounds: Sequence[int]) -> list[dict[str, float]]:
 
 
 def fit(
-    costs: LayerCosts, bounds: Sequence[int], measured: Mapping[int, Mapping[str, float]], source: str = ""
+    costs: LayerCosts,
+    bounds: Sequence[int],
+    measured: Mapping[int, Mapping[str, float]],
+    source: str = "",
+    alone: Sequence[Sequence[float]] | None = None,
 ) -> Calibration:
     """The ratios of a measured run: ``measured`` per stage, seconds per step of each instruction (the
-    ``instructions`` of ``train.trace``'s breakdown), ``costs`` the prices of that run's own layout.
+    ``instructions`` of ``train.trace``'s breakdown), ``costs`` the prices of that run's own layout, and
+    ``alone`` per layer the part of its forward and backward price paid at the rate with the peers idle (both
+    from :func:`pipefit.partition.plan.settled`; none: all of it busy).
 
     Raises:
         ValueError: the trace's stages are not the layout's, or it holds no forward or backward.
@@ -103,6 +119,13 @@ def fit(
     if not (spent["forward"] > 0 and spent["backward"] > 0):
         raise ValueError(f"--calibrate: the trace of {source or 'the run'} holds no ForwardPass or BackwardPass")
     ratios = {k: spent[k] / prices[k] if prices[k] > 0 and spent[k] > 0 else 1.0 for k in KINDS}
+    fixed = dict(zip(("forward", "backward"), alone or ([], []), strict=True))
+    for kind in ("forward", "backward"):  # only the busy part, where the trace measured enough of it
+        ratios[f"alone_{kind}"] = ratios[kind]
+        held = costs.micro_batches * sum(sum(fixed[kind][a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True))
+        if held > 0 and prices[kind] - held >= MIN_BUSY_SHARE * prices[kind] and spent[kind] > held:
+            ratios[kind] = (spent[kind] - held) / (prices[kind] - held)
+            ratios[f"alone_{kind}"] = 1.0
     return Calibration(**ratios, source=source)
 
 
@@ -115,8 +138,8 @@ def apply(costs: LayerCosts, cal: Calibration) -> LayerCosts:
         method=f"{costs.method}+calibrated",
         forward_s=[f * cal.forward for f in costs.forward_s],
         backward_s=[b * cal.backward for b in costs.backward_s],
-        alone_forward_s=[f * cal.forward for f in costs.alone_forward_s],
-        alone_backward_s=[b * cal.backward for b in costs.alone_backward_s],
+        alone_forward_s=[f * cal.alone_forward for f in costs.alone_forward_s],
+        alone_backward_s=[b * cal.alone_backward for b in costs.alone_backward_s],
         per_step_s=per_step,
         reduce_s=[r * cal.reduce for r in reduce],
         details={**costs.details, "calibration": dataclasses.asdict(cal)},

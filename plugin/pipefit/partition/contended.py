@@ -25,7 +25,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 from pipefit.model.layer_list import layer_plan, make_skeleton
 from pipefit.partition.costs import Hardware, LayerCosts, ModelShape, Workload, reduce_seconds
@@ -39,9 +39,29 @@ from pipefit.partition.profile import (
     save_profile_cache,
 )
 
-__all__ = ["ContendedProfile", "contended_costs", "measure_contended"]
+__all__ = [
+    "ContendedProfile",
+    "Measured",
+    "combine",
+    "contended_costs",
+    "contended_profile",
+    "measure_contended",
+    "measure_in_group",
+    "over_rounds",
+]
 
 OPTIMIZER_PROBE_PARAMS = 2_000_000
+
+
+class Measured(NamedTuple):
+    """What the contended profile measures of a model's distinct layers (:func:`measure_in_group`): each
+    layer's :class:`LayerProfile` fields timed together and alone (rank 0), and the per-step terms."""
+
+    layers: list[dict[str, Any]]
+    transfer_s: float
+    optimizer_s_per_param: float
+    link_gbs: float | None
+    alone: list[dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -127,6 +147,31 @@ def _allreduce_bandwidth_gbs(ranks: int, params: int, repeats: int = 3) -> float
     return 2 * (ranks - 1) / ranks * 4 * params / statistics.median(times[1:]) / 1e9
 
 
+def measure_in_group(skeleton: Any, layers: Sequence[Any], workload: Workload, runs: int) -> Measured:
+    """What one rank of a running gloo process group measures (every rank calls it at once; see the module
+    docstring): ``layers`` timed together, then each right after by rank 0 alone, and the per-step terms.
+    Only rank 0's ``layers``/``alone`` are used. The benchmarks call it between timed steps so that the
+    prices and the steps they predict are measured in the same minutes of a shared machine."""
+    import torch.distributed as dist
+
+    rank, ranks = dist.get_rank(), dist.get_world_size()
+    found, alone = [], []
+    for layer in layers:
+        dist.barrier()  # every rank starts the same layer together
+        found.append(asdict(measure_layer(skeleton, layer, workload, "cpu", min_runs=runs, max_runs=runs)))
+        if ranks > 1:  # and right after, rank 0 alone while the others wait
+            dist.barrier()
+            if rank == 0:
+                alone.append(asdict(measure_layer(skeleton, layer, workload, "cpu", min_runs=runs, max_runs=runs)))
+    dist.barrier()
+    opt = _optimizer_seconds(workload, OPTIMIZER_PROBE_PARAMS) / OPTIMIZER_PROBE_PARAMS
+    hidden = ModelShape.from_config(skeleton.config).hidden
+    transfer = _transfer_seconds(workload, hidden, rank) if ranks > 1 else 0.0
+    link = _allreduce_bandwidth_gbs(ranks, OPTIMIZER_PROBE_PARAMS) if ranks > 1 else None
+    dist.barrier()
+    return Measured(found, transfer, opt, link, alone)
+
+
 def _worker(
     rank: int, ranks: int, store: str, recipe: tuple, indices: list[int], workload: Workload, runs: int, out: Any
 ) -> None:
@@ -138,31 +183,15 @@ def _worker(
     skeleton = make_skeleton(config, seed=seed)
     skeleton.one_document_per_row = one_document_per_row
     plan = layer_plan(skeleton)
-    layers = [plan[i] for i in indices]
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=ranks)
     try:
-        found, alone = [], []
-        for layer in layers:
-            dist.barrier()  # every rank starts the same layer together
-            found.append(asdict(measure_layer(skeleton, layer, workload, "cpu", min_runs=runs, max_runs=runs)))
-            if ranks > 1:  # and right after, rank 0 alone while the others wait
-                dist.barrier()
-                if rank == 0:
-                    alone.append(asdict(measure_layer(skeleton, layer, workload, "cpu", min_runs=runs, max_runs=runs)))
-        dist.barrier()
-        opt = _optimizer_seconds(workload, OPTIMIZER_PROBE_PARAMS) / OPTIMIZER_PROBE_PARAMS
-        hidden = ModelShape.from_config(skeleton.config).hidden
-        transfer = _transfer_seconds(workload, hidden, rank) if ranks > 1 else 0.0
-        link = _allreduce_bandwidth_gbs(ranks, OPTIMIZER_PROBE_PARAMS) if ranks > 1 else None
-        dist.barrier()
-        out.put((rank, found, transfer, opt, link, alone))
+        out.put((rank, measure_in_group(skeleton, [plan[i] for i in indices], workload, runs)))
     finally:
         dist.destroy_process_group()
 
 
-def _spawn(skeleton: Any, layers: list[Any], workload: Workload, ranks: int, runs: int) -> tuple:
-    """Start the ``ranks`` workers; (rank 0's layer profiles, transfer seconds, optimizer seconds/param,
-    all-reduce bus bandwidth in GB/s or None, rank 0's layer profiles with the others idle or None)."""
+def _spawn(skeleton: Any, layers: list[Any], workload: Workload, ranks: int, runs: int) -> Measured:
+    """Start the ``ranks`` workers, each :func:`measure_in_group`, and :func:`combine` what they found."""
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
@@ -188,9 +217,36 @@ def _spawn(skeleton: Any, layers: list[Any], workload: Workload, ranks: int, run
     if len(results) < len(procs) or any(p.exitcode != 0 for p in procs):
         raise RuntimeError(f"measure_contended: a worker failed (exit codes {[p.exitcode for p in procs]})")
     results.sort(key=lambda r: r[0])
-    transfer = statistics.median(r[2] for r in results[:2])
-    link = None if ranks < 2 else min(r[4] for r in results)  # the slowest rank's view: all wait for it
-    return results[0][1], transfer, statistics.median(r[3] for r in results), link, results[0][5] or None
+    return combine([r[1] for r in results])
+
+
+def combine(per_rank: Sequence[Measured]) -> Measured:
+    """One :class:`Measured` from every rank's: rank 0's layer timings, the transfer of ranks 0 and 1 and the
+    optimizer's median over ranks, the slowest rank's all-reduce bandwidth (every rank waits for it)."""
+    links = [r.link_gbs for r in per_rank if r.link_gbs is not None]
+    return Measured(
+        layers=per_rank[0].layers,
+        transfer_s=statistics.median(r.transfer_s for r in per_rank[:2]),
+        optimizer_s_per_param=statistics.median(r.optimizer_s_per_param for r in per_rank),
+        link_gbs=min(links) if links else None,
+        alone=per_rank[0].alone,
+    )
+
+
+def over_rounds(rounds: Sequence[Measured]) -> Measured:
+    """The median of several measurements of the same layers (each field, each layer's each figure)."""
+
+    def layers(lists: list[list[dict]]) -> list[dict]:
+        return [{k: statistics.median(x[k] for x in same) for k in same[0]} for same in zip(*lists, strict=True)]
+
+    links = [r.link_gbs for r in rounds if r.link_gbs is not None]
+    return Measured(
+        layers=layers([r.layers for r in rounds]),
+        transfer_s=statistics.median(r.transfer_s for r in rounds),
+        optimizer_s_per_param=statistics.median(r.optimizer_s_per_param for r in rounds),
+        link_gbs=statistics.median(links) if links else None,
+        alone=layers([r.alone for r in rounds]) if all(r.alone for r in rounds) else [],
+    )
 
 
 def measure_contended(
@@ -205,30 +261,39 @@ def measure_contended(
     the measured boundary transfer and optimizer terms (the median over ranks). Starts processes: call it
     from ``pipefit plan`` or a benchmark, not inside a running process group. Cached like the quiet
     profile (``cache_dir/profile.json``), keyed by every layer's signature, the shape and ``ranks``."""
-    distinct: dict[str, Any] = {}
-    for layer in plan:
-        distinct.setdefault(layer_signature(layer, skeleton.config), layer)
+    distinct = distinct_layers(skeleton, plan)
     signature = f"contended-v3:{ranks}x{runs}|" + "|".join(distinct)
     key = _cache_key(skeleton.config, signature, workload, workload.precision, "cpu")
     cache_file, cache = load_profile_cache(cache_dir)
     if key not in cache:
-        found, transfer, optimizer, link, alone = _spawn(skeleton, list(distinct.values()), workload, ranks, runs)
-        cache[key] = {"layers": found, "transfer_s": transfer, "optimizer_s_per_param": optimizer, "link_gbs": link}
-        cache[key]["alone"] = alone
+        cache[key] = _spawn(skeleton, list(distinct.values()), workload, ranks, runs)._asdict()
         save_profile_cache(cache_file, cache)
-    entry = cache[key]
+    return contended_profile(skeleton, plan, Measured(**cache[key]), ranks)
 
-    def per_layer(found: list[dict]) -> list[LayerProfile]:
+
+def distinct_layers(skeleton: Any, plan: Sequence[Any]) -> dict[str, Any]:
+    """The layers that cost differently, by signature (blocks of one shape are measured once), in plan order."""
+    distinct: dict[str, Any] = {}
+    for layer in plan:
+        distinct.setdefault(layer_signature(layer, skeleton.config), layer)
+    return distinct
+
+
+def contended_profile(skeleton: Any, plan: Sequence[Any], measured: Measured, ranks: int) -> ContendedProfile:
+    """The :class:`ContendedProfile` of every layer of ``plan`` from a measurement of its distinct layers."""
+    distinct = distinct_layers(skeleton, plan)
+
+    def per_layer(found: Sequence[dict]) -> list[LayerProfile]:
         by_signature = {sig: LayerProfile(**x) for sig, x in zip(distinct, found, strict=True)}
         return [by_signature[layer_signature(layer, skeleton.config)] for layer in plan]
 
     return ContendedProfile(
-        layers=per_layer(entry["layers"]),
-        transfer_s=float(entry["transfer_s"]),
-        optimizer_s_per_param=float(entry["optimizer_s_per_param"]),
+        layers=per_layer(measured.layers),
+        transfer_s=float(measured.transfer_s),
+        optimizer_s_per_param=float(measured.optimizer_s_per_param),
         ranks=ranks,
-        link_bandwidth_gbs=entry["link_gbs"],
-        alone=per_layer(entry["alone"]) if entry.get("alone") else None,
+        link_bandwidth_gbs=measured.link_gbs,
+        alone=per_layer(measured.alone) if measured.alone else None,
     )
 
 

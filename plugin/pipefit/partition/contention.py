@@ -32,15 +32,16 @@ def settle(
     both: tuple[Sequence[float], Sequence[float]],
     alone: tuple[Sequence[float], Sequence[float]],
     rounds: int = ROUNDS,
-) -> tuple[list[float], list[float]]:
+) -> tuple[list[float], list[float], list[float]]:
     """Per-stage forward and backward seconds of one micro-batch, each between its ``alone`` and ``both``
     price by how busy the stage's peers are in ``simulate(forward, backward)`` (a timeline with ``busy(s)``
-    and ``step_s``), starting from ``both`` and repeated ``rounds`` times."""
+    and ``step_s``), starting from ``both`` and repeated ``rounds`` times; and those busy shares ``u``."""
     forward, backward = list(both[0]), list(both[1])
     p = len(forward)
+    u = [1.0] * p
     for _ in range(rounds):
         timeline = simulate(forward, backward)
         u = peer_busy([timeline.busy(s) for s in range(p)], timeline.step_s)
         forward = [a + (c - a) * x for a, c, x in zip(alone[0], both[0], u, strict=True)]
         backward = [a + (c - a) * x for a, c, x in zip(alone[1], both[1], u, strict=True)]
-    return forward, backward
+    return forward, backward, u

@@ -140,10 +140,12 @@ def evaluate(
             for x in (costs.alone_forward_s, costs.alone_backward_s)
         ]
         shown = schedule if schedule == "zb1p" and timed else "1f1b"
-        forward, backward = contention.settle(
+        forward, backward, busy = contention.settle(
             lambda f, b: simulate(f, b, w_at(b))[shown], (forward, backward), (alone[0], alone[1])
         )
         w = w_at(backward)
+        for r, x in zip(rows, busy, strict=True):
+            r["peer_busy"] = x  # the share of the step its peers compute: its weight on the contended price
     for r, f, b in zip(rows, forward, backward, strict=True):
         r["settled_forward_s"], r["settled_backward_s"] = f, b  # what the stage computes at (contention)
     timelines = simulate(forward, backward, w)
@@ -164,22 +166,22 @@ def evaluate(
     }
 
 
-def settled(costs: LayerCosts, plan: Sequence[Any], bounds: Sequence[int]) -> LayerCosts:
-    """``costs`` as they run at split ``bounds``: with alone prices (:mod:`.contention`), each layer's forward
-    and backward at its stage's mix of alone and contended, and no alone prices left; else ``costs``."""
+def settled(costs: LayerCosts, plan: Sequence[Any], bounds: Sequence[int]) -> tuple[LayerCosts, list[list[float]]]:
+    """``costs`` as they run at split ``bounds``, and per layer the part of its forward and backward price
+    paid at the alone rate. With alone prices (:mod:`.contention`) each layer's forward and backward is
+    ``alone x (1 - u) + contended x u`` at its stage's peer-busy share ``u``, and no alone prices are left;
+    without, ``costs`` and zeros. :func:`pipefit.partition.calibrate.fit` calibrates only the rest."""
     if not costs.alone_forward_s:
-        return costs
+        return costs, [[0.0] * len(plan), [0.0] * len(plan)]
     stage = {i: r for r in evaluate(costs, plan, bounds)["stages"] for i in range(*r["layers"])}
-    scale = [
-        (
-            stage[i]["settled_forward_s"] / stage[i]["forward_s"] if stage[i]["forward_s"] else 1.0,
-            stage[i]["settled_backward_s"] / stage[i]["backward_s"] if stage[i]["backward_s"] else 1.0,
-        )
-        for i in range(len(plan))
+    u = [stage[i].get("peer_busy", 1.0) for i in range(len(plan))]
+    alone = [
+        [a * (1 - x) for a, x in zip(costs.alone_forward_s, u, strict=True)],
+        [a * (1 - x) for a, x in zip(costs.alone_backward_s, u, strict=True)],
     ]
-    forward = [f * k for f, (k, _) in zip(costs.forward_s, scale, strict=True)]
-    backward = [b * k for b, (_, k) in zip(costs.backward_s, scale, strict=True)]
-    return replace(costs, forward_s=forward, backward_s=backward, alone_forward_s=[], alone_backward_s=[])
+    forward = [a + c * x for a, c, x in zip(alone[0], costs.forward_s, u, strict=True)]
+    backward = [a + c * x for a, c, x in zip(alone[1], costs.backward_s, u, strict=True)]
+    return replace(costs, forward_s=forward, backward_s=backward, alone_forward_s=[], alone_backward_s=[]), alone
 
 
 def price_run(
