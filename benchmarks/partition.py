@@ -1,22 +1,25 @@
 """Partition quality and the plan's predicted step, measured: every pp=2 split of two Llama-style shapes.
 
-    python benchmarks/partition.py                       # both shapes; ~15 min on 2 CPU cores
+    python benchmarks/partition.py                       # both shapes; ~30 min on 2 CPU cores
+    python benchmarks/partition.py --shapes 1            # only the first shape; ~12 min
     python benchmarks/partition.py --quick               # tiny shapes, 1-2 min: checks the script runs
-    python benchmarks/partition.py --save benchmarks/results/partition.txt
+    python benchmarks/partition.py --save benchmarks/results/partition.txt   # and partition.json
 
 Two CPU ranks (gloo, one thread each) train a Llama-style model through pipefit's own pieces
 (``build_pipeline_module``, ``start_engine``, ``engine.train_batch``: the engine a run trains with): the
 issue's shape (hidden 256, 8 blocks, vocab 12288, seq 256, micro-batch 2, 8 micro-batches, ZeRO-1) and a
 second one with a small vocabulary and long rows (vocab 4096, seq 512). Every contiguous pp=2 split's engine
-is started once and kept; each round times one step of every split, alternating the order, and one step
-of the single-process baseline, so a slow minute of a shared machine falls on every variant alike. The
-splits that ``parameters``, ``uniform``, ``flops`` and ``profile`` choose are looked up in the same
-measurements. It prints, for each split, the median step time, its ratio to ``parameters`` and to the
-fastest split, the prediction of ``pipefit plan --costs profile --contended`` (layers timed with both
-ranks busy, measured transfers and optimizer step: ``pipefit.partition.contended``), measured in the same run, the
-older quiet-profile and flops predictions, and measured / 1F1B bound; then the methods' rows; then the
-single-process baseline (the same model trained by one process with one thread) against the best
-pipeline: tokens/s, speedup T_s/T_p and the ideal p*m/(m+p-1).
+is started once and kept; each round times one step of every split, alternating the order, one step of the
+single-process baseline, and the contended profile (``pipefit.partition.contended.measure_in_group``: layers
+timed with both ranks busy and with the peer idle, the transfer, the optimizer step, the all-reduce), so a
+slow minute of a shared machine falls on every variant and on the prices alike. The splits that
+``parameters``, ``uniform``, ``flops`` and ``profile`` choose are looked up in the same measurements. It
+prints, for each split, the median step time, its ratio to ``parameters`` and to the fastest split, the
+prediction of ``pipefit plan --costs profile --contended`` from the median of the rounds' profiles, the same
+calibrated by the traced instructions of one split (``--calibrate``), the older quiet-profile and flops
+predictions, and measured / 1F1B bound; then the methods' rows; then the single-process baseline (the same
+model trained by one process with one thread) against the best pipeline: tokens/s, speedup T_s/T_p and the
+ideal p*m/(m+p-1). ``--save`` writes the table and, beside it, every measurement it was made from (.json).
 """
 
 from __future__ import annotations
