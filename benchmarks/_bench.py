@@ -7,16 +7,36 @@ The engine is the one a run trains with (:func:`pipefit.run.engine.start_engine`
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@contextlib.contextmanager
+def fresh_profile_cache() -> Iterator[str]:
+    """``PIPEFIT_CACHE_DIR`` set to a new empty folder, removed afterwards: every profile the benchmark
+    uses is measured in its own run, at the machine's present speed, never read from a user's cache of
+    an earlier day. The worker processes it launches inherit it."""
+    before = os.environ.get("PIPEFIT_CACHE_DIR")
+    with tempfile.TemporaryDirectory(prefix="pipefit-bench-cache-") as folder:
+        os.environ["PIPEFIT_CACHE_DIR"] = folder
+        try:
+            yield folder
+        finally:
+            if before is None:
+                os.environ.pop("PIPEFIT_CACHE_DIR", None)
+            else:
+                os.environ["PIPEFIT_CACHE_DIR"] = before
 
 
 def free_port() -> int:

@@ -25,12 +25,11 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import statistics
 import tempfile
 from pathlib import Path
 
-from _bench import launch_workers, pipefit_engine, time_steps
+from _bench import fresh_profile_cache, launch_workers, pipefit_engine, time_steps
 
 FULL = {
     "hidden_size": 256,
@@ -226,15 +225,16 @@ def main() -> int:
     parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--output-dir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if not args.worker:
-        # Every profile is measured in this run, at this machine's present speed, never read from the
-        # user's cache of an earlier day.
-        os.environ["PIPEFIT_CACHE_DIR"] = tempfile.mkdtemp(prefix="pipefit-bench-cache-")
     args.rounds = args.rounds or (1 if args.quick else 6)
     args.steps = args.steps or 1
     if args.worker:
         worker(args)
         return 0
+    with fresh_profile_cache():
+        return measure(args)
+
+
+def measure(args: argparse.Namespace) -> int:
     shape = QUICK if args.quick else FULL
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "out")

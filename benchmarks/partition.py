@@ -27,14 +27,13 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import statistics
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
-from _bench import launch_workers, pipefit_engine, time_steps
+from _bench import fresh_profile_cache, launch_workers, pipefit_engine, time_steps
 
 FULL = {
     "hidden_size": 256,
@@ -363,15 +362,16 @@ def main() -> int:
     parser.add_argument("--cache-dir", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--shape", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if not args.worker:
-        # Every profile is measured in this run, at this machine's present speed, never read from the
-        # user's cache of an earlier day.
-        os.environ["PIPEFIT_CACHE_DIR"] = tempfile.mkdtemp(prefix="pipefit-bench-cache-")
     args.rounds = args.rounds or (1 if args.quick else 8)
     args.steps = args.steps or 1
     if args.worker:
         worker(args)
         return 0
+    with fresh_profile_cache():
+        return measure(args)
+
+
+def measure(args: argparse.Namespace) -> int:
     texts, results = [], []
     shapes = SHAPES["quick" if args.quick else "full"]
     for shape in [shapes[i - 1] for i in args.shapes] if args.shapes else shapes:
