@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import json
 import os
 import socket
 import statistics
@@ -37,6 +38,17 @@ def fresh_profile_cache() -> Iterator[str]:
                 os.environ.pop("PIPEFIT_CACHE_DIR", None)
             else:
                 os.environ["PIPEFIT_CACHE_DIR"] = before
+
+
+def save_results(path: str | None, text: str, detail: Any = None) -> None:
+    """Write a benchmark's table to ``path`` (nothing when ``None``) and, given ``detail``, every measurement
+    it was made from beside it as JSON (``path`` with suffix ``.json``)."""
+    if path is None:
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(text + "\n")
+    if detail is not None:
+        Path(path).with_suffix(".json").write_text(json.dumps(detail, indent=1) + "\n")
 
 
 def free_port() -> int:

@@ -29,7 +29,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from _bench import fresh_profile_cache, launch_workers, pipefit_engine, time_steps
+from _bench import fresh_profile_cache, launch_workers, pipefit_engine, save_results, time_steps
 
 FULL = {
     "hidden_size": 256,
@@ -259,11 +259,8 @@ def measure(args: argparse.Namespace) -> int:
         f"{k} x{getattr(cal, k):.3f}" for k in ("forward", "backward", "optimizer", "reduce")
     )
     print(text)
-    if args.save:
-        Path(args.save).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.save).write_text(text + "\n")
-        detail = {"layouts": layouts, "measured": measured, "instruction_s": spans, "searches": searches}
-        Path(args.save).with_suffix(".json").write_text(json.dumps(detail, indent=1) + "\n")
+    detail = {"layouts": layouts, "measured": measured, "instruction_s": spans, "searches": searches}
+    save_results(args.save, text, detail)
     return 0
 
 

@@ -23,6 +23,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from _bench import save_results
+
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch" / "cpu_2proc.yaml"
 
@@ -111,9 +113,7 @@ def main() -> int:
             print(f"measured {name}", flush=True)
     text = table(results)
     print(text)
-    if args.save:
-        Path(args.save).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.save).write_text(text + "\n")
+    save_results(args.save, text)
     return 0
 
 

@@ -33,7 +33,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from _bench import fresh_profile_cache, launch_workers, pipefit_engine, time_steps
+from _bench import fresh_profile_cache, launch_workers, pipefit_engine, save_results, time_steps
 
 FULL = {
     "hidden_size": 256,
@@ -381,10 +381,7 @@ def measure(args: argparse.Namespace) -> int:
         results.append(result)
         texts.append(table(result, result["single_s"]))
         print(texts[-1], flush=True)
-    if args.save:  # the table, and beside it every measurement it was made from
-        Path(args.save).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.save).write_text("\n\n".join(texts) + "\n")
-        Path(args.save).with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
+    save_results(args.save, "\n\n".join(texts), results)  # the table, and every measurement beside it
     return 0
 
 

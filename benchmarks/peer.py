@@ -41,6 +41,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 from _bench import free_port as _free_port  # noqa: E402
+from _bench import save_results  # noqa: E402
 
 from partition import FULL, QUICK, overrides, single_process  # noqa: E402  (the same model and shapes)
 
@@ -310,9 +311,7 @@ def main() -> int:
         )
         lines += breakdown_lines(traced)
     print("\n".join(lines[2 + rounds :]))
-    if args.save:
-        Path(args.save).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.save).write_text("\n".join(lines) + "\n")
+    save_results(args.save, "\n".join(lines))
     return 0
 
 

@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _bench import launch_workers
+from _bench import launch_workers, save_results
 
 from partition import FULL, LONG, QUICK, overrides
 
@@ -151,9 +151,7 @@ def main() -> int:
             return 1
         text = table(json.loads(result.read_text()), args.rounds, args.runs)
     print(text)
-    if args.save:
-        Path(args.save).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.save).write_text(text + "\n")
+    save_results(args.save, text)
     return 0
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 from _bench import free_port as _free_port  # noqa: E402
+from _bench import save_results  # noqa: E402
 
 from partition import FULL, QUICK  # noqa: E402  (the model of benchmarks/partition.py)
 from partition import overrides as partition_overrides  # noqa: E402
@@ -227,9 +228,7 @@ def main() -> int:
             results.append(json.loads(result_file.read_text()))
     text = table(results)
     print(text)
-    if args.save:
-        Path(args.save).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.save).write_text(text + "\n")
+    save_results(args.save, text)
     return 0
 
 
