@@ -10,7 +10,8 @@ import pytest
 from pipefit.cli import compose, main
 from pipefit.config import validate
 from pipefit.partition.plan import format_plan, make_plan
-from pipefit.partition.simulate_1f1b import _order_1f1b, bubble_fraction, simulate_1f1b
+from pipefit.partition.simulate_1f1b import bubble_fraction, simulate_1f1b
+from pipefit.partition.zero_bubble_sim import one_f_one_b_order
 
 
 def test_bubble_fraction() -> None:
@@ -22,9 +23,9 @@ def test_bubble_fraction() -> None:
 
 def test_1f1b_order_matches_deepspeed_warmup() -> None:
     # Stage s runs min(p - s - 1, m) forwards before its first backward.
-    assert _order_1f1b(0, 2, 3) == [("F", 0), ("F", 1), ("B", 0), ("F", 2), ("B", 1), ("B", 2)]
-    assert _order_1f1b(1, 2, 3) == [("F", 0), ("B", 0), ("F", 1), ("B", 1), ("F", 2), ("B", 2)]
-    assert _order_1f1b(0, 4, 2) == [("F", 0), ("F", 1), ("B", 0), ("B", 1)]
+    assert one_f_one_b_order(2, 3, 0) == [("F", 0), ("F", 1), ("B", 0), ("F", 2), ("B", 1), ("B", 2)]
+    assert one_f_one_b_order(2, 3, 1) == [("F", 0), ("B", 0), ("F", 1), ("B", 1), ("F", 2), ("B", 2)]
+    assert one_f_one_b_order(4, 2, 0) == [("F", 0), ("F", 1), ("B", 0), ("B", 1)]
 
 
 def test_one_stage_is_all_work_plus_the_optimizer() -> None:

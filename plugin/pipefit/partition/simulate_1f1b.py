@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from pipefit.partition.zero_bubble_sim import simulate
+from pipefit.partition.zero_bubble_sim import close_step, one_f_one_b_order, simulate
 
 __all__ = ["Timeline", "bubble_fraction", "simulate_1f1b"]
 
@@ -32,15 +32,6 @@ class Timeline:
 def bubble_fraction(num_stages: int, micro_batches: int) -> float:
     """Idle share of an ideal 1F1B step with equal stages: (p - 1) / (m + p - 1)."""
     return (num_stages - 1) / (micro_batches + num_stages - 1)
-
-
-def _order_1f1b(stage: int, num_stages: int, micro_batches: int) -> list[tuple[str, int]]:
-    warm = min(num_stages - stage - 1, micro_batches)
-    order = [("F", i) for i in range(warm)]
-    for i in range(micro_batches - warm):
-        order += [("F", warm + i), ("B", i)]
-    order += [("B", i) for i in range(micro_batches - warm, micro_batches)]
-    return order
 
 
 def simulate_1f1b(
@@ -64,16 +55,6 @@ def simulate_1f1b(
     p, m = len(forward_s), int(micro_batches)
     if len(backward_s) != p or p < 1 or m < 1:
         raise ValueError(f"simulate_1f1b: {p} forward and {len(backward_s)} backward times, {m} micro-batches")
-    orders = [_order_1f1b(s, p, m) for s in range(p)]
+    orders = [one_f_one_b_order(p, m, s) for s in range(p)]
     _, spans = simulate(orders, forward_s, backward_s, [0.0] * p, transfer_s)  # the shared event loop
-    ops = [(s, kind, i, start, end) for s, found in enumerate(spans) for kind, i, start, end in found]
-    finish = [found[-1][3] for found in spans]  # each stage's last backward
-    tied = [s for s in tied_stages if 0 <= s < p]
-    if len(set(tied)) > 1:
-        sync = max(finish[s] for s in tied)
-        for s in tied:
-            finish[s] = sync
-    per_step = list(step_s) if step_s is not None else [0.0] * p
-    for s in range(p):
-        ops.append((s, "step", -1, finish[s], finish[s] + per_step[s]))
-    return Timeline(step_s=max(finish[s] + per_step[s] for s in range(p)), ops=ops)
+    return Timeline(*close_step(spans, step_s, tied_stages))

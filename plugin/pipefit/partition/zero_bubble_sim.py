@@ -140,6 +140,18 @@ def simulate_zb1p(
     p, m = len(forward_s), int(micro_batches)
     orders = [zb_h1_order(p, m, s) for s in range(p)]
     _, spans = simulate(orders, forward_s, backward_input_s, backward_weight_s, transfer_s)
+    return close_step(spans, step_s, tied_stages)
+
+
+def close_step(
+    spans: Sequence[Sequence[tuple[str, int, float, float]]],
+    step_s: Sequence[float] | None = None,
+    tied_stages: Sequence[int] = (),
+) -> tuple[float, list[tuple[int, str, int, float, float]]]:
+    """The step after :func:`simulate`'s ``spans``: each stage, once its last computation is done, reduces its
+    gradients and steps its optimizer (``step_s`` per stage; stages sharing a tied weight start together).
+    Returns the step time and every op ``(stage, kind, micro, start, end)``, the per-step work as ``step``."""
+    p = len(spans)
     ops = [(s, kind, i, start, end) for s in range(p) for kind, i, start, end in spans[s]]
     finish = [max(end for *_, end in spans[s]) for s in range(p)]
     tied = [s for s in tied_stages if 0 <= s < p]
