@@ -25,7 +25,6 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 from _bench import launch_workers, save_results
@@ -36,38 +35,22 @@ WAITS = (1, 2, 4)  # the peer's runs per wait
 
 
 def layer_step(shape: dict, kind: str):
-    """One forward and backward of the shape's first block or its LM head, as ``measure_layer`` times it:
-    a callable returning its seconds."""
-    import torch
-
+    """One forward and backward of the shape's first block or its LM head, exactly as the profile times it
+    (``pipefit.partition.profile.layer_pass``): a callable returning its seconds."""
     from pipefit.cli import compose
     from pipefit.config import validate
-    from pipefit.model.layer_list import build_layers
-    from pipefit.model.layers import causal_lm_loss
+    from pipefit.partition.costs import Workload
+    from pipefit.partition.profile import layer_pass
     from pipefit.run.preflight import Prepared
 
     with tempfile.TemporaryDirectory(prefix="pipefit-wake-") as tmp:
-        prepared = Prepared(validate(compose(overrides(shape, str(Path(tmp) / "out")))), world_size=2)
-    index = next(i for i, x in enumerate(prepared.plan) if x.kind == kind)
-    module = build_layers(prepared.skeleton, index, index + 1)[0].train()
-    b, s, hidden = shape["micro_batch_size"], shape["seq_len"], shape["hidden_size"]
-    gen = torch.Generator().manual_seed(0)
-    x0 = torch.randn(b, s, hidden, generator=gen)
-    positions = torch.arange(s).unsqueeze(0).expand(b, s)
-    targets = torch.randint(0, shape["vocab_size"], (b, s), generator=gen)
-    scale = torch.tensor(1.0 / (b * s))
+        run = validate(compose(overrides(shape, str(Path(tmp) / "out"))))
+        prepared = Prepared(run, world_size=2)
+    layer = next(x for x in prepared.plan if x.kind == kind)
+    once = layer_pass(prepared.skeleton, layer, Workload.from_run(run, 1))
 
     def step() -> float:
-        t0 = time.perf_counter()
-        x = x0.clone().requires_grad_(True)
-        if kind == "head":
-            causal_lm_loss(module(x), (targets, scale)).backward()
-        else:
-            out = module((x, positions))
-            out = out[0] if isinstance(out, tuple) else out
-            out.backward(torch.ones_like(out))
-        module.zero_grad(set_to_none=True)
-        return time.perf_counter() - t0
+        return sum(once(None))
 
     for _ in range(2):
         step()

@@ -113,7 +113,7 @@ def evaluate(
     per_step, w_both = [r["per_step_s"] for r in rows], [r["weight_s"] for r in rows]
     timed = (schedule == "zb1p" or "zb1p" in schedules) and p >= 2
 
-    def simulate(forward: list[float], backward: list[float], w: list[float]) -> dict[str, Timeline]:
+    def simulate(forward: list[float], backward: list[float], w: list[float], zb: bool = timed) -> dict[str, Timeline]:
         transfer = costs.transfer_s if p > 1 else 0.0
         if costs.transfer_busy:  # each forward receives (but on stage 0) and sends on (but on the last stage)
             sides = [(s > 0) + (s < p - 1) for s in range(p)]
@@ -121,7 +121,7 @@ def evaluate(
             backward = [b + k * transfer for b, k in zip(backward, sides, strict=True)]
             transfer = 0.0
         found = {"1f1b": simulate_1f1b(forward, backward, costs.micro_batches, transfer, per_step, tied_stages)}
-        if timed:
+        if zb:
             b_in = [b - x for b, x in zip(backward, w, strict=True)]
             found["zb1p"] = Timeline(
                 *simulate_zb1p(forward, b_in, w, costs.micro_batches, transfer, per_step, tied_stages)
@@ -139,9 +139,9 @@ def evaluate(
             [sum(x[a:b]) for a, b in (r["layers"] for r in rows)]
             for x in (costs.alone_forward_s, costs.alone_backward_s)
         ]
-        shown = schedule if schedule == "zb1p" and timed else "1f1b"
+        shown = schedule if schedule == "zb1p" and timed else "1f1b"  # each round simulates only this one
         forward, backward, busy = contention.settle(
-            lambda f, b: simulate(f, b, w_at(b))[shown], (forward, backward), (alone[0], alone[1])
+            lambda f, b: simulate(f, b, w_at(b), zb=shown == "zb1p")[shown], (forward, backward), (alone[0], alone[1])
         )
         w = w_at(backward)
         for r, x in zip(rows, busy, strict=True):

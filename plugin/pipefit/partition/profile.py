@@ -106,21 +106,12 @@ def _saved_bytes_hooks(params: set[int], seen: dict[int, int]) -> Any:
     return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
 
 
-def measure_layer(
-    skeleton: Any,
-    layer: Any,
-    workload: Workload,
-    device: str = "cpu",
-    min_runs: int = 5,
-    max_runs: int = 25,
-    max_spread: float = 0.1,
-    warmup: int = 2,
-) -> LayerProfile:
-    """Time forward and backward of one materialised layer until the last ``min_runs`` agree.
-
-    Stable means (max - min) / median of the last ``min_runs`` total times <= ``max_spread``;
-    after ``max_runs`` the medians are taken anyway (``spread`` reports what was reached).
-    """
+def layer_pass(
+    skeleton: Any, layer: Any, workload: Workload, device: str = "cpu"
+) -> Callable[..., tuple[float, float]]:
+    """One materialised layer with the micro-batch's inputs, as :func:`measure_layer` times it: a callable
+    running its forward and backward once and returning their seconds; given a dict, it also records the
+    bytes of every tensor autograd saves (by storage) into it."""
     import torch
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[workload.precision]
@@ -175,6 +166,25 @@ def measure_layer(
         module.zero_grad(set_to_none=True)
         return t1 - t0, t2 - t1
 
+    return once
+
+
+def measure_layer(
+    skeleton: Any,
+    layer: Any,
+    workload: Workload,
+    device: str = "cpu",
+    min_runs: int = 5,
+    max_runs: int = 25,
+    max_spread: float = 0.1,
+    warmup: int = 2,
+) -> LayerProfile:
+    """Time forward and backward of one materialised layer until the last ``min_runs`` agree.
+
+    Stable means (max - min) / median of the last ``min_runs`` total times <= ``max_spread``;
+    after ``max_runs`` the medians are taken anyway (``spread`` reports what was reached).
+    """
+    once = layer_pass(skeleton, layer, workload, device)
     saved: dict[int, int] = {}
     once(saved)
     for _ in range(max(0, warmup - 1)):
